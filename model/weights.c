@@ -1,0 +1,1 @@
+/* placeholder */ typedef int pressd_placeholder_t;

@@ -1,0 +1,65 @@
+/* A small test harness: assertions print both values and abort.
+ * A test file defines test functions and calls them from main() via RUN(). */
+#ifndef PRESSD_TEST_H
+#define PRESSD_TEST_H
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TEST_SKIP 77
+
+#define FAIL_AT(...)                                                   \
+  do {                                                                 \
+    fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                    \
+    fprintf(stderr, __VA_ARGS__);                                      \
+    fputc('\n', stderr);                                               \
+    abort();                                                           \
+  } while (0)
+
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    if (!(cond)) FAIL_AT("CHECK(%s) failed", #cond);                   \
+  } while (0)
+
+#define CHECK_INT_EQ(a, b)                                             \
+  do {                                                                 \
+    long long a_ = (long long)(a), b_ = (long long)(b);                \
+    if (a_ != b_) FAIL_AT("%s == %s: %lld != %lld", #a, #b, a_, b_);   \
+  } while (0)
+
+#define CHECK_STR_EQ(a, b)                                             \
+  do {                                                                 \
+    const char *a_ = (a), *b_ = (b);                                   \
+    if (!a_ || !b_ || strcmp(a_, b_) != 0)                             \
+      FAIL_AT("%s == %s: \"%s\" != \"%s\"", #a, #b, a_ ? a_ : "(null)", \
+              b_ ? b_ : "(null)");                                     \
+  } while (0)
+
+#define CHECK_NEAR(a, b, tol)                                          \
+  do {                                                                 \
+    double a_ = (double)(a), b_ = (double)(b);                         \
+    if (!(fabs(a_ - b_) <= (tol)))                                     \
+      FAIL_AT("%s ~= %s: %.9g vs %.9g (tol %g)", #a, #b, a_, b_, (double)(tol)); \
+  } while (0)
+
+#define RUN(fn)                                                        \
+  do {                                                                 \
+    fprintf(stderr, "-- %s\n", #fn);                                   \
+    fn();                                                              \
+  } while (0)
+
+/* Path of the default model for tests that need it; NULL (and the caller
+ * skips) when PRESSD_MODEL is unset or the file is missing. */
+static inline const char *test_model_path(void) {
+  const char *p = getenv("PRESSD_MODEL");
+  if (!p || !*p) return NULL;
+  FILE *f = fopen(p, "rb");
+  if (!f) return NULL;
+  fclose(f);
+  return p;
+}
+
+#endif
