@@ -1,1 +1,21 @@
-/* placeholder */ typedef int pressd_placeholder_t;
+#include "kernels/backend.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen) {
+  if (dev == K_DEVICE_CUDA) {
+    snprintf(err, errlen, "the CUDA backend is not available in this build");
+    return -ENODEV;
+  }
+  int rc = k_cpu_backend_new(out, threads);
+  if (rc) snprintf(err, errlen, "cannot start the CPU backend: error %d", rc);
+  return rc;
+}
+
+void k_backend_free(k_backend_t *be) {
+  if (!be) return;
+  if (be->ops && be->ops->destroy) be->ops->destroy(be);
+  free(be);
+}

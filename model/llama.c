@@ -1,1 +1,132 @@
-/* placeholder */ typedef int pressd_placeholder_t;
+/* The Llama forward. Reads top to bottom like the math; every buffer's
+ * shape is in its comment; one backend call per op. */
+#include "model/llama.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
+               int32_t cap_tokens, int32_t cap_logits, char *err, size_t errlen) {
+  memset(m, 0, sizeof *m);
+  const model_config_t *c = &w->cfg;
+  if (cap_tokens <= 0 || cap_logits <= 0 || cap_logits > cap_tokens) {
+    snprintf(err, errlen, "model: invalid batch capacity");
+    return -EINVAL;
+  }
+  m->w = w;
+  m->be = be;
+  m->kv = kv;
+  m->cap_tokens = cap_tokens;
+  m->cap_logits = cap_logits;
+  size_t T = (size_t)cap_tokens, E = (size_t)c->n_embd, F = (size_t)c->n_ff;
+  size_t QD = (size_t)c->n_heads * (size_t)c->head_dim;
+  size_t KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+  void *(*alloc)(k_backend_t *, size_t) = be->ops->alloc;
+  m->x = alloc(be, T * E * sizeof(float));
+  m->xn = alloc(be, T * E * sizeof(float));
+  m->q = alloc(be, T * QD * sizeof(float));
+  m->k = alloc(be, T * KD * sizeof(float));
+  m->v = alloc(be, T * KD * sizeof(float));
+  m->att = alloc(be, T * QD * sizeof(float));
+  m->gate = alloc(be, T * F * sizeof(float));
+  m->up = alloc(be, T * F * sizeof(float));
+  m->logits = alloc(be, (size_t)cap_logits * (size_t)c->n_vocab * sizeof(float));
+  m->inv_freq = alloc(be, (size_t)(c->head_dim / 2) * sizeof(float));
+  m->d_tokens = alloc(be, T * sizeof(int32_t));
+  m->d_pos = alloc(be, T * sizeof(int32_t));
+  m->d_rows = alloc(be, T * sizeof(int32_t));
+  if (!m->x || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
+      !m->logits || !m->inv_freq || !m->d_tokens || !m->d_pos || !m->d_rows) {
+    model_destroy(m);
+    snprintf(err, errlen, "model: out of memory for activations (%d tokens)", cap_tokens);
+    return -ENOMEM;
+  }
+  be->ops->upload(be, m->inv_freq, w->inv_freq, (size_t)(c->head_dim / 2) * sizeof(float));
+  return 0;
+}
+
+void model_destroy(model_t *m) {
+  if (!m || !m->be) return;
+  float **bufs[] = {&m->x, &m->xn, &m->q, &m->k, &m->v, &m->att, &m->gate, &m->up,
+                    &m->logits, &m->inv_freq};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+    if (*bufs[i]) m->be->ops->free(m->be, *bufs[i]);
+  int32_t **ibufs[] = {&m->d_tokens, &m->d_pos, &m->d_rows};
+  for (size_t i = 0; i < sizeof ibufs / sizeof *ibufs; i++)
+    if (*ibufs[i]) m->be->ops->free(m->be, *ibufs[i]);
+  memset(m, 0, sizeof *m);
+}
+
+#define TRY(call)                  \
+  do {                             \
+    int rc_ = (call);              \
+    if (rc_) return rc_;           \
+  } while (0)
+
+int model_forward(model_t *m, const model_batch_t *b, float *logits) {
+  const model_weights_t *w = m->w;
+  const model_config_t *c = &w->cfg;
+  const k_ops_t *op = m->be->ops;
+  k_backend_t *be = m->be;
+  const int64_t T = b->n_tokens, E = c->n_embd, F = c->n_ff, D = c->head_dim;
+  const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
+  if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0)
+    return -EINVAL;
+
+  TRY(op->upload(be, m->d_tokens, b->tokens, (size_t)T * sizeof(int32_t)));
+  TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
+
+  /* x[T][E] = embedding rows */
+  TRY(op->embed(be, m->x, &w->tok_embd, m->d_tokens, T));
+
+  k_attn_args_t a = {
+      .n_seqs = b->n_seqs,
+      .n_q_heads = Hq,
+      .n_kv_heads = Hkv,
+      .head_dim = (int32_t)D,
+      .scale = 1.0f / sqrtf((float)D),
+      .q = m->q,
+      .out = m->att,
+      .q_start = b->q_start,
+      .q_pos = m->d_pos,
+      .max_blocks = b->max_blocks,
+  };
+  for (int32_t l = 0; l < L; l++) {
+    const model_layer_t *ly = &w->layers[l];
+    /* attention block: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D] */
+    TRY(op->rmsnorm(be, m->xn, m->x, ly->attn_norm, T, E, c->rms_eps));
+    TRY(op->matmul(be, m->q, m->xn, &ly->wq, T));
+    TRY(op->matmul(be, m->k, m->xn, &ly->wk, T));
+    TRY(op->matmul(be, m->v, m->xn, &ly->wv, T));
+    TRY(op->rope(be, m->q, m->d_pos, T, Hq, (int32_t)D, m->inv_freq));
+    TRY(op->rope(be, m->k, m->d_pos, T, Hkv, (int32_t)D, m->inv_freq));
+    /* new K/V into their paged slots, then attend over each head's blocks */
+    TRY(op->kv_write(be, m->kv, m->k, m->v, m->d_pos, b->slots + (int64_t)l * T * Hkv, T, Hkv));
+    a.block_tables = b->block_tables + (int64_t)l * b->n_seqs * Hkv * b->max_blocks;
+    a.ctx_lens = b->ctx_lens + (int64_t)l * b->n_seqs * Hkv;
+    TRY(op->attention(be, m->kv, &a));
+    /* x += att · woᵀ */
+    TRY(op->matmul(be, m->xn, m->att, &ly->wo, T));
+    TRY(op->add(be, m->x, m->xn, T * E));
+    /* MLP: x += down(silu(gate(xn)) * up(xn)) */
+    TRY(op->rmsnorm(be, m->xn, m->x, ly->ffn_norm, T, E, c->rms_eps));
+    TRY(op->matmul(be, m->gate, m->xn, &ly->w_gate, T));
+    TRY(op->matmul(be, m->up, m->xn, &ly->w_up, T));
+    TRY(op->silu_mul(be, m->gate, m->gate, m->up, T * F));
+    TRY(op->matmul(be, m->xn, m->gate, &ly->w_down, T));
+    TRY(op->add(be, m->x, m->xn, T * E));
+  }
+  if (b->n_logits == 0) return 0;
+
+  /* logits[n_logits][V] = norm(x[rows]) · outputᵀ */
+  TRY(op->upload(be, m->d_rows, b->logit_rows, (size_t)b->n_logits * sizeof(int32_t)));
+  k_weight_t xw = {.type = K_F32, .rows = T, .cols = E, .data = m->x};
+  TRY(op->embed(be, m->xn, &xw, m->d_rows, b->n_logits)); /* gather rows */
+  TRY(op->rmsnorm(be, m->xn, m->xn, w->out_norm, b->n_logits, E, c->rms_eps));
+  TRY(op->matmul(be, m->logits, m->xn, &w->output, b->n_logits));
+  TRY(op->download(be, logits, m->logits,
+                   (size_t)b->n_logits * (size_t)c->n_vocab * sizeof(float)));
+  return op->sync(be);
+}

@@ -1,0 +1,105 @@
+/* The compute backend interface. A backend owns device memory (weights,
+ * activations, the KV arena) and runs the ops the Llama forward needs. The
+ * CPU backend is the fp32 reference; the CUDA backend implements the same
+ * ops. kernels/ knows nothing of models or requests: only the arrays it is
+ * handed.
+ *
+ * Conventions: matrices are row-major; a weight W of shape [rows][cols] maps
+ * an input of cols features to rows outputs (y = x · Wᵀ). All ops return 0
+ * or a negative errno (-EIO: device error). */
+#ifndef PRESSD_KERNELS_BACKEND_H
+#define PRESSD_KERNELS_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum k_dtype { K_F32 = 0, K_BF16 = 1, K_F16 = 2 } k_dtype_t;
+
+typedef struct k_weight {
+  k_dtype_t type;
+  int64_t rows, cols;
+  void *data; /* backend memory, owned by whoever allocated it */
+} k_weight_t;
+
+/* The paged KV arena: block b, slot s of the pool holds
+ *   k[(b * block_size + s) * head_dim ...], v[...] likewise,
+ *   score[b * block_size + s], pos[b * block_size + s].
+ * One block is block_size slots of ONE KV head of ONE layer. */
+typedef struct k_kv_arena {
+  int32_t n_blocks;
+  int32_t block_size;
+  int32_t head_dim;
+  float *k;       /* backend memory [n_blocks][block_size][head_dim] */
+  float *v;       /* backend memory [n_blocks][block_size][head_dim] */
+  float *score;   /* backend memory [n_blocks][block_size] */
+  int32_t *pos;   /* backend memory [n_blocks][block_size] */
+} k_kv_arena_t;
+
+/* One attention call covers one layer of a batch of sequences. Sequence s
+ * owns query rows [q_start[s], q_start[s+1]); each query row attends to the
+ * slots of its KV head (through the block table) whose position is <= the
+ * row's position (causal; slot order need not be position order). */
+typedef struct k_attn_args {
+  int32_t n_seqs;
+  int32_t n_q_heads, n_kv_heads, head_dim;
+  float scale;                 /* 1/sqrt(head_dim) usually */
+  const float *q;              /* [n_tokens][n_q_heads][head_dim] */
+  float *out;                  /* [n_tokens][n_q_heads][head_dim] */
+  const int32_t *q_start;      /* [n_seqs + 1] */
+  const int32_t *q_pos;        /* [n_tokens] */
+  const int32_t *block_tables; /* [n_seqs][n_kv_heads][max_blocks] */
+  const int32_t *ctx_lens;     /* [n_seqs][n_kv_heads] slots in use, new ones included */
+  int32_t max_blocks;
+} k_attn_args_t;
+
+typedef struct k_backend k_backend_t;
+
+typedef struct k_ops {
+  const char *name;
+  void (*destroy)(k_backend_t *be);
+  void *(*alloc)(k_backend_t *be, size_t bytes);
+  void (*free)(k_backend_t *be, void *p);
+  int (*upload)(k_backend_t *be, void *dst, const void *src, size_t bytes);
+  int (*download)(k_backend_t *be, void *dst, const void *src, size_t bytes);
+  int (*sync)(k_backend_t *be);
+
+  /* y[m][w.rows] = x[m][w.cols] · wᵀ */
+  int (*matmul)(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m);
+  /* y[m][n] = x / rms(x) * g, per row */
+  int (*rmsnorm)(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
+                 int64_t n, float eps);
+  /* Rotate pairs (x[2i], x[2i+1]) of every head of every row by
+   * pos[row] * inv_freq[i]  (GGML "normal" RoPE, as Llama GGUFs use). */
+  int (*rope)(k_backend_t *be, float *x, const int32_t *pos, int64_t m, int32_t n_heads,
+              int32_t head_dim, const float *inv_freq);
+  /* y[i] = silu(gate[i]) * up[i] for a [m][n] pair laid out as two arrays */
+  int (*silu_mul)(k_backend_t *be, float *y, const float *gate, const float *up, int64_t n);
+  /* y[i] += x[i] */
+  int (*add)(k_backend_t *be, float *y, const float *x, int64_t n);
+  /* y[m][table.cols] = table[ids[m]] */
+  int (*embed)(k_backend_t *be, float *y, const k_weight_t *table, const int32_t *ids, int64_t m);
+  /* Scatter m tokens' K and V ([m][n_kv_heads][head_dim]) to the arena slots
+   * slots[t][h] (= block * block_size + offset), recording pos[t] and a zero
+   * score. */
+  int (*kv_write)(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
+                  const int32_t *pos, const int32_t *slots, int64_t m, int32_t n_kv_heads);
+  int (*attention)(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a);
+} k_ops_t;
+
+struct k_backend {
+  const k_ops_t *ops;
+  void *impl;      /* owns: backend-private state */
+  int32_t threads;
+};
+
+typedef enum k_device { K_DEVICE_AUTO = 0, K_DEVICE_CPU, K_DEVICE_CUDA } k_device_t;
+
+/* Create a backend. threads <= 0 means the number of online CPUs. -ENODEV
+ * when CUDA is asked for and unavailable. err gets a one-line message. */
+int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen);
+void k_backend_free(k_backend_t *be); /* NULL-safe */
+
+int k_cpu_backend_new(k_backend_t **out, int32_t threads);
+
+#endif

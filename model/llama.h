@@ -1,0 +1,47 @@
+/* The Llama forward pass over a batch of sequences, each contributing a
+ * chunk of new tokens (a prefill chunk or one decode token). K/V are read
+ * and written through the paged arena: the caller (scheduler) has already
+ * appended slots for the new tokens and built the flat block tables. */
+#ifndef PRESSD_MODEL_LLAMA_H
+#define PRESSD_MODEL_LLAMA_H
+
+#include <stdint.h>
+
+#include "kernels/backend.h"
+#include "model/weights.h"
+
+typedef struct model_batch {
+  int32_t n_seqs;
+  int32_t n_tokens;
+  const int32_t *tokens;       /* [n_tokens] */
+  const int32_t *pos;          /* [n_tokens] position of each token */
+  const int32_t *q_start;      /* [n_seqs + 1] token row offsets */
+  const int32_t *block_tables; /* [n_layers][n_seqs][n_kv_heads][max_blocks] */
+  const int32_t *ctx_lens;     /* [n_layers][n_seqs][n_kv_heads] */
+  const int32_t *slots;        /* [n_layers][n_tokens][n_kv_heads] arena slot of each new K/V */
+  int32_t max_blocks;
+  int32_t n_logits;            /* rows that need logits */
+  const int32_t *logit_rows;   /* [n_logits] token rows, ascending */
+} model_batch_t;
+
+typedef struct model {
+  const model_weights_t *w; /* borrows */
+  k_backend_t *be;          /* borrows */
+  const k_kv_arena_t *kv;   /* borrows */
+  int32_t cap_tokens;       /* max tokens per forward */
+  int32_t cap_logits;       /* max logit rows per forward */
+  /* backend scratch, sized at init for cap_tokens: */
+  float *x, *xn, *q, *k, *v, *att, *gate, *up; /* owns */
+  float *logits;                               /* owns: [cap_logits][n_vocab] */
+  float *inv_freq;                             /* owns: backend copy */
+  int32_t *d_tokens, *d_pos, *d_rows;          /* owns: backend copies of batch arrays */
+} model_t;
+
+int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
+               int32_t cap_tokens, int32_t cap_logits, char *err, size_t errlen);
+void model_destroy(model_t *m); /* NULL-safe, half-init safe */
+
+/* One forward step. logits (host memory) receives [n_logits][n_vocab]. */
+int model_forward(model_t *m, const model_batch_t *b, float *logits);
+
+#endif

@@ -1,0 +1,21 @@
+/* Cross-file internals of the weight loaders. */
+#ifndef PRESSD_MODEL_WEIGHTS_INTERNAL_H
+#define PRESSD_MODEL_WEIGHTS_INTERNAL_H
+
+#include "model/weights.h"
+
+/* A source of tensors in GGUF naming ("blk.3.attn_q", "token_embd",
+ * "output_norm", "output"): fill writes rows*cols fp32 values in row-major
+ * [rows][cols] order, -ENOENT when the tensor is absent. */
+typedef struct model__wsrc {
+  void *ctx;
+  int (*fill)(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst, char *err,
+              size_t errlen);
+  /* Optional: divide inv_freq[i] by per-frequency factors the source carries. */
+  int (*rope_factors)(void *ctx, float *inv_freq, int32_t n, char *err, size_t errlen);
+} model__wsrc_t;
+
+int model__weights_load(model_weights_t *w, const model_config_t *c, const model__wsrc_t *src,
+                        k_backend_t *be, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,76 @@
+/* Model hyper-parameters and weights for the Llama family, loaded from a
+ * GGUF file, a safetensors directory (config.json + *.safetensors), or made
+ * up deterministically from a seed (--load-format dummy). Weights live in
+ * backend memory in the backend's compute type. */
+#ifndef PRESSD_MODEL_WEIGHTS_H
+#define PRESSD_MODEL_WEIGHTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+#include "model/gguf.h"
+
+typedef struct model_config {
+  char arch[32];
+  int32_t n_layers;
+  int32_t n_embd;
+  int32_t n_ff;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t n_vocab;
+  int32_t n_ctx_train;
+  float rms_eps;
+  float rope_theta;
+  bool tied_embeddings;
+  /* Llama-3 RoPE scaling (rope_type "llama3"); factor 0 = off. */
+  float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+  int32_t rope_orig_ctx;
+} model_config_t;
+
+typedef struct model_layer {
+  float *attn_norm; /* backend memory [n_embd] */
+  float *ffn_norm;  /* backend memory [n_embd] */
+  k_weight_t wq;    /* [n_heads * head_dim][n_embd] */
+  k_weight_t wk;    /* [n_kv_heads * head_dim][n_embd] */
+  k_weight_t wv;    /* [n_kv_heads * head_dim][n_embd] */
+  k_weight_t wo;    /* [n_embd][n_heads * head_dim] */
+  k_weight_t w_gate, w_up; /* [n_ff][n_embd] */
+  k_weight_t w_down;       /* [n_embd][n_ff] */
+} model_layer_t;
+
+typedef struct model_weights {
+  model_config_t cfg;
+  k_backend_t *be;       /* borrows */
+  k_weight_t tok_embd;   /* [n_vocab][n_embd] */
+  float *out_norm;       /* backend memory [n_embd] */
+  k_weight_t output;     /* [n_vocab][n_embd]; aliases tok_embd when tied */
+  model_layer_t *layers; /* owns: [n_layers] */
+  float *inv_freq;       /* owns (host): [head_dim / 2] RoPE frequencies, scaling applied */
+  size_t bytes;          /* backend memory held */
+} model_weights_t;
+
+/* Hyper-parameters from GGUF metadata ("llama" architecture family). */
+int model_config_from_gguf(model_config_t *c, const model_gguf_t *g, char *err, size_t errlen);
+/* Hyper-parameters from a Hugging Face config.json text. */
+int model_config_from_json(model_config_t *c, const char *json, char *err, size_t errlen);
+/* Sanity of the numbers (positive, divisible, bounded). */
+int model_config_check(const model_config_t *c, char *err, size_t errlen);
+
+int model_weights_from_gguf(model_weights_t *w, const model_gguf_t *g, k_backend_t *be,
+                            char *err, size_t errlen);
+int model_weights_from_safetensors(model_weights_t *w, const char *dir, k_backend_t *be,
+                                   char *err, size_t errlen);
+/* Deterministic pseudo-random weights for a config: the same seed gives the
+ * same values on every backend (value = f(seed, tensor, index)). */
+int model_weights_dummy(model_weights_t *w, const model_config_t *c, uint64_t seed,
+                        k_backend_t *be, char *err, size_t errlen);
+void model_weights_destroy(model_weights_t *w); /* NULL-safe, half-init safe */
+
+/* The value a dummy tensor holds at index i (host reference for tests and for
+ * backends that generate on the device). */
+float model_dummy_value(uint64_t seed, uint32_t tensor, uint64_t i, float scale);
+
+#endif

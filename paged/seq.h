@@ -1,0 +1,65 @@
+/* Per-sequence KV bookkeeping: for every (layer, KV head) a block list and a
+ * context length. Heads of one sequence may hold different lengths (after
+ * compression); each slot's token position lives in the arena.
+ *
+ * And the batch view: the flat arrays the attention kernels read for one
+ * forward step, built from the sequences in the batch. */
+#ifndef PRESSD_PAGED_SEQ_H
+#define PRESSD_PAGED_SEQ_H
+
+#include <stdint.h>
+
+#include "paged/pool.h"
+
+typedef struct kv_seq {
+  int32_t n_layers, n_heads, block_size;
+  int32_t max_blocks; /* per head: ceil(max_tokens / block_size) */
+  int32_t *blocks;    /* owns: [n_layers][n_heads][max_blocks] */
+  int32_t *n_blocks;  /* owns: [n_layers][n_heads] */
+  int32_t *ctx;       /* owns: [n_layers][n_heads] slots in use */
+} kv_seq_t;
+
+int kv_seq_init(kv_seq_t *s, int32_t n_layers, int32_t n_heads, int32_t block_size,
+                int32_t max_tokens);
+/* Returns every block to the pool, then frees the bookkeeping. NULL-safe. */
+void kv_seq_destroy(kv_seq_t *s, kv_pool_t *pool);
+/* Give back all blocks and reset to empty (sequence is kept for reuse). */
+void kv_seq_reset(kv_seq_t *s, kv_pool_t *pool);
+
+/* Blocks that appending n_new tokens to every head would take from the pool. */
+int32_t kv_seq_blocks_needed(const kv_seq_t *s, int32_t n_new);
+/* Append n_new slots to every head, taking blocks from the pool: all or
+ * nothing. -ENOSPC when the pool lacks blocks, -E2BIG past max_tokens. */
+int kv_seq_append(kv_seq_t *s, kv_pool_t *pool, int32_t n_new);
+/* Blocks held in all. */
+int32_t kv_seq_blocks_held(const kv_seq_t *s);
+
+static inline int32_t kv_seq_ctx(const kv_seq_t *s, int32_t l, int32_t h) {
+  return s->ctx[l * s->n_heads + h];
+}
+static inline const int32_t *kv_seq_table(const kv_seq_t *s, int32_t l, int32_t h) {
+  return s->blocks + ((int64_t)l * s->n_heads + h) * s->max_blocks;
+}
+/* Arena slot (block * block_size + offset) of logical slot i of head (l, h). */
+static inline int32_t kv_seq_slot(const kv_seq_t *s, int32_t l, int32_t h, int32_t i) {
+  return kv_seq_table(s, l, h)[i / s->block_size] * s->block_size + i % s->block_size;
+}
+
+/* Flat per-step arrays for the kernels, sized once for the configured maxima. */
+typedef struct kv_batch {
+  int32_t n_layers, n_heads, block_size;
+  int32_t cap_seqs, cap_tokens, cap_blocks;
+  int32_t n_seqs, n_tokens, max_blocks;
+  int32_t *block_tables; /* owns: [n_layers][n_seqs][n_heads][max_blocks] */
+  int32_t *ctx_lens;     /* owns: [n_layers][n_seqs][n_heads] */
+  int32_t *slots;        /* owns: [n_layers][n_tokens][n_heads] */
+} kv_batch_t;
+
+int kv_batch_init(kv_batch_t *b, int32_t n_layers, int32_t n_heads, int32_t block_size,
+                  int32_t cap_seqs, int32_t cap_tokens, int32_t cap_blocks_per_head);
+void kv_batch_destroy(kv_batch_t *b); /* NULL-safe */
+/* Build the view for seqs[i] whose last n_new[i] slots (already appended)
+ * receive this step's tokens. -E2BIG past the capacities. */
+int kv_batch_build(kv_batch_t *b, kv_seq_t *const *seqs, const int32_t *n_new, int32_t n_seqs);
+
+#endif

@@ -1,0 +1,95 @@
+#include "scheduler/single.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
+                      int32_t max_len, int32_t chunk, int32_t n_blocks, char *err, size_t errlen) {
+  memset(s, 0, sizeof *s);
+  const model_config_t *c = &w->cfg;
+  const int32_t B = 16;
+  s->w = w;
+  s->be = be;
+  s->chunk = chunk;
+  s->max_len = max_len;
+  int32_t per_head = (max_len + B - 1) / B;
+  if (n_blocks <= 0) n_blocks = per_head * c->n_layers * c->n_kv_heads;
+  int rc;
+  if ((rc = kv_pool_init(&s->pool, n_blocks)) ||
+      (rc = kv_arena_init(&s->arena, be, n_blocks, B, c->head_dim)) ||
+      (rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len)) ||
+      (rc = kv_batch_init(&s->batch, c->n_layers, c->n_kv_heads, B, 1, chunk, per_head))) {
+    snprintf(err, errlen, "cannot allocate the KV cache (%d blocks): %s", n_blocks, strerror(-rc));
+    sched_single_destroy(s);
+    return rc;
+  }
+  s->pos = malloc((size_t)chunk * sizeof *s->pos);
+  s->rows = malloc((size_t)chunk * sizeof *s->rows);
+  if (!s->pos || !s->rows) {
+    snprintf(err, errlen, "out of memory");
+    sched_single_destroy(s);
+    return -ENOMEM;
+  }
+  if ((rc = model_init(&s->model, w, be, &s->arena, chunk, chunk, err, errlen))) {
+    sched_single_destroy(s);
+    return rc;
+  }
+  return 0;
+}
+
+void sched_single_destroy(sched_single_t *s) {
+  if (!s) return;
+  model_destroy(&s->model);
+  free(s->pos);
+  free(s->rows);
+  kv_batch_destroy(&s->batch);
+  kv_seq_destroy(&s->seq, &s->pool);
+  kv_arena_destroy(&s->arena, s->be);
+  kv_pool_destroy(&s->pool);
+  memset(s, 0, sizeof *s);
+}
+
+void sched_single_reset(sched_single_t *s) {
+  kv_seq_reset(&s->seq, &s->pool);
+  s->n_past = 0;
+}
+
+int sched_single_feed(sched_single_t *s, const int32_t *tokens, int32_t n, bool all_logits,
+                      float *logits) {
+  if (n <= 0) return -EINVAL;
+  if (n > s->max_len - s->n_past) return -E2BIG;
+  const int32_t V = s->w->cfg.n_vocab;
+  for (int32_t done = 0; done < n;) {
+    int32_t m = n - done < s->chunk ? n - done : s->chunk;
+    int rc = kv_seq_append(&s->seq, &s->pool, m);
+    if (rc) return rc;
+    kv_seq_t *seqs[1] = {&s->seq};
+    if ((rc = kv_batch_build(&s->batch, seqs, &m, 1))) return rc;
+    for (int32_t i = 0; i < m; i++) {
+      s->pos[i] = s->n_past + i;
+      s->rows[i] = i;
+    }
+    bool last = done + m == n;
+    int32_t q_start[2] = {0, m};
+    model_batch_t b = {
+        .n_seqs = 1,
+        .n_tokens = m,
+        .tokens = tokens + done,
+        .pos = s->pos,
+        .q_start = q_start,
+        .block_tables = s->batch.block_tables,
+        .ctx_lens = s->batch.ctx_lens,
+        .slots = s->batch.slots,
+        .max_blocks = s->batch.max_blocks,
+        .n_logits = all_logits ? m : (last ? 1 : 0),
+        .logit_rows = all_logits ? s->rows : &s->rows[m - 1],
+    };
+    float *out = all_logits ? logits + (int64_t)done * V : logits;
+    if ((rc = model_forward(&s->model, &b, out))) return rc;
+    s->n_past += m;
+    done += m;
+  }
+  return 0;
+}
