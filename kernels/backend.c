@@ -19,3 +19,14 @@ void k_backend_free(k_backend_t *be) {
   if (be->ops && be->ops->destroy) be->ops->destroy(be);
   free(be);
 }
+
+size_t k_row_bytes(k_dtype_t t, int64_t cols) {
+  switch (t) {
+  case K_F32: return (size_t)cols * 4;
+  case K_BF16: case K_F16: return (size_t)cols * 2;
+  case K_Q8_0: return (size_t)(cols / K_QBLOCK) * 34;
+  case K_Q4_0: return (size_t)(cols / K_QBLOCK) * 18;
+  case K_Q4_1: return (size_t)(cols / K_QBLOCK) * 20;
+  }
+  return 0;
+}

@@ -14,7 +14,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum k_dtype { K_F32 = 0, K_BF16 = 1, K_F16 = 2 } k_dtype_t;
+/* Weight element types. The Q types are GGML's block layouts, kept as they
+ * are in the file (32 elements per block): Q8_0 = fp16 scale + 32 int8;
+ * Q4_0 = fp16 scale + 16 bytes of nibbles (q - 8); Q4_1 = fp16 scale,
+ * fp16 min + 16 bytes of nibbles. */
+typedef enum k_dtype {
+  K_F32 = 0,
+  K_BF16 = 1,
+  K_F16 = 2,
+  K_Q8_0 = 3,
+  K_Q4_0 = 4,
+  K_Q4_1 = 5,
+} k_dtype_t;
+
+#define K_QBLOCK 32
+
+/* Bytes of one row of cols elements of type t (cols a multiple of K_QBLOCK
+ * for the Q types). */
+size_t k_row_bytes(k_dtype_t t, int64_t cols);
 
 typedef struct k_weight {
   k_dtype_t type;
@@ -89,6 +106,7 @@ typedef struct k_ops {
 
 struct k_backend {
   const k_ops_t *ops;
+  uint32_t weight_types; /* bit (1 << k_dtype_t) for every type matmul/embed accept */
   void *impl;      /* owns: backend-private state */
   int32_t threads;
 };

@@ -19,6 +19,15 @@ typedef struct model_chat_msg {
   const char *content; /* borrowed, NUL-terminated */
 } model_chat_msg_t;
 
+/* BOS/EOS: the bos/eos arguments are the model's token texts. A family whose
+ * template writes bos_token keeps a copy in `bos` and render() writes it where
+ * the template does (Llama-3 and Mistral: once at the start, "<|begin_of_text|>"
+ * for Llama-3; Llama-2: before every [INST]; ChatML only if its template uses
+ * bos_token), so the caller must tokenise the prompt with special tokens parsed
+ * and must not add another BOS when `bos` is set. `eos` is kept only where the
+ * template writes eos_token after assistant turns (Llama-2, Mistral); ChatML and
+ * Llama-3 end turns with their own literals (<|im_end|>, <|eot_id|>) and have
+ * eos == NULL. Named templates use the family's reference template. */
 typedef struct model_chat {
   model_chat_kind_t kind;
   char *default_system; /* owns; NULL when the template adds none */

@@ -36,7 +36,8 @@ int32_t model_tok_lookup(const model_tok_t *t, const char *text);
  * when model_tok_add_bos() says so.
  * Writes at most cap ids to out and sets *n_out to the full count; returns 0,
  * or -ENOSPC when cap was too small (call again with *n_out), -EINVAL on
- * invalid UTF-8 (ill-formed bytes are tokenised as bytes, never crash). */
+ * invalid UTF-8 (the ids are still written: each ill-formed byte is tokenised
+ * as U+FFFD, as llama.cpp does; never crashes). */
 int model_tok_encode(const model_tok_t *t, const char *text, size_t len, bool parse_special,
                      int32_t *out, size_t cap, size_t *n_out);
 
@@ -59,8 +60,9 @@ typedef struct model_detok {
 
 void model_detok_init(model_detok_t *d);
 /* Appends the newly complete text to out (at most cap bytes, NUL-terminated
- * when cap > 0) and returns the number of bytes written. cap >= 64 suffices
- * for any single token of the supported vocabularies plus pending bytes. */
+ * when cap > 0) and returns the number of bytes written. cap >= 256 suffices
+ * for any single token of the supported vocabularies plus pending bytes
+ * (SmolLM2's longest piece is 81 bytes); with less, the rest is lost. */
 size_t model_detok_push(model_detok_t *d, const model_tok_t *t, int32_t id, char *out, size_t cap);
 /* Whatever is still pending (an invalid tail) as U+FFFD replacement chars. */
 size_t model_detok_flush(model_detok_t *d, char *out, size_t cap);

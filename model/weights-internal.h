@@ -11,6 +11,10 @@ typedef struct model__wsrc {
   void *ctx;
   int (*fill)(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst, char *err,
               size_t errlen);
+  /* Optional: the tensor as stored (shape checked), for backends that
+   * compute on that type; -ENOTSUP when it has no backend type. */
+  int (*view)(void *ctx, const char *name, int64_t rows, int64_t cols, k_dtype_t *type,
+              const void **data, char *err, size_t errlen);
   /* Optional: divide inv_freq[i] by per-frequency factors the source carries. */
   int (*rope_factors)(void *ctx, float *inv_freq, int32_t n, char *err, size_t errlen);
 } model__wsrc_t;

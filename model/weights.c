@@ -239,12 +239,30 @@ static int alloc_fill(model_weights_t *w, const model__wsrc_t *src, const char *
   return w->be->ops->upload(w->be, *dst, host, bytes);
 }
 
+/* A weight matrix: in its stored type when the source can hand out a view
+ * and the backend computes on that type, else dequantised to fp32. */
 static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char *name,
                        k_weight_t *kw, int64_t rows, int64_t cols, bool optional, float *host,
                        char *err, size_t errlen) {
-  kw->type = K_F32;
   kw->rows = rows;
   kw->cols = cols;
+  if (src->view) {
+    k_dtype_t type;
+    const void *data;
+    int rc = src->view(src->ctx, name, rows, cols, &type, &data, err, errlen);
+    if (rc == -ENOENT && optional) return rc;
+    if (rc && rc != -ENOTSUP) return rc;
+    if (!rc && (w->be->weight_types & (1u << type)) && type != K_F32) {
+      size_t bytes = (size_t)rows * k_row_bytes(type, cols);
+      kw->type = type;
+      kw->data = w->be->ops->alloc(w->be, bytes);
+      if (!kw->data)
+        return errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
+      w->bytes += bytes;
+      return w->be->ops->upload(w->be, kw->data, data, bytes);
+    }
+  }
+  kw->type = K_F32;
   return alloc_fill(w, src, name, rows, cols, optional, &kw->data, host, err, errlen);
 }
 
@@ -349,9 +367,9 @@ void model_weights_destroy(model_weights_t *w) {
 
 /* ---- GGUF source --------------------------------------------------------- */
 
-static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst,
-                     char *err, size_t errlen) {
-  const model_gguf_t *g = ctx;
+/* The tensor `name`.weight, its shape checked against [rows][cols]. */
+static int gguf_lookup(const model_gguf_t *g, const char *name, int64_t rows, int64_t cols,
+                       const model_gguf_tensor_t **out, char *err, size_t errlen) {
   char full[96];
   snprintf(full, sizeof full, "%s.weight", name);
   const model_gguf_tensor_t *t = model_gguf_tensor(g, full);
@@ -368,9 +386,37 @@ static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, fl
                 "gguf: tensor %s has type %s, which pressd cannot load "
                 "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
                 full, model_ggml_type_name(t->type, tb));
-  if (model_dequant(t->type, t->data, dst, (size_t)n))
-    return errf(err, errlen, -EINVAL, "gguf: tensor %s: cannot dequantise %s data", full,
+  *out = t;
+  return 0;
+}
+
+static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst,
+                     char *err, size_t errlen) {
+  const model_gguf_tensor_t *t;
+  int rc = gguf_lookup(ctx, name, rows, cols, &t, err, errlen);
+  if (rc) return rc;
+  char tb[16];
+  if (model_dequant(t->type, t->data, dst, (size_t)(rows * cols)))
+    return errf(err, errlen, -EINVAL, "gguf: tensor %s: cannot dequantise %s data", name,
                 model_ggml_type_name(t->type, tb));
+  return 0;
+}
+
+static int gguf_view(void *ctx, const char *name, int64_t rows, int64_t cols, k_dtype_t *type,
+                     const void **data, char *err, size_t errlen) {
+  const model_gguf_tensor_t *t;
+  int rc = gguf_lookup(ctx, name, rows, cols, &t, err, errlen);
+  if (rc) return rc;
+  switch (t->type) {
+  case MODEL_GGML_F32: *type = K_F32; break;
+  case MODEL_GGML_F16: *type = K_F16; break;
+  case MODEL_GGML_BF16: *type = K_BF16; break;
+  case MODEL_GGML_Q8_0: *type = K_Q8_0; break;
+  case MODEL_GGML_Q4_0: *type = K_Q4_0; break;
+  case MODEL_GGML_Q4_1: *type = K_Q4_1; break;
+  default: return -ENOTSUP;
+  }
+  *data = t->data;
   return 0;
 }
 
@@ -393,7 +439,8 @@ int model_weights_from_gguf(model_weights_t *w, const model_gguf_t *g, k_backend
     memset(w, 0, sizeof *w);
     return rc;
   }
-  model__wsrc_t src = {.ctx = (void *)g, .fill = gguf_fill, .rope_factors = gguf_rope_factors};
+  model__wsrc_t src = {
+      .ctx = (void *)g, .fill = gguf_fill, .view = gguf_view, .rope_factors = gguf_rope_factors};
   return model__weights_load(w, &c, &src, be, err, errlen);
 }
 

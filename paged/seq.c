@@ -43,14 +43,16 @@ void kv_seq_destroy(kv_seq_t *s, kv_pool_t *pool) {
   memset(s, 0, sizeof *s);
 }
 
-static int32_t head_blocks_after(const kv_seq_t *s, int32_t i, int32_t n_new) {
-  return (s->ctx[i] + n_new + s->block_size - 1) / s->block_size;
+/* In 64 bits: ctx + n_new must not wrap for absurd n_new. */
+static int64_t head_blocks_after(const kv_seq_t *s, int32_t i, int32_t n_new) {
+  return ((int64_t)s->ctx[i] + n_new + s->block_size - 1) / s->block_size;
 }
 
 int32_t kv_seq_blocks_needed(const kv_seq_t *s, int32_t n_new) {
-  int32_t heads = s->n_layers * s->n_heads, need = 0;
+  int32_t heads = s->n_layers * s->n_heads;
+  int64_t need = 0;
   for (int32_t i = 0; i < heads; i++) need += head_blocks_after(s, i, n_new) - s->n_blocks[i];
-  return need;
+  return need > INT32_MAX ? INT32_MAX : (int32_t)need;
 }
 
 int32_t kv_seq_blocks_held(const kv_seq_t *s) {
@@ -67,7 +69,7 @@ int kv_seq_append(kv_seq_t *s, kv_pool_t *pool, int32_t n_new) {
   if (kv_seq_blocks_needed(s, n_new) > kv_pool_free_count(pool)) return -ENOSPC;
   for (int32_t i = 0; i < heads; i++) {
     int32_t *t = s->blocks + (int64_t)i * s->max_blocks;
-    int32_t want = head_blocks_after(s, i, n_new);
+    int32_t want = (int32_t)head_blocks_after(s, i, n_new);
     while (s->n_blocks[i] < want) t[s->n_blocks[i]++] = kv_pool_alloc(pool);
     s->ctx[i] += n_new;
   }

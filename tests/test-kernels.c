@@ -1,2 +1,816 @@
+/* The CPU backend against naive references: matmul, rmsnorm, rope, silu_mul,
+ * add, embed, kv_write, and paged attention over a shuffled arena with GQA,
+ * per-head ragged context lengths, slots out of position order and causal
+ * masking by position, compared with dense attention in double. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
 #include "tests/test.h"
-int main(void) { return TEST_SKIP; }
+
+static k_backend_t *g_be;  /* 2 threads */
+static k_backend_t *g_be1; /* 1 thread */
+
+static uint64_t rng_next(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+static float rng_unit(uint64_t *s) { /* uniform in [-1, 1) */
+  return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
+}
+static int32_t rng_int(uint64_t *s, int32_t n) { return (int32_t)(rng_next(s) % (uint64_t)n); }
+
+static void *xmalloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  CHECK(p);
+  return p;
+}
+static float *rand_floats(uint64_t *rng, size_t n, float gain) {
+  float *p = xmalloc(n * sizeof *p);
+  for (size_t i = 0; i < n; i++) p[i] = rng_unit(rng) * gain;
+  return p;
+}
+static void fill_nan(float *p, size_t n) {
+  for (size_t i = 0; i < n; i++) p[i] = NAN;
+}
+
+/* |got - want| <= rel * max(1, |want|), NaN fails */
+static void check_close(const char *what, size_t i, double got, double want, double rel) {
+  double tol = rel * (fabs(want) > 1.0 ? fabs(want) : 1.0);
+  if (!(fabs(got - want) <= tol))
+    FAIL_AT("%s[%zu]: %.9g vs reference %.9g (tol %g)", what, i, got, want, tol);
+}
+
+/* ---- weights of every type the backend takes ------------------------------ */
+
+static double half_val(uint16_t h) {
+  int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  double v = e ? ldexp(1024 + m, e - 25) : ldexp(m, -24);
+  return (h & 0x8000) ? -v : v;
+}
+static void put16(uint8_t *p, uint16_t x) {
+  p[0] = (uint8_t)x;
+  p[1] = (uint8_t)(x >> 8);
+}
+static uint16_t rand_scale(uint64_t *rng) { /* a half in about [2^-9, 2^-4] */
+  return (uint16_t)(0x1800 + rng_int(rng, 0x1400));
+}
+
+static const char *dtype_name(k_dtype_t t) {
+  switch (t) {
+  case K_F32: return "F32";
+  case K_F16: return "F16";
+  case K_BF16: return "BF16";
+  case K_Q8_0: return "Q8_0";
+  case K_Q4_0: return "Q4_0";
+  case K_Q4_1: return "Q4_1";
+  }
+  return "?";
+}
+
+/* Random weights of type t, [rows][cols], and their values as the GGML block
+ * layouts define them (computed here from the bytes, in double). */
+static void *rand_weights(uint64_t *rng, k_dtype_t t, int64_t rows, int64_t cols, double *ref) {
+  size_t rb = k_row_bytes(t, cols);
+  uint8_t *w = xmalloc((size_t)rows * rb);
+  for (int64_t r = 0; r < rows; r++) {
+    uint8_t *p = w + (size_t)r * rb;
+    double *o = ref + r * cols;
+    switch (t) {
+    case K_F32:
+      for (int64_t c = 0; c < cols; c++) {
+        float f = rng_unit(rng);
+        memcpy(p + 4 * c, &f, 4);
+        o[c] = f;
+      }
+      break;
+    case K_F16:
+      for (int64_t c = 0; c < cols; c++) {
+        uint16_t h = (uint16_t)(0x2000 + rng_int(rng, 0x1c00)) | (rng_int(rng, 2) ? 0x8000 : 0);
+        put16(p + 2 * c, h);
+        o[c] = half_val(h);
+      }
+      break;
+    case K_BF16:
+      for (int64_t c = 0; c < cols; c++) {
+        float f = rng_unit(rng);
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        uint16_t h = (uint16_t)(bits >> 16);
+        put16(p + 2 * c, h);
+        bits = (uint32_t)h << 16;
+        memcpy(&f, &bits, 4);
+        o[c] = f;
+      }
+      break;
+    case K_Q8_0:
+      for (int64_t b = 0; b < cols / 32; b++, p += 34, o += 32) {
+        uint16_t d = rand_scale(rng) | (rng_int(rng, 2) ? 0x8000 : 0);
+        put16(p, d);
+        for (int j = 0; j < 32; j++) {
+          int8_t q = (int8_t)(rng_int(rng, 256) - 128);
+          p[2 + j] = (uint8_t)q;
+          o[j] = q * half_val(d);
+        }
+      }
+      break;
+    case K_Q4_0:
+      for (int64_t b = 0; b < cols / 32; b++, p += 18, o += 32) {
+        uint16_t d = rand_scale(rng);
+        put16(p, d);
+        for (int j = 0; j < 16; j++) {
+          int lo = rng_int(rng, 16), hi = rng_int(rng, 16);
+          p[2 + j] = (uint8_t)(lo | hi << 4);
+          o[j] = (lo - 8) * half_val(d);
+          o[j + 16] = (hi - 8) * half_val(d);
+        }
+      }
+      break;
+    case K_Q4_1:
+      for (int64_t b = 0; b < cols / 32; b++, p += 20, o += 32) {
+        uint16_t d = rand_scale(rng), m = (uint16_t)(rand_scale(rng) | 0x8000);
+        put16(p, d);
+        put16(p + 2, m);
+        for (int j = 0; j < 16; j++) {
+          int lo = rng_int(rng, 16), hi = rng_int(rng, 16);
+          p[4 + j] = (uint8_t)(lo | hi << 4);
+          o[j] = lo * half_val(d) + half_val(m);
+          o[j + 16] = hi * half_val(d) + half_val(m);
+        }
+      }
+      break;
+    }
+  }
+  return w;
+}
+
+static const k_dtype_t k_all_types[] = {K_F32, K_F16, K_BF16, K_Q8_0, K_Q4_0, K_Q4_1};
+#define N_TYPES (sizeof k_all_types / sizeof k_all_types[0])
+
+static bool backend_takes(k_dtype_t t) { return (g_be->weight_types >> t) & 1u; }
+
+/* ---- element-wise and dense ops ------------------------------------------ */
+
+static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, uint64_t seed) {
+  uint64_t rng = seed;
+  float *x = rand_floats(&rng, (size_t)(m * cols), 1.0f);
+  double *ref = xmalloc((size_t)(rows * cols) * sizeof *ref);
+  void *w = rand_weights(&rng, type, rows, cols, ref);
+  float *y = xmalloc((size_t)(m * rows + 1) * sizeof *y);
+  fill_nan(y, (size_t)(m * rows));
+  y[m * rows] = 777.0f;
+  k_weight_t wt = {type, rows, cols, w};
+  CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, m), 0);
+  CHECK_INT_EQ(y[m * rows], 777.0f);
+  char what[64];
+  snprintf(what, sizeof what, "matmul %s %lldx%lldx%lld", dtype_name(type), (long long)m,
+           (long long)rows, (long long)cols);
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t r = 0; r < rows; r++) {
+      double acc = 0;
+      for (int64_t c = 0; c < cols; c++) acc += (double)x[i * cols + c] * ref[r * cols + c];
+      check_close(what, (size_t)(i * rows + r), y[i * rows + r], acc, 1e-4);
+    }
+  free(x);
+  free(w);
+  free(ref);
+  free(y);
+}
+
+static void test_matmul(void) {
+  CHECK(backend_takes(K_F32));
+  for (size_t k = 0; k < N_TYPES; k++) {
+    k_dtype_t t = k_all_types[k];
+    if (!backend_takes(t)) {
+      fprintf(stderr, "   %s weights not taken by this backend\n", dtype_name(t));
+      continue;
+    }
+    uint64_t seed = 10 * (uint64_t)k;
+    matmul_case(t, 1, 1, 32, seed + 1);
+    matmul_case(t, 1, 37, 64, seed + 2);     /* a decode row (GEMV) */
+    matmul_case(t, 5, 37, 96, seed + 3);     /* a ragged tile */
+    matmul_case(t, 64, 192, 576, seed + 4);  /* q/k/v-sized */
+    matmul_case(t, 3, 1536, 576, seed + 5);  /* MLP up */
+    matmul_case(t, 9, 576, 1536, seed + 6);  /* MLP down */
+  }
+  /* m = 0 does nothing */
+  float x[32] = {0}, w[64] = {0}, y[2] = {5, 6};
+  k_weight_t wt = {K_F32, 2, 32, w};
+  CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, 0), 0);
+  CHECK_NEAR(y[0], 5, 0);
+  CHECK_NEAR(y[1], 6, 0);
+}
+
+static void test_rmsnorm(void) {
+  static const int64_t shapes[][2] = {{1, 1}, {1, 576}, {3, 576}, {17, 64}, {2, 1000}};
+  uint64_t rng = 10;
+  for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+    int64_t m = shapes[k][0], n = shapes[k][1];
+    float *x = rand_floats(&rng, (size_t)(m * n), 3.0f);
+    float *g = rand_floats(&rng, (size_t)n, 2.0f);
+    float *y = xmalloc((size_t)(m * n) * sizeof *y);
+    fill_nan(y, (size_t)(m * n));
+    const float eps = 1e-5f;
+    CHECK_INT_EQ(g_be->ops->rmsnorm(g_be, y, x, g, m, n, eps), 0);
+    for (int64_t r = 0; r < m; r++) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; i++) ss += (double)x[r * n + i] * x[r * n + i];
+      double inv = 1.0 / sqrt(ss / (double)n + eps);
+      for (int64_t i = 0; i < n; i++)
+        check_close("rmsnorm", (size_t)(r * n + i), y[r * n + i], x[r * n + i] * inv * g[i],
+                    1e-5);
+    }
+    free(x);
+    free(g);
+    free(y);
+  }
+  /* eps matters for a zero row: the output is zero, not NaN */
+  float x0[8] = {0}, g1[8] = {1, 1, 1, 1, 1, 1, 1, 1}, y0[8];
+  CHECK_INT_EQ(g_be->ops->rmsnorm(g_be, y0, x0, g1, 1, 8, 1e-6f), 0);
+  for (int i = 0; i < 8; i++) CHECK_NEAR(y0[i], 0, 0);
+  /* a constant row normalises to +-1 (times g) */
+  float xc[4] = {-5, -5, -5, -5}, gc[4] = {1, 2, 3, 4}, yc[4];
+  CHECK_INT_EQ(g_be->ops->rmsnorm(g_be, yc, xc, gc, 1, 4, 0.0f), 0);
+  for (int i = 0; i < 4; i++) CHECK_NEAR(yc[i], -gc[i], 1e-6);
+}
+
+static void test_rope(void) {
+  enum { M = 5, NH = 3, D = 64 };
+  static const int32_t pos[M] = {0, 1, 17, 4095, 8191};
+  float inv_freq[D / 2];
+  for (int i = 0; i < D / 2; i++) inv_freq[i] = (float)pow(10000.0, -2.0 * i / D);
+  uint64_t rng = 20;
+  float *x = rand_floats(&rng, M * NH * D, 1.0f);
+  float *y = xmalloc(M * NH * D * sizeof *y);
+  memcpy(y, x, M * NH * D * sizeof *y);
+  CHECK_INT_EQ(g_be->ops->rope(g_be, y, pos, M, NH, D, inv_freq), 0);
+  for (int r = 0; r < M; r++)
+    for (int h = 0; h < NH; h++)
+      for (int i = 0; i < D / 2; i++) {
+        size_t o = ((size_t)r * NH + h) * D;
+        /* the angle as GGML forms it (fp32 product), the rotation in double */
+        double th = (double)((float)pos[r] * inv_freq[i]);
+        double x0 = x[o + 2 * i], x1 = x[o + 2 * i + 1];
+        check_close("rope", o + 2 * i, y[o + 2 * i], x0 * cos(th) - x1 * sin(th), 2e-6);
+        check_close("rope", o + 2 * i + 1, y[o + 2 * i + 1], x0 * sin(th) + x1 * cos(th), 2e-6);
+      }
+  /* position 0 is the identity; the norm of every pair is kept */
+  for (int i = 0; i < NH * D; i++) CHECK_NEAR(y[i], x[i], 0);
+  for (int i = 0; i < M * NH * D; i += 2) {
+    double a = hypot(x[i], x[i + 1]), b = hypot(y[i], y[i + 1]);
+    CHECK_NEAR(a, b, 1e-6);
+  }
+  /* by hand: pos 1, inv_freq 1 rotates (1, 0) by one radian */
+  float v[2] = {1, 0}, f1[1] = {1};
+  int32_t p1[1] = {1};
+  CHECK_INT_EQ(g_be->ops->rope(g_be, v, p1, 1, 1, 2, f1), 0);
+  CHECK_NEAR(v[0], cos(1.0), 1e-7);
+  CHECK_NEAR(v[1], sin(1.0), 1e-7);
+  /* bad head sizes */
+  CHECK_INT_EQ(g_be->ops->rope(g_be, y, pos, M, NH, 63, inv_freq), -EINVAL);
+  CHECK_INT_EQ(g_be->ops->rope(g_be, y, pos, 1, 1, 2048, inv_freq), -EINVAL);
+  free(x);
+  free(y);
+}
+
+static void test_silu_mul_add(void) {
+  static const int64_t sizes[] = {1, 7, 16384, 16385, 40000};
+  uint64_t rng = 30;
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    int64_t n = sizes[k];
+    float *gate = rand_floats(&rng, (size_t)n, 20.0f);
+    float *up = rand_floats(&rng, (size_t)n, 3.0f);
+    if (n > 4) {
+      gate[0] = 0.0f;
+      gate[1] = -100.0f;
+      gate[2] = 100.0f;
+      gate[3] = -1e30f;
+    }
+    float *y = xmalloc((size_t)(n + 1) * sizeof *y);
+    fill_nan(y, (size_t)n);
+    y[n] = 321.0f;
+    CHECK_INT_EQ(g_be->ops->silu_mul(g_be, y, gate, up, n), 0);
+    CHECK_NEAR(y[n], 321.0, 0);
+    for (int64_t i = 0; i < n; i++) {
+      double g = gate[i];
+      double want = g / (1.0 + exp(-g)) * up[i];
+      check_close("silu_mul", (size_t)i, y[i], want, 1e-5);
+    }
+    /* add */
+    float *x = rand_floats(&rng, (size_t)n, 5.0f);
+    float *before = xmalloc((size_t)n * sizeof *before);
+    memcpy(before, up, (size_t)n * sizeof *before);
+    CHECK_INT_EQ(g_be->ops->add(g_be, up, x, n), 0);
+    for (int64_t i = 0; i < n; i++)
+      if (up[i] != before[i] + x[i]) FAIL_AT("add[%lld]", (long long)i);
+    free(gate);
+    free(up);
+    free(y);
+    free(x);
+    free(before);
+  }
+}
+
+static void test_embed(void) {
+  enum { ROWS = 10, COLS = 64 };
+  const int32_t ids[5] = {3, 0, 9, 3, 5};
+  uint64_t rng = 50;
+  for (size_t k = 0; k < N_TYPES; k++) {
+    k_dtype_t type = k_all_types[k];
+    if (!backend_takes(type)) continue;
+    double ref[ROWS * COLS];
+    void *table = rand_weights(&rng, type, ROWS, COLS, ref);
+    k_weight_t t = {type, ROWS, COLS, table};
+    float y[5 * COLS + 1];
+    y[5 * COLS] = 99.0f;
+    CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, ids, 5), 0);
+    for (int r = 0; r < 5; r++)
+      for (int c = 0; c < COLS; c++)
+        check_close(dtype_name(type), (size_t)(r * COLS + c), y[r * COLS + c],
+                    ref[ids[r] * COLS + c], 1e-6);
+    CHECK_NEAR(y[5 * COLS], 99.0, 0);
+    CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, ids, 0), 0);
+    const int32_t bad1[2] = {1, -1}, bad2[2] = {ROWS, 0}, bad3[1] = {INT32_MAX};
+    CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, bad1, 2), -EINVAL);
+    CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, bad2, 2), -EINVAL);
+    CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, bad3, 1), -EINVAL);
+    free(table);
+  }
+}
+
+/* An arena on the backend, every slot filled with garbage: huge V, position
+ * 0 (visible to every query), so reading a slot not in use shows. */
+static void arena_new(k_kv_arena_t *a, int32_t n_blocks, int32_t bs, int32_t d) {
+  a->n_blocks = n_blocks;
+  a->block_size = bs;
+  a->head_dim = d;
+  size_t slots = (size_t)n_blocks * (size_t)bs;
+  a->k = g_be->ops->alloc(g_be, slots * (size_t)d * sizeof(float));
+  a->v = g_be->ops->alloc(g_be, slots * (size_t)d * sizeof(float));
+  a->score = g_be->ops->alloc(g_be, slots * sizeof(float));
+  a->pos = g_be->ops->alloc(g_be, slots * sizeof(int32_t));
+  CHECK(a->k && a->v && a->score && a->pos);
+  for (size_t i = 0; i < slots * (size_t)d; i++) {
+    a->k[i] = 3.0f;
+    a->v[i] = 1000.0f;
+  }
+  for (size_t i = 0; i < slots; i++) {
+    a->score[i] = 9.0f;
+    a->pos[i] = 0;
+  }
+}
+static void arena_free(k_kv_arena_t *a) {
+  g_be->ops->free(g_be, a->k);
+  g_be->ops->free(g_be, a->v);
+  g_be->ops->free(g_be, a->score);
+  g_be->ops->free(g_be, a->pos);
+}
+
+static void test_kv_write(void) {
+  enum { NB = 5, BS = 4, D = 8, M = 3, H = 2 };
+  k_kv_arena_t a;
+  arena_new(&a, NB, BS, D);
+  uint64_t rng = 40;
+  float *k = rand_floats(&rng, M * H * D, 1.0f), *v = rand_floats(&rng, M * H * D, 1.0f);
+  const int32_t pos[M] = {7, 8, 100};
+  const int32_t slots[M * H] = {19, 0, 5, 6, 12, 3}; /* [t][h], any order */
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, slots, M, H), 0);
+  bool written[NB * BS] = {false};
+  for (int t = 0; t < M; t++)
+    for (int h = 0; h < H; h++) {
+      int32_t s = slots[t * H + h];
+      written[s] = true;
+      CHECK_INT_EQ(a.pos[s], pos[t]);
+      CHECK_NEAR(a.score[s], 0, 0);
+      for (int d = 0; d < D; d++) {
+        CHECK_NEAR(a.k[s * D + d], k[(t * H + h) * D + d], 0);
+        CHECK_NEAR(a.v[s * D + d], v[(t * H + h) * D + d], 0);
+      }
+    }
+  for (int s = 0; s < NB * BS; s++) {
+    if (written[s]) continue;
+    CHECK_INT_EQ(a.pos[s], 0);
+    CHECK_NEAR(a.score[s], 9.0, 0);
+    for (int d = 0; d < D; d++) CHECK_NEAR(a.k[s * D + d], 3.0, 0);
+  }
+  /* slots outside the arena are refused */
+  int32_t bad[2] = {0, NB * BS};
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, bad, 1, 2), -EINVAL);
+  bad[1] = -1;
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, bad, 1, 2), -EINVAL);
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, slots, 0, H), 0);
+  free(k);
+  free(v);
+  arena_free(&a);
+}
+
+/* ---- attention ------------------------------------------------------------ */
+
+#define MAX_KVH 16
+
+typedef struct seq_spec {
+  int32_t prefix; /* positions [0, prefix) came before this step */
+  int32_t n_q;    /* query rows at positions prefix .. prefix + n_q - 1 */
+  int32_t keep[MAX_KVH]; /* prefix positions each KV head still holds; -1 all */
+} seq_spec_t;
+
+typedef struct attn_case {
+  const char *name;
+  int32_t n_q_heads, n_kv_heads, head_dim, block_size;
+  int32_t n_seqs;
+  const seq_spec_t *seqs;
+  float q_gain; /* larger: peakier softmax */
+  uint64_t seed;
+  bool sorted_slots; /* slots in position order (else shuffled) */
+} attn_case_t;
+
+typedef struct attn_stats {
+  double max_diff;
+  int64_t rows_one_key;
+  int64_t rows;
+} attn_stats_t;
+
+static void run_attention(const attn_case_t *c, attn_stats_t *st) {
+  const int32_t S = c->n_seqs, H = c->n_kv_heads, QH = c->n_q_heads, D = c->head_dim,
+                B = c->block_size, G = QH / H;
+  CHECK(H <= MAX_KVH);
+  uint64_t rng = c->seed;
+
+  /* what every (seq, head) holds: positions in slot order, and its K/V */
+  int32_t *ctx = xmalloc((size_t)S * H * sizeof *ctx);
+  int32_t **hpos = xmalloc((size_t)S * H * sizeof *hpos);
+  float **hk = xmalloc((size_t)S * H * sizeof *hk), **hv = xmalloc((size_t)S * H * sizeof *hv);
+  int32_t total_blocks = 0, max_blocks = 1;
+  for (int32_t s = 0; s < S; s++) {
+    const seq_spec_t *sp = &c->seqs[s];
+    int32_t *pool = xmalloc((size_t)(sp->prefix + 1) * sizeof *pool);
+    for (int32_t h = 0; h < H; h++) {
+      int32_t keep = sp->keep[h] < 0 || sp->keep[h] > sp->prefix ? sp->prefix : sp->keep[h];
+      int32_t n = keep + sp->n_q, i = s * H + h;
+      ctx[i] = n;
+      hpos[i] = xmalloc((size_t)(n + 1) * sizeof(int32_t));
+      /* a random subset of the prefix survives, plus every new position */
+      for (int32_t p = 0; p < sp->prefix; p++) pool[p] = p;
+      for (int32_t p = 0; p < keep; p++) {
+        int32_t j = p + rng_int(&rng, sp->prefix - p);
+        int32_t t = pool[p];
+        pool[p] = pool[j];
+        pool[j] = t;
+        hpos[i][p] = pool[p];
+      }
+      for (int32_t p = 0; p < sp->n_q; p++) hpos[i][keep + p] = sp->prefix + p;
+      if (c->sorted_slots) {
+        for (int32_t a = 1; a < n; a++) /* insertion sort */
+          for (int32_t b = a; b > 0 && hpos[i][b - 1] > hpos[i][b]; b--) {
+            int32_t t = hpos[i][b];
+            hpos[i][b] = hpos[i][b - 1];
+            hpos[i][b - 1] = t;
+          }
+      } else {
+        for (int32_t a = n - 1; a > 0; a--) { /* slot order is not position order */
+          int32_t b = rng_int(&rng, a + 1), t = hpos[i][a];
+          hpos[i][a] = hpos[i][b];
+          hpos[i][b] = t;
+        }
+      }
+      hk[i] = rand_floats(&rng, (size_t)n * D, 1.0f);
+      hv[i] = rand_floats(&rng, (size_t)n * D, 1.0f);
+      int32_t nb = (n + B - 1) / B;
+      total_blocks += nb;
+      if (nb > max_blocks) max_blocks = nb;
+    }
+    free(pool);
+  }
+  max_blocks += 1; /* an unused column: -1 there, never read */
+
+  /* blocks from a shuffled arena; tables [S][H][max_blocks] */
+  int32_t n_arena = total_blocks + 9;
+  int32_t *ids = xmalloc((size_t)n_arena * sizeof *ids);
+  for (int32_t b = 0; b < n_arena; b++) ids[b] = b;
+  for (int32_t b = n_arena - 1; b > 0; b--) {
+    int32_t j = rng_int(&rng, b + 1), t = ids[b];
+    ids[b] = ids[j];
+    ids[j] = t;
+  }
+  k_kv_arena_t a;
+  arena_new(&a, n_arena, B, D);
+  int32_t *tables = xmalloc((size_t)S * H * max_blocks * sizeof *tables);
+  int32_t next = 0;
+  for (int32_t i = 0; i < S * H; i++) {
+    int32_t *row = tables + (int64_t)i * max_blocks;
+    int32_t nb = (ctx[i] + B - 1) / B;
+    for (int32_t b = 0; b < max_blocks; b++) row[b] = b < nb ? ids[next++] : -1;
+    /* write through the backend, one slot at a time */
+    for (int32_t t = 0; t < ctx[i]; t++) {
+      int32_t slot = row[t / B] * B + t % B;
+      CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, hk[i] + (int64_t)t * D, hv[i] + (int64_t)t * D,
+                                       &hpos[i][t], &slot, 1, 1),
+                   0);
+    }
+  }
+
+  /* queries */
+  int32_t *q_start = xmalloc((size_t)(S + 1) * sizeof *q_start);
+  q_start[0] = 0;
+  for (int32_t s = 0; s < S; s++) q_start[s + 1] = q_start[s] + c->seqs[s].n_q;
+  int32_t n_tok = q_start[S];
+  int32_t *q_pos = xmalloc((size_t)n_tok * sizeof *q_pos);
+  for (int32_t s = 0; s < S; s++)
+    for (int32_t r = 0; r < c->seqs[s].n_q; r++) q_pos[q_start[s] + r] = c->seqs[s].prefix + r;
+  float *q = rand_floats(&rng, (size_t)n_tok * QH * D, c->q_gain);
+  float *out = xmalloc((size_t)n_tok * QH * D * sizeof *out);
+  float *out1 = xmalloc((size_t)n_tok * QH * D * sizeof *out1);
+  fill_nan(out, (size_t)n_tok * QH * D);
+  fill_nan(out1, (size_t)n_tok * QH * D);
+
+  k_attn_args_t args = {
+      .n_seqs = S,
+      .n_q_heads = QH,
+      .n_kv_heads = H,
+      .head_dim = D,
+      .scale = 1.0f / sqrtf((float)D),
+      .q = q,
+      .out = out,
+      .q_start = q_start,
+      .q_pos = q_pos,
+      .block_tables = tables,
+      .ctx_lens = ctx,
+      .max_blocks = max_blocks,
+  };
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  args.out = out1;
+  CHECK_INT_EQ(g_be1->ops->attention(g_be1, &a, &args), 0);
+
+  /* dense reference over the visible keys of the same head */
+  double *sc = xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
+  size_t sc_cap = (size_t)ctx[0] + 1;
+  double acc[1024];
+  CHECK(D <= 1024);
+  for (int32_t s = 0; s < S; s++)
+    for (int32_t r = q_start[s]; r < q_start[s + 1]; r++) {
+      st->rows++;
+      for (int32_t qh = 0; qh < QH; qh++) {
+        int32_t i = s * H + qh / G;
+        if ((size_t)ctx[i] > sc_cap) {
+          sc_cap = (size_t)ctx[i];
+          free(sc);
+          sc = xmalloc(sc_cap * sizeof *sc);
+        }
+        const float *qq = q + ((int64_t)r * QH + qh) * D;
+        double mx = -INFINITY;
+        int32_t visible = 0;
+        for (int32_t t = 0; t < ctx[i]; t++) {
+          if (hpos[i][t] > q_pos[r]) continue;
+          double dot = 0;
+          for (int32_t d = 0; d < D; d++) dot += (double)qq[d] * hk[i][(int64_t)t * D + d];
+          sc[t] = dot * args.scale;
+          if (sc[t] > mx) mx = sc[t];
+          visible++;
+        }
+        CHECK(visible >= 1);
+        if (visible == 1 && qh % G == 0) st->rows_one_key++; /* once per KV head */
+        double l = 0;
+        for (int32_t d = 0; d < D; d++) acc[d] = 0;
+        for (int32_t t = 0; t < ctx[i]; t++) {
+          if (hpos[i][t] > q_pos[r]) continue;
+          double p = exp(sc[t] - mx);
+          l += p;
+          for (int32_t d = 0; d < D; d++) acc[d] += p * hv[i][(int64_t)t * D + d];
+        }
+        for (int32_t d = 0; d < D; d++) {
+          size_t o = ((size_t)r * QH + qh) * D + d;
+          double want = acc[d] / l, diff = fabs(out[o] - want);
+          if (!(diff <= 1e-5))
+            FAIL_AT("%s: seq %d row %d (pos %d) head %d dim %d: %.9g vs reference %.9g", c->name,
+                    s, r, q_pos[r], qh, d, (double)out[o], want);
+          if (diff > st->max_diff) st->max_diff = diff;
+          if (memcmp(&out[o], &out1[o], sizeof(float)) != 0)
+            FAIL_AT("%s: 1 and 2 threads differ at %zu: %.9g vs %.9g", c->name, o,
+                    (double)out1[o], (double)out[o]);
+        }
+      }
+    }
+
+  /* attention reads the cache, it does not move it */
+  for (int32_t i = 0; i < S * H; i++)
+    for (int32_t t = 0; t < ctx[i]; t++) {
+      int32_t slot = tables[(int64_t)i * max_blocks + t / B] * B + t % B;
+      CHECK_INT_EQ(a.pos[slot], hpos[i][t]);
+    }
+
+  free(sc);
+  free(q);
+  free(out);
+  free(out1);
+  free(q_pos);
+  free(q_start);
+  free(tables);
+  free(ids);
+  arena_free(&a);
+  for (int32_t i = 0; i < S * H; i++) {
+    free(hpos[i]);
+    free(hk[i]);
+    free(hv[i]);
+  }
+  free(hpos);
+  free(hk);
+  free(hv);
+  free(ctx);
+}
+
+static void test_attention_gqa(void) {
+  /* 6 query heads over 2 KV heads, head_dim 64, blocks of 16.
+   * seq 0: one decode row at position 70; its heads hold 45+1 and 12+1 keys.
+   * seq 1: 7 rows at 20..26; head 0 holds the whole prefix, head 1 three keys.
+   * seq 2: 40 rows at 30..69 (5 tiles); head 1 evicted the whole prefix, so
+   *        the row at position 30 sees exactly one key there. */
+  static const seq_spec_t seqs[] = {
+      {70, 1, {45, 12}},
+      {20, 7, {-1, 3}},
+      {30, 40, {17, 0}},
+  };
+  for (int v = 0; v < 3; v++) {
+    attn_case_t c = {"gqa", 6, 2, 64, 16, 3, seqs, v == 2 ? 4.0f : 1.0f, 100 + (uint64_t)v,
+                     v == 1};
+    attn_stats_t st = {0};
+    run_attention(&c, &st);
+    fprintf(stderr, "   gqa variant %d: %lld rows, max |diff| %.3g\n", v, (long long)st.rows,
+            st.max_diff);
+    CHECK(st.rows_one_key >= 1);
+    CHECK_INT_EQ(st.rows, 48);
+  }
+}
+
+static void test_attention_shapes(void) {
+  /* multi-head (G = 1), small blocks, head_dim 32 */
+  static const seq_spec_t mha[] = {{0, 9, {0, 0, 0, 0}}, {5, 3, {5, 2, 0, 4}}, {33, 1, {1, 33, 8, 20}}};
+  attn_case_t c1 = {"mha", 4, 4, 32, 8, 3, mha, 2.0f, 200, false};
+  attn_stats_t st = {0};
+  run_attention(&c1, &st);
+  CHECK(st.rows_one_key >= 1); /* seq 0 row 0 sees only itself */
+
+  /* G = 16 (the most the CPU kernel takes), head_dim 128, blocks of 32,
+   * a long context */
+  static const seq_spec_t big[] = {{300, 2, {260}}, {64, 17, {-1}}};
+  attn_case_t c2 = {"g16", 16, 1, 128, 32, 2, big, 1.5f, 300, false};
+  memset(&st, 0, sizeof st);
+  run_attention(&c2, &st);
+
+  /* blocks of 64 (the largest), head_dim 256 */
+  static const seq_spec_t wide[] = {{130, 5, {100, 3}}};
+  attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false};
+  memset(&st, 0, sizeof st);
+  run_attention(&c3, &st);
+
+  /* block size 1: every slot its own block */
+  static const seq_spec_t tiny[] = {{10, 3, {4, 10}}, {2, 2, {1, 0}}};
+  attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false};
+  memset(&st, 0, sizeof st);
+  run_attention(&c4, &st);
+}
+
+/* A decode batch of 300 sequences (more tiles than the kernel keeps on its
+ * stack), each with its own ragged heads. */
+static void test_attention_many_seqs(void) {
+  enum { S = 300 };
+  seq_spec_t *seqs = xmalloc(S * sizeof *seqs);
+  uint64_t rng = 600;
+  for (int s = 0; s < S; s++) {
+    memset(&seqs[s], 0, sizeof seqs[s]);
+    seqs[s].prefix = rng_int(&rng, 50);
+    seqs[s].n_q = s % 10 == 0 ? 9 : 1;
+    for (int h = 0; h < 3; h++) seqs[s].keep[h] = rng_int(&rng, seqs[s].prefix + 1);
+  }
+  attn_case_t c = {"many", 9, 3, 64, 16, S, seqs, 1.0f, 601, false};
+  attn_stats_t st = {0};
+  run_attention(&c, &st);
+  fprintf(stderr, "   %lld rows, max |diff| %.3g\n", (long long)st.rows, st.max_diff);
+  free(seqs);
+}
+
+/* One query row, one visible key among many future ones: the output is that
+ * key's V exactly. */
+static void test_attention_single_key(void) {
+  enum { D = 64, B = 16, NB = 4 };
+  k_kv_arena_t a;
+  arena_new(&a, NB, B, D);
+  uint64_t rng = 700;
+  float *k = rand_floats(&rng, 40 * D, 1.0f), *v = rand_floats(&rng, 40 * D, 1.0f);
+  const int32_t table[3] = {2, 0, 3};
+  /* slots 0..39 of the head hold positions 39, 38, ..., 0: reversed */
+  for (int32_t t = 0; t < 40; t++) {
+    int32_t slot = table[t / B] * B + t % B, p = 39 - t;
+    CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k + t * D, v + t * D, &p, &slot, 1, 1), 0);
+  }
+  float q[2 * D], out[2 * D];
+  for (int d = 0; d < 2 * D; d++) q[d] = rng_unit(&rng) * 5.0f;
+  const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, ctx[1] = {40};
+  k_attn_args_t args = {1, 2, 1, D, 0.125f, q, out, q_start, q_pos, table, ctx, 3};
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  /* position 0 sits in slot 39 */
+  for (int h = 0; h < 2; h++)
+    for (int d = 0; d < D; d++) CHECK_NEAR(out[h * D + d], v[39 * D + d], 0);
+  /* at position 39 the row sees all 40: the output is a convex mix */
+  const int32_t q_pos2[1] = {39};
+  args.q_pos = q_pos2;
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  for (int d = 0; d < D; d++) {
+    double lo = 1e9, hi = -1e9;
+    for (int t = 0; t < 40; t++) {
+      lo = fmin(lo, v[t * D + d]);
+      hi = fmax(hi, v[t * D + d]);
+    }
+    CHECK(out[d] >= lo - 1e-6 && out[d] <= hi + 1e-6);
+  }
+  /* ctx 1: only slot 0 (position 39) is in use; a row at 39 sees just it */
+  const int32_t ctx1[1] = {1};
+  args.ctx_lens = ctx1;
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  for (int d = 0; d < D; d++) CHECK_NEAR(out[d], v[d], 0);
+  free(k);
+  free(v);
+  arena_free(&a);
+}
+
+static void test_attention_bad_args(void) {
+  k_kv_arena_t a;
+  arena_new(&a, 2, 16, 64);
+  float q[64] = {0}, out[64];
+  const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, table[1] = {0}, ctx[1] = {1};
+  k_attn_args_t args = {1, 1, 1, 64, 0.125f, q, out, q_start, q_pos, table, ctx, 1};
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  args.n_q_heads = 3;
+  args.n_kv_heads = 2; /* not a multiple */
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), -EINVAL);
+  args.n_q_heads = 17;
+  args.n_kv_heads = 1; /* group too large for the CPU kernel */
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), -EINVAL);
+  args.n_q_heads = 1;
+  args.head_dim = 32; /* not the arena's */
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), -EINVAL);
+  arena_free(&a);
+  arena_new(&a, 1, 128, 64); /* block too large */
+  args.head_dim = 64;
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), -EINVAL);
+  arena_free(&a);
+  arena_new(&a, 1, 16, 512); /* head too large */
+  args.head_dim = 512;
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), -EINVAL);
+  arena_free(&a);
+  /* no sequences: nothing to do */
+  arena_new(&a, 1, 16, 64);
+  args.head_dim = 64;
+  args.n_seqs = 0;
+  CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  arena_free(&a);
+}
+
+static void test_backend_new(void) {
+  k_backend_t *be = NULL;
+  char err[128];
+  CHECK_INT_EQ(k_backend_new(&be, K_DEVICE_CPU, 3, err, sizeof err), 0);
+  CHECK_STR_EQ(be->ops->name, "cpu");
+  CHECK_INT_EQ(be->threads, 3);
+  void *p = be->ops->alloc(be, 1000);
+  CHECK(p);
+  CHECK_INT_EQ((uintptr_t)p % 64, 0);
+  char src[1000], back[1000];
+  for (int i = 0; i < 1000; i++) src[i] = (char)i;
+  CHECK_INT_EQ(be->ops->upload(be, p, src, 1000), 0);
+  CHECK_INT_EQ(be->ops->download(be, back, p, 1000), 0);
+  CHECK(memcmp(src, back, 1000) == 0);
+  CHECK_INT_EQ(be->ops->sync(be), 0);
+  be->ops->free(be, p);
+  p = be->ops->alloc(be, 0);
+  CHECK(p);
+  be->ops->free(be, p);
+  k_backend_free(be);
+  k_backend_free(NULL);
+  be = NULL;
+  CHECK_INT_EQ(k_cpu_backend_new(&be, 0), 0); /* 0: one per CPU */
+  CHECK(be->threads >= 1);
+  k_backend_free(be);
+}
+
+int main(void) {
+  CHECK_INT_EQ(k_cpu_backend_new(&g_be, 2), 0);
+  CHECK_INT_EQ(k_cpu_backend_new(&g_be1, 1), 0);
+  RUN(test_backend_new);
+  RUN(test_matmul);
+  RUN(test_rmsnorm);
+  RUN(test_rope);
+  RUN(test_silu_mul_add);
+  RUN(test_embed);
+  RUN(test_kv_write);
+  RUN(test_attention_gqa);
+  RUN(test_attention_shapes);
+  RUN(test_attention_many_seqs);
+  RUN(test_attention_single_key);
+  RUN(test_attention_bad_args);
+  k_backend_free(g_be);
+  k_backend_free(g_be1);
+  return 0;
+}

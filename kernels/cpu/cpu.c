@@ -1,7 +1,6 @@
 /* The CPU backend: fp32 reference implementation of every op. GEMMs go
  * through OpenBLAS (the decode batch is one GEMM); attention and the
  * element-wise ops run on a small thread pool. */
-#include <cblas.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -9,21 +8,41 @@
 #include <unistd.h>
 
 #include "kernels/backend.h"
-#include "kernels/cpu/pool.h"
+#include "kernels/cpu/cpu-internal.h"
 
 /* OpenBLAS's own thread control (declared in its cblas.h on Debian, but not
  * in every BLAS's header). */
 void openblas_set_num_threads(int n);
 
 typedef struct cpu {
-  k_pool_t *pool; /* owns */
+  k_pool_t *pool;         /* owns */
+  k__scratch_t mm_scratch; /* matmul's dequantised weight bands */
 } cpu_t;
+
+int k__scratch_reserve(k__scratch_t *s, size_t bytes) {
+  if (bytes <= s->cap) return 0;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, bytes)) return -ENOMEM;
+  free(s->p);
+  s->p = p;
+  s->cap = bytes;
+  return 0;
+}
+
+void k__scratch_destroy(k__scratch_t *s) {
+  free(s->p);
+  s->p = NULL;
+  s->cap = 0;
+}
 
 static k_pool_t *pool_of(k_backend_t *be) { return ((cpu_t *)be->impl)->pool; }
 
 static void cpu_destroy(k_backend_t *be) {
   cpu_t *c = be->impl;
-  if (c) k_pool_free(c->pool);
+  if (c) {
+    k_pool_free(c->pool);
+    k__scratch_destroy(&c->mm_scratch);
+  }
   free(c);
 }
 
@@ -43,11 +62,8 @@ static int cpu_copy(k_backend_t *be, void *dst, const void *src, size_t bytes) {
 static int cpu_sync(k_backend_t *be) { return 0; }
 
 static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m) {
-  if (w->type != K_F32) return -EINVAL;
-  if (m <= 0) return 0;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)w->rows, (int)w->cols, 1.0f,
-              x, (int)w->cols, w->data, (int)w->cols, 0.0f, y, (int)w->rows);
-  return 0;
+  cpu_t *c = be->impl;
+  return k__cpu_matmul(c->pool, &c->mm_scratch, y, x, w, m);
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -68,7 +84,7 @@ typedef struct rms_job {
   float eps;
 } rms_job_t;
 
-static void rms_row(void *arg, int64_t r) {
+static void rms_row(void *arg, int64_t r, int32_t thread) {
   const rms_job_t *j = arg;
   const float *x = j->x + r * j->n;
   float *y = j->y + r * j->n;
@@ -92,7 +108,7 @@ typedef struct rope_job {
   const float *inv_freq;
 } rope_job_t;
 
-static void rope_row(void *arg, int64_t r) {
+static void rope_row(void *arg, int64_t r, int32_t thread) {
   const rope_job_t *j = arg;
   int32_t half = j->head_dim / 2;
   float cs[512], sn[512]; /* head_dim <= 1024 checked by the caller */
@@ -128,7 +144,7 @@ typedef struct elem_job {
   int64_t n;
 } elem_job_t;
 
-static void silu_chunk(void *arg, int64_t c) {
+static void silu_chunk(void *arg, int64_t c, int32_t thread) {
   const elem_job_t *j = arg;
   int64_t lo = c * ELEM_CHUNK, hi = lo + ELEM_CHUNK < j->n ? lo + ELEM_CHUNK : j->n;
   for (int64_t i = lo; i < hi; i++) {
@@ -150,11 +166,11 @@ static int cpu_add(k_backend_t *be, float *y, const float *x, int64_t n) {
 
 static int cpu_embed(k_backend_t *be, float *y, const k_weight_t *table, const int32_t *ids,
                      int64_t m) {
-  if (table->type != K_F32) return -EINVAL;
+  size_t rb = k_row_bytes(table->type, table->cols);
   for (int64_t t = 0; t < m; t++) {
     if (ids[t] < 0 || ids[t] >= table->rows) return -EINVAL;
-    memcpy(y + t * table->cols, (const float *)table->data + (int64_t)ids[t] * table->cols,
-           (size_t)table->cols * sizeof(float));
+    k__cpu_dequant_row(table->type, (const uint8_t *)table->data + (size_t)ids[t] * rb,
+                       y + t * table->cols, table->cols);
   }
   return 0;
 }
@@ -192,7 +208,7 @@ typedef struct att_job {
   const int32_t *task_row; /* [n_tasks] first query row of the tile */
 } att_job_t;
 
-static void att_task(void *arg, int64_t ti) {
+static void att_task(void *arg, int64_t ti, int32_t thread) {
   const att_job_t *j = arg;
   const k_attn_args_t *a = j->a;
   const k_kv_arena_t *kv = j->kv;
@@ -329,7 +345,10 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
   be->ops = &cpu_ops;
   be->impl = c;
   be->threads = threads;
-  openblas_set_num_threads(threads);
+  be->weight_types = 1u << K_F32 | 1u << K_F16 | 1u << K_BF16 | 1u << K_Q8_0 | 1u << K_Q4_0 |
+                     1u << K_Q4_1;
+  /* The pool runs bands of rows in parallel; each band's sgemm is serial. */
+  openblas_set_num_threads(1);
   *out = be;
   return 0;
 }
