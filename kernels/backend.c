@@ -1,12 +1,21 @@
 #include "kernels/backend.h"
 
+#ifdef PRESSD_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen) {
   if (dev == K_DEVICE_CUDA) {
-    snprintf(err, errlen, "the CUDA backend is not available in this build");
+#ifdef PRESSD_CUDA
+    int n = k_cuda_device_count(err, errlen);
+    if (n >= 0) snprintf(err, errlen, "the CUDA backend's kernels are not implemented yet (%d devices visible)", n);
+#else
+    snprintf(err, errlen, "this build has no CUDA backend (rebuild with -Dcuda=enabled)");
+#endif
     return -ENODEV;
   }
   int rc = k_cpu_backend_new(out, threads);

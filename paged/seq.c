@@ -11,6 +11,7 @@ int kv_seq_init(kv_seq_t *s, int32_t n_layers, int32_t n_heads, int32_t block_si
   s->n_layers = n_layers;
   s->n_heads = n_heads;
   s->block_size = block_size;
+  s->max_tokens = max_tokens;
   s->max_blocks = (max_tokens + block_size - 1) / block_size;
   size_t heads = (size_t)n_layers * (size_t)n_heads;
   s->blocks = malloc(heads * (size_t)s->max_blocks * sizeof *s->blocks);
@@ -65,7 +66,7 @@ int kv_seq_append(kv_seq_t *s, kv_pool_t *pool, int32_t n_new) {
   if (n_new < 0) return -EINVAL;
   int32_t heads = s->n_layers * s->n_heads;
   for (int32_t i = 0; i < heads; i++)
-    if (head_blocks_after(s, i, n_new) > s->max_blocks) return -E2BIG;
+    if ((int64_t)s->ctx[i] + n_new > s->max_tokens) return -E2BIG;
   if (kv_seq_blocks_needed(s, n_new) > kv_pool_free_count(pool)) return -ENOSPC;
   for (int32_t i = 0; i < heads; i++) {
     int32_t *t = s->blocks + (int64_t)i * s->max_blocks;

@@ -13,6 +13,7 @@
 
 typedef struct kv_seq {
   int32_t n_layers, n_heads, block_size;
+  int32_t max_tokens; /* slots a head may hold */
   int32_t max_blocks; /* per head: ceil(max_tokens / block_size) */
   int32_t *blocks;    /* owns: [n_layers][n_heads][max_blocks] */
   int32_t *n_blocks;  /* owns: [n_layers][n_heads] */

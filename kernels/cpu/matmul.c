@@ -23,7 +23,7 @@
 #if defined(__AVX512F__) && defined(__F16C__)
 #define MM_AVX512 1
 #endif
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -108,9 +108,13 @@ typedef struct mm_job {
   int64_t m, nb;
   size_t row_bytes;
   float *scratch; /* [threads][MM_BAND][cols] dequantised bands */
+  const int8_t *xq; /* quantised activations [m][cols] (Q weight types) */
+  const float *xd;  /* [m][nb] their scales */
+  const float *xs;  /* [m][nb] their scaled sums */
 } mm_job_t;
 
 #define MM_FLY_M 4 /* up to this many activation rows: dequantise on the fly */
+#define ALWAYS_INLINE_Q static inline __attribute__((always_inline))
 
 #ifdef MM_AVX512
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -247,12 +251,190 @@ static void dequant_block_row(k_dtype_t t, const uint8_t *src, float *dst, int64
 }
 #endif
 
+
+/* ---- quantised weights: int8 activations, integer dot products ------------
+ * For Q4_0, Q4_1 and Q8_0 weights the activations are quantised per 32-
+ * element block to int8 with an fp32 scale (stored rounded to fp16, as GGML's
+ * Q8_0/Q8_1 blocks do), and each block's dot product is an exact integer sum
+ * scaled by d_w·d_x (plus min_w·s_x for Q4_1). This is llama.cpp's CPU
+ * arithmetic for these types, so logits track the reference closely, and the
+ * integer kernels read 4-bit weights without unpacking them to floats. */
+
+static inline float fp16_round(float f) {
+#ifdef __F16C__
+  return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  return f; /* portable builds keep full precision */
+#endif
+}
+
+/* One activation row: q[cols] int8, d[nb] scales, s[nb] = d·Σq (both
+ * fp16-rounded). Rounding is to nearest even, as GGML's SIMD code does. */
+static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s) {
+  for (int64_t b = 0; b < nb; b++) {
+    const float *xb = x + b * K_QBLOCK;
+    int8_t *qb = q + b * K_QBLOCK;
+#ifdef MM_AVX512
+    __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    __m512 vid = _mm512_set1_ps(id);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+    _mm_storeu_si128((__m128i *)qb, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtepi32_epi8(q1));
+    int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+    float amax = 0;
+    for (int k = 0; k < K_QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+    float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int32_t sum = 0;
+    for (int k = 0; k < K_QBLOCK; k++) {
+      qb[k] = (int8_t)nearbyintf(xb[k] * id);
+      sum += qb[k];
+    }
+#endif
+    d[b] = fp16_round(dd);
+    s[b] = fp16_round(dd * (float)sum);
+  }
+}
+
+#ifdef __AVX2__
+ALWAYS_INLINE_Q __m256i dot_u8s8(__m256i u, __m256i v) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, v);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* ni activation rows × nr weight rows of a quantised type. */
+ALWAYS_INLINE_Q void tile_q(const mm_job_t *j, const k_dtype_t t, const uint8_t *const *wr,
+                            int64_t i0, int ni, int64_t r0, int nr) {
+  const size_t bb = block_bytes(t);
+  const int64_t cols = j->w->cols, nb = j->nb;
+  const __m128i m15 = _mm_set1_epi8(15);
+  __m256 acc[MM_TI][MM_TR];
+  float off[MM_TI][MM_TR];
+  _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++)
+      _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+    acc[i][r] = _mm256_setzero_ps();
+    off[i][r] = 0;
+  }
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i xq[MM_TI];
+    float xd[MM_TI], xs[MM_TI];
+    _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++) {
+      xq[i] = _mm256_loadu_si256((const __m256i *)(j->xq + (i0 + i) * cols + b * K_QBLOCK));
+      xd[i] = j->xd[(i0 + i) * nb + b];
+      xs[i] = j->xs[(i0 + i) * nb + b];
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+      const uint8_t *blk = wr[r] + (size_t)b * bb;
+      /* the next tile's rows follow these in memory: fetch them early */
+      _mm_prefetch((const char *)(blk + MM_TR * j->row_bytes), _MM_HINT_T0);
+      __m256i wq;
+      float dw = f16(blk), mw = 0;
+      if (t == K_Q8_0) {
+        wq = _mm256_loadu_si256((const __m256i *)(blk + 2));
+      } else {
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (t == K_Q4_1 ? 4 : 2)));
+        wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m15), _mm_and_si128(q, m15));
+        if (t == K_Q4_0) wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
+        if (t == K_Q4_1) mw = f16(blk + 2);
+      }
+      __m256i aw = t == K_Q4_1 ? wq : _mm256_sign_epi8(wq, wq); /* |w| for signed types */
+      _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++) {
+        __m256i isum = t == K_Q4_1 ? dot_u8s8(wq, xq[i])
+                                   : dot_u8s8(aw, _mm256_sign_epi8(xq[i], wq));
+        acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[i]), _mm256_cvtepi32_ps(isum), acc[i][r]);
+        if (t == K_Q4_1) off[i][r] += mw * xs[i];
+      }
+    }
+  }
+  _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++)
+      _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
+          j->y[(i0 + i) * j->w->rows + r0 + r] = hsum8(acc[i][r]) + off[i][r];
+}
+
+ALWAYS_INLINE_Q void tiles_q(const mm_job_t *j, const k_dtype_t t, const uint8_t *base,
+                             int64_t r_begin, int64_t r_end) {
+  for (int64_t i0 = 0; i0 < j->m; i0 += MM_TI) {
+    int ni = j->m - i0 < MM_TI ? (int)(j->m - i0) : MM_TI;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += MM_TR) {
+      int nr = r_end - r0 < MM_TR ? (int)(r_end - r0) : MM_TR;
+      const uint8_t *wr[MM_TR];
+      for (int r = 0; r < nr; r++) wr[r] = base + (size_t)(r0 - r_begin + r) * j->row_bytes;
+      if (ni == MM_TI && nr == MM_TR) tile_q(j, t, wr, i0, MM_TI, r0, MM_TR);
+      else if (ni == 1 && nr == MM_TR) tile_q(j, t, wr, i0, 1, r0, MM_TR);
+      else tile_q(j, t, wr, i0, ni, r0, nr);
+    }
+  }
+}
+#else
+/* Portable: exact integer block sums, then the same float steps per output. */
+static void tiles_q(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, int64_t r_begin,
+                    int64_t r_end) {
+  const size_t bb = block_bytes(t);
+  for (int64_t i = 0; i < j->m; i++)
+    for (int64_t r = r_begin; r < r_end; r++) {
+      const uint8_t *wr = base + (size_t)(r - r_begin) * j->row_bytes;
+      const int8_t *xq = j->xq + i * j->w->cols;
+      float acc = 0, off = 0;
+      for (int64_t b = 0; b < j->nb; b++) {
+        const uint8_t *blk = wr + (size_t)b * bb;
+        int32_t isum = 0;
+        for (int k = 0; k < K_QBLOCK; k++) {
+          int wv;
+          if (t == K_Q8_0) wv = (int8_t)blk[2 + k];
+          else {
+            const uint8_t *qs = blk + (t == K_Q4_1 ? 4 : 2);
+            wv = k < 16 ? qs[k] & 15 : qs[k - 16] >> 4;
+            if (t == K_Q4_0) wv -= 8;
+          }
+          isum += wv * xq[b * K_QBLOCK + k];
+        }
+        acc = fmaf(f16(blk) * j->xd[i * j->nb + b], (float)isum, acc);
+        if (t == K_Q4_1) off += f16(blk + 2) * j->xs[i * j->nb + b];
+      }
+      j->y[i * j->w->rows + r] = acc + off;
+    }
+}
+#endif
+
+static bool is_quant(k_dtype_t t) { return t == K_Q4_0 || t == K_Q4_1 || t == K_Q8_0; }
+
+typedef struct qrow_job {
+  const float *x;
+  mm_job_t *j;
+} qrow_job_t;
+
+static void quant_task(void *arg, int64_t i, int32_t thread) {
+  const qrow_job_t *q = arg;
+  mm_job_t *j = q->j;
+  quant_row(q->x + i * j->w->cols, j->nb, (int8_t *)j->xq + i * j->w->cols,
+            (float *)j->xd + i * j->nb, (float *)j->xs + i * j->nb);
+}
+
 static void band_task(void *arg, int64_t band_i, int32_t thread) {
   const mm_job_t *j = arg;
   const k_weight_t *w = j->w;
   int64_t r_begin = band_i * MM_BAND;
   int64_t r_end = r_begin + MM_BAND < w->rows ? r_begin + MM_BAND : w->rows;
   const uint8_t *base = (const uint8_t *)w->data + (size_t)r_begin * j->row_bytes;
+  switch (w->type) {
+  case K_Q4_1: tiles_q(j, K_Q4_1, base, r_begin, r_end); return;
+  case K_Q4_0: tiles_q(j, K_Q4_0, base, r_begin, r_end); return;
+  case K_Q8_0: tiles_q(j, K_Q8_0, base, r_begin, r_end); return;
+  default: break;
+  }
   if (j->m > MM_FLY_M && w->type != K_F32) {
     float *tl_band = j->scratch + (size_t)thread * MM_BAND * (size_t)w->cols;
     for (int64_t r = 0; r < r_end - r_begin; r++)
@@ -262,12 +444,10 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   }
   /* One specialisation per weight type, so unpacking is straight-line code. */
   switch (w->type) {
-  case K_Q4_1: tiles(j, K_Q4_1, base, j->row_bytes, r_begin, r_end); break;
-  case K_Q4_0: tiles(j, K_Q4_0, base, j->row_bytes, r_begin, r_end); break;
-  case K_Q8_0: tiles(j, K_Q8_0, base, j->row_bytes, r_begin, r_end); break;
   case K_F16: tiles(j, K_F16, base, j->row_bytes, r_begin, r_end); break;
   case K_BF16: tiles(j, K_BF16, base, j->row_bytes, r_begin, r_end); break;
   case K_F32: tiles(j, K_F32, base, j->row_bytes, r_begin, r_end); break;
+  default: break;
   }
 }
 
@@ -277,7 +457,18 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, float *y, const float *
   if (w->cols % K_QBLOCK) return -EINVAL;
   mm_job_t j = {.y = y, .x = x, .w = w, .m = m, .nb = w->cols / K_QBLOCK,
                 .row_bytes = k_row_bytes(w->type, w->cols)};
-  if (m > MM_FLY_M && w->type != K_F32) {
+  if (is_quant(w->type)) {
+    /* int8 activations [m][cols], scales and sums [m][nb] */
+    size_t qbytes = (size_t)m * (size_t)w->cols, fbytes = (size_t)m * (size_t)j.nb * sizeof(float);
+    int rc = k__scratch_reserve(scratch, (qbytes + 63) / 64 * 64 + 2 * fbytes);
+    if (rc) return rc;
+    j.xq = scratch->p;
+    j.xd = (float *)((char *)scratch->p + (qbytes + 63) / 64 * 64);
+    j.xs = j.xd + m * j.nb;
+    qrow_job_t q = {x, &j};
+    if (m == 1) quant_task(&q, 0, 0);
+    else k_pool_run(pool, m, quant_task, &q);
+  } else if (m > MM_FLY_M && w->type != K_F32) {
     size_t need = (size_t)k_pool_threads(pool) * MM_BAND * (size_t)w->cols * sizeof(float);
     int rc = k__scratch_reserve(scratch, need);
     if (rc) return rc;

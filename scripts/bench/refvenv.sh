@@ -17,7 +17,7 @@ ensure_ref_venv() {
   REF_VENV=${REF_VENV:-$root/.venv-ref}
   REF_PY=$REF_VENV/bin/python
   if [ -x "$REF_PY" ] && "$REF_PY" - "$LLAMA_CPP_PYTHON_VERSION" <<'PY' 2>/dev/null
-import sys, llama_cpp, numpy, jinja2
+import sys, llama_cpp, numpy, jinja2, gguf
 sys.exit(0 if llama_cpp.__version__ == sys.argv[1] else 1)
 PY
   then
@@ -26,6 +26,6 @@ PY
   echo "refvenv: installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION into $REF_VENV (compiles llama.cpp; slow)" >&2
   [ -x "$REF_PY" ] || python3 -m venv "$REF_VENV"
   "$REF_PY" -m pip install --quiet --upgrade pip
-  "$REF_PY" -m pip install "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" jinja2 numpy
+  "$REF_PY" -m pip install "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" jinja2 numpy gguf
   "$REF_PY" -c 'import llama_cpp; print("refvenv: llama-cpp-python", llama_cpp.__version__)' >&2
 }
