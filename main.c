@@ -1,5 +1,6 @@
 /* pressd: command-line entry. `pressd generate` runs one prompt through the
  * model and prints the completion. */
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,7 @@ typedef struct loaded {
   model_tok_t *tok;
   model_weights_t w;
   k_backend_t *be;
+  char *chat_template; /* owns: the model's template text; NULL when it has none */
 } loaded_t;
 
 static void loaded_destroy(loaded_t *m) {
@@ -66,12 +68,87 @@ static void loaded_destroy(loaded_t *m) {
   k_backend_free(m->be);
   model_tok_free(m->tok);
   model_gguf_close(&m->gguf);
+  free(m->chat_template);
 }
 
+static char *path_in(const char *dir, const char *name) {
+  size_t n = strlen(dir) + strlen(name) + 2;
+  char *p = malloc(n);
+  if (p) snprintf(p, n, "%s/%s", dir, name);
+  return p;
+}
+
+/* The chat template of a Hugging Face model directory: "chat_template" of
+ * tokenizer_config.json (a string, or the entry named "default" of a list),
+ * else the file chat_template.jinja. NULL when there is none. */
+static char *dir_chat_template(const char *dir) {
+  char e[256], *out = NULL;
+  char *path = path_in(dir, "tokenizer_config.json");
+  char *txt = path ? read_file(path, e, sizeof e) : NULL;
+  free(path);
+  cJSON *j = txt ? cJSON_Parse(txt) : NULL;
+  free(txt);
+  const cJSON *t = cJSON_GetObjectItemCaseSensitive(j, "chat_template"), *it;
+  const cJSON *list = cJSON_IsArray(t) ? t : NULL;
+  const char *tmpl = cJSON_GetStringValue(t);
+  cJSON_ArrayForEach(it, list) {
+    const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(it, "name"));
+    if (name && !strcmp(name, "default"))
+      tmpl = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(it, "template"));
+  }
+  if (tmpl) out = strdup(tmpl);
+  cJSON_Delete(j);
+  if (!out && (path = path_in(dir, "chat_template.jinja"))) {
+    out = read_file(path, e, sizeof e);
+    free(path);
+  }
+  return out;
+}
+
+/* Weights of --load-format dummy: the shape from --dummy-config, values
+ * from --dummy-seed. */
+static int load_dummy(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
+  char e[384];
+  char *txt = read_file(o->dummy_config, e, sizeof e);
+  if (!txt) {
+    snprintf(err, errlen, "--dummy-config: %s", e);
+    return -EINVAL;
+  }
+  model_config_t c;
+  int rc = model_config_from_json(&c, txt, e, sizeof e);
+  free(txt);
+  if (!rc) rc = model_weights_dummy(&m->w, &c, o->dummy_seed, m->be, e, sizeof e);
+  if (rc) snprintf(err, errlen, "--dummy-config %s: %s", o->dummy_config, e);
+  return rc;
+}
+
+/* --model is a GGUF file or a Hugging Face directory (config.json,
+ * *.safetensors, tokenizer.json, tokenizer_config.json). With --load-format
+ * dummy the weights come from load_dummy and --model supplies only the
+ * tokenizer and chat template. */
 static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
   memset(m, 0, sizeof *m);
+  const char *fmt = o->load_format;
+  bool dummy = !strcmp(fmt, "dummy");
   if (!o->model) {
-    snprintf(err, errlen, "--model is required");
+    snprintf(err, errlen, dummy ? "--load-format dummy needs --model for the tokenizer"
+                                : "--model is required");
+    return -EINVAL;
+  }
+  if (dummy && !o->dummy_config) {
+    snprintf(err, errlen, "--load-format dummy needs --dummy-config FILE (a config.json giving "
+                          "the model's shape)");
+    return -EINVAL;
+  }
+  struct stat st;
+  bool is_dir = stat(o->model, &st) == 0 && S_ISDIR(st.st_mode);
+  if (!strcmp(fmt, "gguf") && is_dir) {
+    snprintf(err, errlen, "'%s' is a directory, not a GGUF file", o->model);
+    return -EINVAL;
+  }
+  if (!strcmp(fmt, "safetensors") && !is_dir) {
+    snprintf(err, errlen, "'%s' is not a directory: --load-format safetensors needs one with "
+                          "config.json, *.safetensors and tokenizer.json", o->model);
     return -EINVAL;
   }
   k_device_t dev = !strcmp(o->device, "cuda") ? K_DEVICE_CUDA
@@ -79,24 +156,39 @@ static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t err
                                                : K_DEVICE_AUTO;
   int rc = k_backend_new(&m->be, dev, (int32_t)o->threads, err, errlen);
   if (rc) return rc;
-  struct stat st;
-  bool is_dir = stat(o->model, &st) == 0 && S_ISDIR(st.st_mode);
-  const char *fmt = o->load_format;
-  if (!strcmp(fmt, "safetensors") || (!strcmp(fmt, "auto") && is_dir)) {
-    snprintf(err, errlen, "'%s': safetensors loading is not available yet", o->model);
-    return -ENOTSUP;
-  }
-  if (!strcmp(fmt, "dummy")) {
-    snprintf(err, errlen, "--load-format dummy needs the serve path; not available in generate");
-    return -ENOTSUP;
-  }
+  m->be->f32_activations = !strcmp(o->matmul_activations, "f32");
   if (is_dir) {
-    snprintf(err, errlen, "'%s' is a directory, not a GGUF file", o->model);
+    if (!dummy && (rc = model_weights_from_safetensors(&m->w, o->model, m->be, err, errlen)))
+      return rc;
+    char *tj = path_in(o->model, "tokenizer.json");
+    if (!tj) {
+      snprintf(err, errlen, "out of memory");
+      return -ENOMEM;
+    }
+    rc = model_tok_from_json(&m->tok, tj, err, errlen);
+    free(tj);
+    if (rc) return rc;
+    m->chat_template = dir_chat_template(o->model);
+  } else {
+    if ((rc = model_gguf_open(&m->gguf, o->model, err, errlen))) return rc;
+    if ((rc = model_tok_from_gguf(&m->tok, &m->gguf, err, errlen))) return rc;
+    if (!dummy && (rc = model_weights_from_gguf(&m->w, &m->gguf, m->be, err, errlen))) return rc;
+    model_gguf_str_t t;
+    if (!model_gguf_get_str(&m->gguf, "tokenizer.chat_template", &t) &&
+        !(m->chat_template = strndup(t.ptr, t.len))) {
+      snprintf(err, errlen, "out of memory");
+      return -ENOMEM;
+    }
+  }
+  if (dummy && (rc = load_dummy(m, o, err, errlen))) return rc;
+  /* every id the tokenizer can produce must have an embedding row */
+  if (model_tok_n_vocab(m->tok) > m->w.cfg.n_vocab) {
+    snprintf(err, errlen, "the tokenizer has %d tokens but the model's vocabulary only %d%s",
+             model_tok_n_vocab(m->tok), m->w.cfg.n_vocab,
+             dummy ? " (vocab_size of --dummy-config)" : "");
     return -EINVAL;
   }
-  if ((rc = model_gguf_open(&m->gguf, o->model, err, errlen))) return rc;
-  if ((rc = model_tok_from_gguf(&m->tok, &m->gguf, err, errlen))) return rc;
-  return model_weights_from_gguf(&m->w, &m->gguf, m->be, err, errlen);
+  return 0;
 }
 
 static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *user, char **out,
@@ -110,15 +202,11 @@ static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *us
   if (o->chat_template) {
     rc = model_chat_init_named(&chat, o->chat_template, bos_s, eos_s, err, errlen);
   } else {
-    model_gguf_str_t t;
-    if (model_gguf_get_str(&m->gguf, "tokenizer.chat_template", &t)) {
+    if (!m->chat_template) {
       snprintf(err, errlen, "the model has no chat template; pass --chat-template NAME");
       return -EINVAL;
     }
-    char *tmpl = strndup(t.ptr, t.len);
-    if (!tmpl) return -ENOMEM;
-    rc = model_chat_init_detect(&chat, tmpl, bos_s, eos_s, err, errlen);
-    free(tmpl);
+    rc = model_chat_init_detect(&chat, m->chat_template, bos_s, eos_s, err, errlen);
   }
   if (rc) return rc;
   model_chat_msg_t msg = {"user", user};
@@ -150,17 +238,20 @@ static int cmd_generate(cfg_options_t *o) {
   const model_config_t *c = &m.w.cfg;
   int32_t max_len = o->max_model_len > 0 ? (int32_t)o->max_model_len : c->n_ctx_train;
 
-  /* tokens: [BOS] prompt */
-  size_t n_prompt = 0, len = strlen(text);
-  int32_t *ids = malloc((len + 2) * sizeof *ids);
-  if (!ids) {
-    rc = -ENOMEM;
-    snprintf(err, sizeof err, "out of memory");
-    goto fail;
+  /* tokens: [BOS] prompt (ill-formed UTF-8 becomes U+FFFD tokens, as in llama.cpp) */
+  size_t n_prompt = 0, len = strlen(text), cap = len + 2, off = 0;
+  int32_t *ids = malloc(cap * sizeof *ids);
+  if (ids && model_tok_add_bos(m.tok) && model_tok_bos(m.tok) >= 0) ids[off++] = model_tok_bos(m.tok);
+  rc = ids ? model_tok_encode(m.tok, text, len, true, ids + off, cap - off, &n_prompt) : -ENOMEM;
+  if (rc == -ENOSPC) { /* more ids than bytes: grow to the count the tokenizer asked for */
+    int32_t *more = realloc(ids, (n_prompt + off) * sizeof *ids);
+    if (more) {
+      ids = more;
+      rc = model_tok_encode(m.tok, text, len, true, ids + off, n_prompt, &n_prompt);
+    } else {
+      rc = -ENOMEM;
+    }
   }
-  size_t off = 0;
-  if (model_tok_add_bos(m.tok) && model_tok_bos(m.tok) >= 0) ids[off++] = model_tok_bos(m.tok);
-  rc = model_tok_encode(m.tok, text, len, true, ids + off, len + 1, &n_prompt);
   if (rc && rc != -EINVAL) {
     snprintf(err, sizeof err, "cannot tokenize the prompt: %s", strerror(-rc));
     free(ids);

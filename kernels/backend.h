@@ -107,6 +107,11 @@ typedef struct k_ops {
 struct k_backend {
   const k_ops_t *ops;
   uint32_t weight_types; /* bit (1 << k_dtype_t) for every type matmul/embed accept */
+  /* Quantised weights (Q8_0/Q4_0/Q4_1): false (default) quantises the
+   * activations to int8 per 32-block and uses integer dot products, as
+   * llama.cpp does; true keeps fp32 activations (slower prefill, closer to
+   * exact arithmetic). Either way results do not depend on the batch. */
+  bool f32_activations;
   void *impl;      /* owns: backend-private state */
   int32_t threads;
 };

@@ -458,6 +458,8 @@ def run_cases(tmp):
     fuzz_truncated(tmp, hdr, head[:2 << 20])
     # --- corrupted headers of full-size copies (may load; must not crash) -----
     fuzz_full(tmp, hdr)
+    # --- safetensors directories and --load-format dummy ---------------------
+    run_load_format_cases(tmp, real_template)
 
 
 def flip_region(rng, hdr):
@@ -531,6 +533,207 @@ def fuzz_full(tmp, hdr):
            None if not bad else "%d of %d cases: first: %s" % (len(bad), n, bad[0]),
            "%d cases, %d accepted, %.1f s" % (n, accepted, time.monotonic() - t0))
 
+
+# ---------------------------------------------------------------------------
+# Hugging Face directories (config.json, model.safetensors, tokenizer.json,
+# tokenizer_config.json) made from the tiny GGUF, and --load-format dummy.
+
+HF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+            "output": "lm_head", "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_rows(data, rows, cols, n_head):
+    """GGUF q/k rows (adjacent RoPE pairs) back to Hugging Face's rotate-half
+    order: the inverse of convert_hf_to_gguf.py's permute."""
+    rb = cols * 4
+    hd = rows // n_head
+    half = hd // 2
+    out = [None] * rows
+    for h in range(n_head):
+        for i in range(half):
+            for j in range(2):
+                src = h * hd + 2 * i + j
+                out[h * hd + j * half + i] = data[src * rb:(src + 1) * rb]
+    return b"".join(out)
+
+
+def build_safetensors(tensors):
+    """tensors: [(name, shape, dtype, data_bytes)] -> file bytes."""
+    import json
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(t[3] for t in tensors)
+
+
+def hf_dir_from_gguf(path, gguf_path, chat_template):
+    """A Hugging Face directory holding the same model as a tiny F32 GGUF."""
+    import json
+    g = GGUFHeader(gguf_path)
+    with open(gguf_path, "rb") as f:
+        blob = f.read()
+    kv = {k: v[1] for k, v in g.kv.items()}
+    n_head, n_kv = kv["llama.attention.head_count"], kv["llama.attention.head_count_kv"]
+    tensors = []
+    for name, ne, ttype, offset in g.tensors:
+        assert ttype == GGML_F32
+        cols, rows = ne[0], (ne[1] if len(ne) > 1 else 1)
+        data = blob[g.data_start + offset:g.data_start + offset + rows * cols * 4]
+        base = name[:-len(".weight")]
+        parts = base.split(".")
+        if parts[0] == "blk":
+            hf = "model.layers.%s.%s.weight" % (parts[1], HF_NAMES[parts[2]])
+            if parts[2] in ("attn_q", "attn_k"):
+                data = hf_rows(data, rows, cols, n_head if parts[2] == "attn_q" else n_kv)
+        else:
+            hf = HF_NAMES[base] + ".weight"
+        tensors.append((hf, (rows, cols) if len(ne) > 1 else (cols,), "F32", data))
+    os.mkdir(path)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(build_safetensors(tensors))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": kv["llama.embedding_length"],
+              "num_hidden_layers": kv["llama.block_count"], "num_attention_heads": n_head,
+              "num_key_value_heads": n_kv, "intermediate_size": kv["llama.feed_forward_length"],
+              "vocab_size": kv["llama.vocab_size"],
+              "max_position_embeddings": kv["llama.context_length"],
+              "rope_theta": kv["llama.rope.freq_base"],
+              "rms_norm_eps": kv["llama.attention.layer_norm_rms_epsilon"],
+              "tie_word_embeddings": not any(t[0] == "output.weight" for t in g.tensors)}
+    tokens = kv["tokenizer.ggml.tokens"][1]
+    types = kv["tokenizer.ggml.token_type"][1]
+    merges = kv["tokenizer.ggml.merges"][1]
+    tok = {"version": "1.0",
+           "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True}
+                            for i, t in enumerate(tokens) if types[i] == 3],
+           "normalizer": None,
+           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                             "trim_offsets": True, "use_regex": True},
+           "post_processor": None, "decoder": {"type": "ByteLevel"},
+           "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
+                     "merges": merges}}
+    tok_config = {"bos_token": tokens[kv["tokenizer.ggml.bos_token_id"]],
+                  "eos_token": tokens[kv["tokenizer.ggml.eos_token_id"]],
+                  "add_bos_token": False}
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+    for name, obj in (("config.json", config), ("tokenizer.json", tok),
+                      ("tokenizer_config.json", tok_config)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f)
+    return path
+
+
+def sharp_tiny_gguf(path, chat_template):
+    """tiny_model's vocabulary and shapes with larger random weights, large
+    q/k above all, so that attention (and so the q/k row order) decides the
+    greedy text: with q/k rows left in Hugging Face order the text differs."""
+    src = path + ".src"
+    with open(src, "wb") as f:
+        f.write(tiny_model("ok", chat_template))
+    h = GGUFHeader(src)
+    os.unlink(src)
+    rng = random.Random(11)
+    scale = {"attn_q": 0.6, "attn_k": 0.6, "token_embd": 1.0}
+    tensors = []
+    for name, ne, ttype, offset in h.tensors:
+        n = 1
+        for x in ne:
+            n *= x
+        kind = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
+        if "norm" in kind:
+            a = array.array("f", [1.0]) * n
+        else:
+            a = array.array("f", (rng.gauss(0.0, scale.get(kind, 0.15)) for _ in range(n)))
+        if sys.byteorder != "little":
+            a.byteswap()
+        tensors.append((name, ne, GGML_F32, a.tobytes()))
+    with open(path, "wb") as f:
+        f.write(build_gguf([(k, v[0], v[1]) for k, v in h.kv.items()], tensors))
+    return path
+
+
+def run_load_format_cases(tmp, real_template):
+    import json
+    tiny_gguf = sharp_tiny_gguf(os.path.join(tmp, "tiny-for-hf.gguf"), real_template)
+    hf = hf_dir_from_gguf(os.path.join(tmp, "tiny-hf"), tiny_gguf, real_template)
+
+    # The same weights from the GGUF and from the directory: the same greedy
+    # text (q/k rows un-permuted right, tokenizer.json read right).
+    args = ["--prompt", "the the in the cat in the hat", "--max-tokens", "24",
+            "--max-model-len", "256", "--ignore-eos"]
+    rc1, out1, err1 = run(["generate", "--model", tiny_gguf] + args)
+    rc2, out2, err2 = run(["generate", "--model", hf] + args)
+    problem = None
+    if rc1 != 0:
+        problem = "GGUF: %s: %s" % (describe_rc(rc1), last_line(err1))
+    elif rc2 != 0:
+        problem = "directory: %s: %s" % (describe_rc(rc2), last_line(err2))
+    elif out1 != out2:
+        problem = "greedy text differs: GGUF %r, directory %r" % (out1[:80], out2[:80])
+    record("safetensors directory generates what the same GGUF does", problem, repr(out2[:40]))
+    rc, out, err = run(["generate", "--model", hf, "--load-format", "safetensors", "--chat"]
+                       + args)
+    record("safetensors directory --chat (template from tokenizer_config.json)",
+           None if rc == 0 else "%s: %s" % (describe_rc(rc), last_line(err)))
+
+    # Damaged directory contents.
+    st_path = os.path.join(hf, "model.safetensors")
+    with open(st_path, "rb") as f:
+        good = f.read()
+    with open(st_path, "wb") as f:
+        f.write(good[:len(good) // 2])
+    expect_error("truncated model.safetensors", gen_args(hf),
+                 ["past the end", "truncated", "model.safetensors"], rcs=(1,))
+    with open(st_path, "wb") as f:
+        f.write(good)
+    os.unlink(os.path.join(hf, "tokenizer.json"))
+    expect_error("directory without tokenizer.json", gen_args(hf), ["tokenizer.json"], rcs=(1,))
+    expect_error("--load-format gguf with a directory", gen_args(hf, "--load-format", "gguf"),
+                 ["directory", "gguf"], rcs=(1,))
+    expect_error("--load-format safetensors with a file",
+                 gen_args(tiny_gguf, "--load-format", "safetensors"), ["directory"], rcs=(1,))
+
+    # --load-format dummy: a tiny Llama shape; the default GGUF's tokenizer.
+    cfg = os.path.join(tmp, "dummy-config.json")
+    with open(cfg, "w") as f:
+        json.dump({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "intermediate_size": 128, "vocab_size": 49152,
+                   "max_position_embeddings": 256, "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": True}, f)
+    dummy = ["generate", "--load-format", "dummy", "--prompt", "hi", "--max-tokens", "4"]
+    rc, out, err = run(dummy + ["--dummy-config", cfg, "--model", MODEL], timeout=120)
+    record("--load-format dummy --dummy-config (2 layers, hidden 64) generates",
+           None if rc == 0 else "%s: %s" % (describe_rc(rc), last_line(err)),
+           repr(out.strip()[:40]))
+    rc2, out2, err2 = run(dummy + ["--dummy-config", cfg, "--model", MODEL], timeout=120)
+    record("--load-format dummy is deterministic (same seed, same text)",
+           None if (rc, out) == (rc2, out2) else "%r then %r" % (out[:60], out2[:60]))
+    expect_error("--load-format dummy without --dummy-config", dummy + ["--model", MODEL],
+                 ["dummy-config"], rcs=(1,))
+    expect_error("--load-format dummy without --model", dummy + ["--dummy-config", cfg],
+                 ["--model", "tokenizer"], rcs=(1,))
+    small = os.path.join(tmp, "dummy-small-vocab.json")
+    with open(cfg) as f:
+        c = json.load(f)
+    c["vocab_size"] = 1000
+    with open(small, "w") as f:
+        json.dump(c, f)
+    expect_error("--load-format dummy with a vocab smaller than the tokenizer's",
+                 dummy + ["--dummy-config", small, "--model", MODEL], ["vocab"], rcs=(1,))
+    with open(small, "w") as f:
+        f.write('{"num_hidden_layers": ')
+    expect_error("--load-format dummy with a bad --dummy-config",
+                 dummy + ["--dummy-config", small, "--model", MODEL], ["dummy-config"], rcs=(1,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 #ifndef PRESSD_KERNELS_CPU_INTERNAL_H
 #define PRESSD_KERNELS_CPU_INTERNAL_H
 
+#include <stdbool.h>
+
 #include "kernels/backend.h"
 #include "kernels/cpu/pool.h"
 
@@ -14,8 +16,9 @@ typedef struct k__scratch {
 int k__scratch_reserve(k__scratch_t *s, size_t bytes);
 void k__scratch_destroy(k__scratch_t *s);
 
-/* y[m][w.rows] = x[m][w.cols] · wᵀ for every weight type of the CPU backend. */
-int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, float *y, const float *x,
+/* y[m][w.rows] = x[m][w.cols] · wᵀ for every weight type of the CPU backend.
+ * Quantised weights run on int8-quantised activations unless f32_act. */
+int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, float *y, const float *x,
                   const k_weight_t *w, int64_t m);
 /* One row of cols elements of type t to fp32. */
 void k__cpu_dequant_row(k_dtype_t t, const void *src, float *dst, int64_t cols);

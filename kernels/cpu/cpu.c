@@ -63,7 +63,7 @@ static int cpu_sync(k_backend_t *be) { return 0; }
 
 static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m) {
   cpu_t *c = be->impl;
-  return k__cpu_matmul(c->pool, &c->mm_scratch, y, x, w, m);
+  return k__cpu_matmul(c->pool, &c->mm_scratch, be->f32_activations, y, x, w, m);
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {

@@ -429,11 +429,13 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   int64_t r_begin = band_i * MM_BAND;
   int64_t r_end = r_begin + MM_BAND < w->rows ? r_begin + MM_BAND : w->rows;
   const uint8_t *base = (const uint8_t *)w->data + (size_t)r_begin * j->row_bytes;
-  switch (w->type) {
-  case K_Q4_1: tiles_q(j, K_Q4_1, base, r_begin, r_end); return;
-  case K_Q4_0: tiles_q(j, K_Q4_0, base, r_begin, r_end); return;
-  case K_Q8_0: tiles_q(j, K_Q8_0, base, r_begin, r_end); return;
-  default: break;
+  if (j->xq) {
+    switch (w->type) {
+    case K_Q4_1: tiles_q(j, K_Q4_1, base, r_begin, r_end); return;
+    case K_Q4_0: tiles_q(j, K_Q4_0, base, r_begin, r_end); return;
+    case K_Q8_0: tiles_q(j, K_Q8_0, base, r_begin, r_end); return;
+    default: break;
+    }
   }
   if (j->m > MM_FLY_M && w->type != K_F32) {
     float *tl_band = j->scratch + (size_t)thread * MM_BAND * (size_t)w->cols;
@@ -444,6 +446,9 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   }
   /* One specialisation per weight type, so unpacking is straight-line code. */
   switch (w->type) {
+  case K_Q4_1: tiles(j, K_Q4_1, base, j->row_bytes, r_begin, r_end); break;
+  case K_Q4_0: tiles(j, K_Q4_0, base, j->row_bytes, r_begin, r_end); break;
+  case K_Q8_0: tiles(j, K_Q8_0, base, j->row_bytes, r_begin, r_end); break;
   case K_F16: tiles(j, K_F16, base, j->row_bytes, r_begin, r_end); break;
   case K_BF16: tiles(j, K_BF16, base, j->row_bytes, r_begin, r_end); break;
   case K_F32: tiles(j, K_F32, base, j->row_bytes, r_begin, r_end); break;
@@ -451,13 +456,13 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   }
 }
 
-int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, float *y, const float *x,
+int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, float *y, const float *x,
                   const k_weight_t *w, int64_t m) {
   if (m <= 0) return 0;
   if (w->cols % K_QBLOCK) return -EINVAL;
   mm_job_t j = {.y = y, .x = x, .w = w, .m = m, .nb = w->cols / K_QBLOCK,
                 .row_bytes = k_row_bytes(w->type, w->cols)};
-  if (is_quant(w->type)) {
+  if (is_quant(w->type) && !f32_act) {
     /* int8 activations [m][cols], scales and sums [m][nb] */
     size_t qbytes = (size_t)m * (size_t)w->cols, fbytes = (size_t)m * (size_t)j.nb * sizeof(float);
     int rc = k__scratch_reserve(scratch, (qbytes + 63) / 64 * 64 + 2 * fbytes);
