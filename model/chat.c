@@ -9,6 +9,7 @@
  * Detection looks for marker strings only; there is no Jinja interpreter.
  * The only Jinja that is parsed is string literals, to find a default system
  * prompt the template inserts when messages[0] is not a system message. */
+#include "model/model-internal.h"
 #include "model/chat.h"
 
 #include <assert.h>
@@ -19,17 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int set_err(char *err, size_t errlen, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int set_err(char *err, size_t errlen, int rc, const char *fmt, ...) {
-  if (err && errlen) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-  }
-  return rc;
-}
 
 static bool has(const char *s, const char *needle) { return strstr(s, needle) != NULL; }
 
@@ -338,7 +328,7 @@ static int chat_setup(model_chat_t *c, model_chat_kind_t kind, const char *tmpl,
 
 fail_nomem:
   model_chat_destroy(c);
-  return set_err(err, errlen, -ENOMEM, "chat: out of memory");
+  return model__errf(err, errlen, -ENOMEM, "chat: out of memory");
 }
 
 #define CHAT_NAMES "chatml, llama3, llama2, mistral"
@@ -348,7 +338,7 @@ int model_chat_init_detect(model_chat_t *c, const char *tmpl, const char *bos, c
   assert(c);
   memset(c, 0, sizeof *c);
   if (!tmpl || !*tmpl)
-    return set_err(err, errlen, -ENOTSUP,
+    return model__errf(err, errlen, -ENOTSUP,
                    "chat: the model has no chat template; choose one with --chat-template "
                    "(" CHAT_NAMES ")");
   const char *other = NULL; /* a family that shares markers with a built-in one */
@@ -372,11 +362,11 @@ int model_chat_init_detect(model_chat_t *c, const char *tmpl, const char *bos, c
   }
   if (kind == MODEL_CHAT_UNKNOWN) {
     if (other)
-      return set_err(err, errlen, -ENOTSUP,
+      return model__errf(err, errlen, -ENOTSUP,
                      "chat: template family %s is not built in; choose one with --chat-template "
                      "(" CHAT_NAMES ")",
                      other);
-    return set_err(err, errlen, -ENOTSUP,
+    return model__errf(err, errlen, -ENOTSUP,
                    "chat: template not recognised (no ChatML, Llama-3, Llama-2 or Mistral "
                    "markers); choose one with --chat-template (" CHAT_NAMES ")");
   }
@@ -392,7 +382,7 @@ int model_chat_init_named(model_chat_t *c, const char *name, const char *bos, co
   for (size_t i = 0; name && i < sizeof kinds / sizeof kinds[0]; i++)
     if (strcmp(name, model_chat_kind_name(kinds[i])) == 0)
       return chat_setup(c, kinds[i], NULL, bos, eos, err, errlen);
-  return set_err(err, errlen, -EINVAL, "chat: unknown chat template name \"%s\" (expected one of "
+  return model__errf(err, errlen, -EINVAL, "chat: unknown chat template name \"%s\" (expected one of "
                  CHAT_NAMES ")", name ? name : "(null)");
 }
 
@@ -450,12 +440,12 @@ static void render_llama3(const model_chat_t *c, const model_chat_msg_t *msgs, s
 static int check_alternation(const model_chat_msg_t *msgs, size_t n, size_t first, char *err,
                              size_t errlen) {
   if (first == n)
-    return set_err(err, errlen, -EINVAL,
+    return model__errf(err, errlen, -EINVAL,
                    "chat: this template needs a user message after the system message");
   for (size_t i = first; i < n; i++) {
     int want = (i - first) % 2 == 0 ? ROLE_USER : ROLE_ASSISTANT;
     if (parse_role(msgs[i].role) != want)
-      return set_err(err, errlen, -EINVAL,
+      return model__errf(err, errlen, -EINVAL,
                      "chat: message %zu is \"%s\" but this template needs an optional first system "
                      "message, then alternating user/assistant messages starting with user",
                      i, msgs[i].role);
@@ -511,10 +501,10 @@ int model_chat_render(const model_chat_t *c, const model_chat_msg_t *msgs, size_
                       bool add_generation_prompt, char **out, char *err, size_t errlen) {
   assert(c && out);
   *out = NULL;
-  if (n == 0 || !msgs) return set_err(err, errlen, -EINVAL, "chat: no messages");
+  if (n == 0 || !msgs) return model__errf(err, errlen, -EINVAL, "chat: no messages");
   for (size_t i = 0; i < n; i++)
     if (parse_role(msgs[i].role) < 0)
-      return set_err(err, errlen, -EINVAL,
+      return model__errf(err, errlen, -EINVAL,
                      "chat: message %zu has unknown role \"%s\" (expected system, user or "
                      "assistant)",
                      i, msgs[i].role ? msgs[i].role : "(null)");
@@ -540,12 +530,12 @@ int model_chat_render(const model_chat_t *c, const model_chat_msg_t *msgs, size_
     break;
   }
   case MODEL_CHAT_UNKNOWN:
-    rc = set_err(err, errlen, -EINVAL, "chat: template not initialised");
+    rc = model__errf(err, errlen, -EINVAL, "chat: template not initialised");
     break;
   }
-  if (!rc && b.rc) rc = set_err(err, errlen, b.rc, "chat: out of memory");
+  if (!rc && b.rc) rc = model__errf(err, errlen, b.rc, "chat: out of memory");
   if (!rc && !b.p) sb_put(&b, "", 0); /* an empty rendering is still a string */
-  if (!rc && b.rc) rc = set_err(err, errlen, b.rc, "chat: out of memory");
+  if (!rc && b.rc) rc = model__errf(err, errlen, b.rc, "chat: out of memory");
   if (rc) {
     free(b.p);
     return rc;

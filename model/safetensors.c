@@ -29,6 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "model/model-internal.h"
 #include "model/quant.h"
 #include "model/weights-internal.h"
 #include "model/weights.h"
@@ -72,15 +73,6 @@ typedef struct st_ctx {
   size_t scratch_bytes;
 } st_ctx_t;
 
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return rc;
-}
 
 static char *path_join(const char *dir, const char *name) {
   size_t a = strlen(dir), b = strlen(name);
@@ -98,25 +90,25 @@ static int read_text(const char *path, char **out, char *err, size_t errlen) {
   FILE *f = fopen(path, "rb");
   if (!f) {
     int e = errno;
-    return errf(err, errlen, -e, "safetensors: cannot read %s: %s", path, strerror(e));
+    return model__errf(err, errlen, -e, "safetensors: cannot read %s: %s", path, strerror(e));
   }
   struct stat st;
   if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode) || (uint64_t)st.st_size > ST_MAX_TEXT) {
     fclose(f);
-    return errf(err, errlen, -EINVAL, "safetensors: %s is not a regular file of at most %u bytes",
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s is not a regular file of at most %u bytes",
                 path, ST_MAX_TEXT);
   }
   size_t n = (size_t)st.st_size;
   char *buf = malloc(n + 1);
   if (!buf) {
     fclose(f);
-    return errf(err, errlen, -ENOMEM, "safetensors: out of memory reading %s", path);
+    return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory reading %s", path);
   }
   size_t got = fread(buf, 1, n, f);
   fclose(f);
   if (got != n) {
     free(buf);
-    return errf(err, errlen, -EIO, "safetensors: short read on %s", path);
+    return model__errf(err, errlen, -EIO, "safetensors: short read on %s", path);
   }
   buf[n] = 0;
   *out = buf;
@@ -159,22 +151,22 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
   st_file_t *f = &st->files[st->n_files];
   memset(f, 0, sizeof *f);
   f->path = path_join(dir, name);
-  if (!f->path) return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+  if (!f->path) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   st->n_files++; /* from here on st_close releases whatever f holds */
   const char *p = f->path;
   int fd = open(p, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     int e = errno;
-    return errf(err, errlen, -e, "safetensors: cannot open %s: %s", p, strerror(e));
+    return model__errf(err, errlen, -e, "safetensors: cannot open %s: %s", p, strerror(e));
   }
   struct stat sb;
   if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
     close(fd);
-    return errf(err, errlen, -EINVAL, "safetensors: %s is not a regular file", p);
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s is not a regular file", p);
   }
   if (sb.st_size < 8) {
     close(fd);
-    return errf(err, errlen, -EINVAL, "safetensors: %s is truncated (%lld bytes, too short for "
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s is truncated (%lld bytes, too short for "
                 "the header length)", p, (long long)sb.st_size);
   }
   f->size = (size_t)sb.st_size;
@@ -182,29 +174,29 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
   close(fd);
   if (map == MAP_FAILED) {
     int e = errno;
-    return errf(err, errlen, -e, "safetensors: cannot map %s: %s", p, strerror(e));
+    return model__errf(err, errlen, -e, "safetensors: cannot map %s: %s", p, strerror(e));
   }
   f->map = map;
   const uint8_t *b = map;
   uint64_t hlen = 0;
   for (int i = 7; i >= 0; i--) hlen = hlen << 8 | b[i];
   if (hlen > f->size - 8)
-    return errf(err, errlen, -EINVAL,
+    return model__errf(err, errlen, -EINVAL,
                 "safetensors: %s: header length %llu runs past the end of the file (%zu bytes)", p,
                 (unsigned long long)hlen, f->size);
   if (hlen < 2 || hlen > ST_MAX_HEADER)
-    return errf(err, errlen, -EINVAL, "safetensors: %s: header length %llu is out of range (2..%u)",
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s: header length %llu is out of range (2..%u)",
                 p, (unsigned long long)hlen, ST_MAX_HEADER);
   const uint8_t *data = b + 8 + hlen;
   size_t data_len = f->size - 8 - (size_t)hlen;
   f->header = cJSON_ParseWithLength((const char *)b + 8, (size_t)hlen);
   if (!f->header || !cJSON_IsObject(f->header))
-    return errf(err, errlen, -EINVAL, "safetensors: %s: the header is not a JSON object", p);
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s: the header is not a JSON object", p);
 
   size_t n = 0;
   const cJSON *it;
   cJSON_ArrayForEach(it, f->header) n++;
-  if (tensors_grow(st, cap, n)) return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+  if (tensors_grow(st, cap, n)) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   cJSON_ArrayForEach(it, f->header) {
     if (!strcmp(it->string, "__metadata__")) continue;
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(it, "dtype");
@@ -212,7 +204,7 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
     const cJSON *offs = cJSON_GetObjectItemCaseSensitive(it, "data_offsets");
     if (!cJSON_IsObject(it) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) ||
         !cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2)
-      return errf(err, errlen, -EINVAL,
+      return model__errf(err, errlen, -EINVAL,
                   "safetensors: %s: tensor '%.64s' lacks dtype, shape or data_offsets", p,
                   it->string);
     st_tensor_t *t = &st->tensors[st->n_tensors];
@@ -224,7 +216,7 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
     t->type = dtype_of(dt->valuestring, &elem);
     int nd = cJSON_GetArraySize(shape);
     if (nd > ST_MAX_DIMS)
-      return errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has %d dimensions", p,
+      return model__errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has %d dimensions", p,
                   t->name, nd);
     t->n_dims = nd;
     uint64_t count = 1;
@@ -234,7 +226,7 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
     cJSON_ArrayForEach(d, shape) {
       uint64_t v;
       if (!json_u64(d, &v) || v > INT64_MAX)
-        return errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has a bad shape", p,
+        return model__errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has a bad shape", p,
                     t->name);
       t->shape[k++] = (int64_t)v;
       if (v && count > UINT64_MAX / v) overflow = true;
@@ -243,15 +235,15 @@ static int open_file(st_ctx_t *st, const char *dir, const char *name, size_t *ca
     uint64_t begin, end;
     if (!json_u64(cJSON_GetArrayItem(offs, 0), &begin) ||
         !json_u64(cJSON_GetArrayItem(offs, 1), &end) || begin > end)
-      return errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has bad data_offsets", p,
+      return model__errf(err, errlen, -EINVAL, "safetensors: %s: tensor '%.64s' has bad data_offsets", p,
                   t->name);
     if (end > data_len)
-      return errf(err, errlen, -EINVAL,
+      return model__errf(err, errlen, -EINVAL,
                   "safetensors: %s: tensor '%.64s' data_offsets [%llu, %llu] run past the end of "
                   "the file (%zu data bytes)", p, t->name, (unsigned long long)begin,
                   (unsigned long long)end, data_len);
     if (elem && (overflow || count > UINT64_MAX / elem || count * elem != end - begin))
-      return errf(err, errlen, -EINVAL,
+      return model__errf(err, errlen, -EINVAL,
                   "safetensors: %s: tensor '%.64s' has %llu data bytes, its %s shape needs "
                   "%llu (size mismatch)", p, t->name, (unsigned long long)(end - begin),
                   t->dtype, overflow ? 0ull : (unsigned long long)(count * elem));
@@ -306,25 +298,25 @@ static int index_files(const char *index_path, char ***names, int32_t *n,
   free(txt);
   const cJSON *map = cJSON_GetObjectItemCaseSensitive(*index, "weight_map");
   if (!cJSON_IsObject(map))
-    return errf(err, errlen, -EINVAL, "safetensors: %s: not JSON with a weight_map object",
+    return model__errf(err, errlen, -EINVAL, "safetensors: %s: not JSON with a weight_map object",
                 index_path);
   int32_t cap = cJSON_GetArraySize(map);
   *names = calloc((size_t)cap + 1, sizeof **names);
-  if (!*names) return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+  if (!*names) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   const cJSON *it;
   cJSON_ArrayForEach(it, map) {
     const char *fn = cJSON_GetStringValue(it);
     if (!fn || !*fn || strchr(fn, '/') || fn[0] == '.')
-      return errf(err, errlen, -EINVAL, "safetensors: %s: bad file name for tensor '%.64s'",
+      return model__errf(err, errlen, -EINVAL, "safetensors: %s: bad file name for tensor '%.64s'",
                   index_path, it->string);
     bool seen = false;
     for (int32_t i = 0; i < *n && !seen; i++) seen = !strcmp((*names)[i], fn);
     if (seen) continue;
     if (*n >= ST_MAX_FILES)
-      return errf(err, errlen, -EINVAL, "safetensors: %s names more than %d files", index_path,
+      return model__errf(err, errlen, -EINVAL, "safetensors: %s names more than %d files", index_path,
                   ST_MAX_FILES);
     if (!((*names)[(*n)++] = strdup(fn)))
-      return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+      return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   }
   qsort(*names, (size_t)*n, sizeof **names, cmp_str);
   return 0;
@@ -335,14 +327,14 @@ static int scan_files(const char *dir, char ***names, int32_t *n, char *err, siz
   DIR *d = opendir(dir);
   if (!d) {
     int e = errno;
-    return errf(err, errlen, -e, "safetensors: cannot list %s: %s", dir, strerror(e));
+    return model__errf(err, errlen, -e, "safetensors: cannot list %s: %s", dir, strerror(e));
   }
   int32_t cap = 0;
   int rc = 0;
   for (struct dirent *de; (de = readdir(d));) {
     if (de->d_name[0] == '.' || !has_suffix(de->d_name, ".safetensors")) continue;
     if (*n >= ST_MAX_FILES) {
-      rc = errf(err, errlen, -EINVAL, "safetensors: %s holds more than %d files", dir,
+      rc = model__errf(err, errlen, -EINVAL, "safetensors: %s holds more than %d files", dir,
                 ST_MAX_FILES);
       break;
     }
@@ -350,13 +342,13 @@ static int scan_files(const char *dir, char ***names, int32_t *n, char *err, siz
       cap = cap ? 2 * cap : 16;
       char **nn = realloc(*names, (size_t)cap * sizeof *nn);
       if (!nn) {
-        rc = errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+        rc = model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
         break;
       }
       *names = nn;
     }
     if (!((*names)[*n] = strdup(de->d_name))) {
-      rc = errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+      rc = model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
       break;
     }
     (*names)[++*n] = NULL;
@@ -364,7 +356,7 @@ static int scan_files(const char *dir, char ***names, int32_t *n, char *err, siz
   closedir(d);
   if (rc) return rc;
   if (*n == 0)
-    return errf(err, errlen, -ENOENT, "safetensors: no *.safetensors files in %s", dir);
+    return model__errf(err, errlen, -ENOENT, "safetensors: no *.safetensors files in %s", dir);
   qsort(*names, (size_t)*n, sizeof **names, cmp_str);
   return 0;
 }
@@ -375,14 +367,14 @@ static int st_open(st_ctx_t *st, const char *dir, char *err, size_t errlen) {
   int32_t n = 0;
   cJSON *index = NULL;
   char *index_path = path_join(dir, "model.safetensors.index.json");
-  if (!index_path) return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+  if (!index_path) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   int rc = access(index_path, F_OK) == 0
                ? index_files(index_path, &names, &n, &index, err, errlen)
                : scan_files(dir, &names, &n, err, errlen);
   if (rc) goto out;
   st->files = calloc((size_t)n, sizeof *st->files);
   if (!st->files) {
-    rc = errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+    rc = model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
     goto out;
   }
   size_t cap = 0;
@@ -391,7 +383,7 @@ static int st_open(st_ctx_t *st, const char *dir, char *err, size_t errlen) {
   qsort(st->tensors, st->n_tensors, sizeof *st->tensors, cmp_tensor);
   for (size_t i = 1; i < st->n_tensors; i++)
     if (!strcmp(st->tensors[i].name, st->tensors[i - 1].name)) {
-      rc = errf(err, errlen, -EINVAL, "safetensors: tensor '%.64s' appears in %s and in %s",
+      rc = model__errf(err, errlen, -EINVAL, "safetensors: tensor '%.64s' appears in %s and in %s",
                 st->tensors[i].name, st->files[st->tensors[i - 1].file].path,
                 st->files[st->tensors[i].file].path);
       goto out;
@@ -404,7 +396,7 @@ static int st_open(st_ctx_t *st, const char *dir, char *err, size_t errlen) {
       const char *want = it->valuestring;
       const char *have = t ? strrchr(st->files[t->file].path, '/') + 1 : NULL;
       if (!t || strcmp(have, want)) {
-        rc = errf(err, errlen, -EINVAL,
+        rc = model__errf(err, errlen, -EINVAL,
                   "safetensors: %s lists tensor '%.64s' in %s, but it is not there", index_path,
                   it->string, want);
         goto out;
@@ -457,25 +449,25 @@ static int lookup(const st_ctx_t *st, const char *name, int64_t rows, int64_t co
                   const st_tensor_t **out, int32_t *heads, char *err, size_t errlen) {
   char hf[128];
   if (!hf_name(st, name, hf, sizeof hf, heads))
-    return errf(err, errlen, -ENOENT, "safetensors: no Hugging Face name for tensor %s", name);
+    return model__errf(err, errlen, -ENOENT, "safetensors: no Hugging Face name for tensor %s", name);
   const st_tensor_t *t = find(st, hf);
   if (!t)
-    return errf(err, errlen, -ENOENT, "safetensors: missing tensor %s (%s)", hf, name);
+    return model__errf(err, errlen, -ENOENT, "safetensors: missing tensor %s (%s)", hf, name);
   const char *file = st->files[t->file].path;
   bool ok = rows == 1 ? t->n_dims == 1 && t->shape[0] == cols
                       : t->n_dims == 2 && t->shape[0] == rows && t->shape[1] == cols;
   if (!ok)
-    return errf(err, errlen, -EINVAL,
+    return model__errf(err, errlen, -EINVAL,
                 "safetensors: %s: tensor %s has shape [%lld%s%lld], expected [%lld, %lld] "
                 "(shape mismatch)", file, hf, t->n_dims ? (long long)t->shape[0] : 0LL,
                 t->n_dims > 1 ? ", " : "", t->n_dims > 1 ? (long long)t->shape[1] : 0LL,
                 (long long)rows, (long long)cols);
   if (t->type == ST_OTHER)
-    return errf(err, errlen, -ENOTSUP,
+    return model__errf(err, errlen, -ENOTSUP,
                 "safetensors: %s: tensor %s has dtype %.16s, which pressd cannot load "
                 "(supported: F32, F16, BF16)", file, hf, t->dtype);
   if (*heads && (rows % *heads || (rows / *heads) % 2))
-    return errf(err, errlen, -EINVAL,
+    return model__errf(err, errlen, -EINVAL,
                 "safetensors: tensor %s: %lld rows do not split into %d heads of even size", hf,
                 (long long)rows, *heads);
   *out = t;
@@ -535,7 +527,7 @@ static int st_view(void *ctx, const char *name, int64_t rows, int64_t cols, k_dt
   }
   if (t->nbytes > st->scratch_bytes) {
     void *p = realloc(st->scratch, t->nbytes);
-    if (!p) return errf(err, errlen, -ENOMEM, "safetensors: out of memory permuting %s", name);
+    if (!p) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory permuting %s", name);
     st->scratch = p;
     st->scratch_bytes = t->nbytes;
   }
@@ -552,7 +544,7 @@ int model_weights_from_safetensors(model_weights_t *w, const char *dir, k_backen
                                    char *err, size_t errlen) {
   memset(w, 0, sizeof *w);
   char *cfg_path = path_join(dir, "config.json");
-  if (!cfg_path) return errf(err, errlen, -ENOMEM, "safetensors: out of memory");
+  if (!cfg_path) return model__errf(err, errlen, -ENOMEM, "safetensors: out of memory");
   char *txt;
   int rc = read_text(cfg_path, &txt, err, errlen);
   free(cfg_path);

@@ -19,6 +19,7 @@
  * their scratch per call, so one tokenizer may serve many threads. */
 #define PCRE2_CODE_UNIT_WIDTH 8
 
+#include "model/model-internal.h"
 #include "model/tokenizer.h"
 
 #include <cjson/cJSON.h>
@@ -98,17 +99,6 @@ struct model_tok {
   int32_t byte_tok[256]; /* byte -> token used as fallback, -1 when none */
 };
 
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...) {
-  if (err && errlen) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-  }
-  return rc;
-}
 
 /* ---- small helpers -------------------------------------------------------- */
 
@@ -383,11 +373,11 @@ static int re_rewrite(const char *pat, strbuf_t *o) {
 
 static int re_add(model_tok_t *t, const char *pat, char *err, size_t errlen) {
   if (t->n_re >= TOK_MAX_RE)
-    return errf(err, errlen, -EINVAL, "tokenizer: more than %d pre-tokenizer regexes", TOK_MAX_RE);
+    return model__errf(err, errlen, -EINVAL, "tokenizer: more than %d pre-tokenizer regexes", TOK_MAX_RE);
   strbuf_t b = {0};
   if (re_rewrite(pat, &b)) {
     free(b.p);
-    return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
   }
   int ecode;
   PCRE2_SIZE eoff;
@@ -397,7 +387,7 @@ static int re_add(model_tok_t *t, const char *pat, char *err, size_t errlen) {
   if (!re) {
     PCRE2_UCHAR msg[160];
     pcre2_get_error_message(ecode, msg, sizeof msg);
-    return errf(err, errlen, -EINVAL, "tokenizer: bad pre-tokenizer regex at %zu: %s", (size_t)eoff,
+    return model__errf(err, errlen, -EINVAL, "tokenizer: bad pre-tokenizer regex at %zu: %s", (size_t)eoff,
                 (const char *)msg);
   }
   pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* falls back to the interpreter */
@@ -576,10 +566,10 @@ static int32_t merge_find(const model_tok_t *t, const char *l, size_t nl, const 
  * "[EMPTY_<id>]" and a repeated text maps to its last id, as in llama.cpp. */
 static int vocab_build(model_tok_t *t, const tok_view_t *toks, size_t n, char *err, size_t errlen) {
   if (n == 0 || n > INT32_MAX / 2)
-    return errf(err, errlen, -EINVAL, "tokenizer: vocabulary size %zu is out of range", n);
+    return model__errf(err, errlen, -EINVAL, "tokenizer: vocabulary size %zu is out of range", n);
   size_t total = 0;
   for (size_t i = 0; i < n; i++) total += (toks[i].n ? toks[i].n : 24) + 1;
-  if (total > UINT32_MAX) return errf(err, errlen, -EINVAL, "tokenizer: vocabulary too large");
+  if (total > UINT32_MAX) return model__errf(err, errlen, -EINVAL, "tokenizer: vocabulary too large");
   t->n_vocab = (int32_t)n;
   t->text_pool = malloc(total);
   t->text_off = calloc(n, sizeof *t->text_off);
@@ -591,7 +581,7 @@ static int vocab_build(model_tok_t *t, const tok_view_t *toks, size_t n, char *e
   t->vocab_slot = malloc(slots * sizeof *t->vocab_slot);
   if (!t->text_pool || !t->text_off || !t->text_len || !t->text_hash || !t->scores || !t->attr ||
       !t->vocab_slot)
-    return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
   memset(t->vocab_slot, 0xff, slots * sizeof *t->vocab_slot);
   t->vocab_mask = slots - 1;
   size_t off = 0;
@@ -629,16 +619,16 @@ static int vocab_build(model_tok_t *t, const tok_view_t *toks, size_t n, char *e
 /* Index merges given as (first, second) pairs; the first of duplicates wins. */
 static int merges_build(model_tok_t *t, const tok_view_t *first, const tok_view_t *second, size_t n,
                         char *err, size_t errlen) {
-  if (n > INT32_MAX / 2) return errf(err, errlen, -EINVAL, "tokenizer: too many merges");
+  if (n > INT32_MAX / 2) return model__errf(err, errlen, -EINVAL, "tokenizer: too many merges");
   size_t total = 1;
   for (size_t i = 0; i < n; i++) total += first[i].n + second[i].n;
-  if (total > UINT32_MAX) return errf(err, errlen, -EINVAL, "tokenizer: merges too large");
+  if (total > UINT32_MAX) return model__errf(err, errlen, -EINVAL, "tokenizer: merges too large");
   uint64_t slots = table_size(n);
   t->merge_pool = malloc(total);
   t->merges = calloc(n ? n : 1, sizeof *t->merges);
   t->merge_slot = malloc(slots * sizeof *t->merge_slot);
   if (!t->merge_pool || !t->merges || !t->merge_slot)
-    return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
   memset(t->merge_slot, 0xff, slots * sizeof *t->merge_slot);
   t->merge_mask = slots - 1;
   size_t off = 0;
@@ -861,7 +851,7 @@ static int tok_finish(model_tok_t *t, tok_ids_t *fim, const char *model_name, ch
   for (int32_t id = 0; id < t->n_vocab; id++)
     if (t->attr[id] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)) ns++;
   t->specials = malloc((ns ? ns : 1) * sizeof *t->specials);
-  if (!t->specials) return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+  if (!t->specials) return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
   for (int32_t id = 0; id < t->n_vocab; id++)
     if (t->attr[id] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
       t->specials[t->n_specials++] = id;
@@ -887,13 +877,13 @@ static int tok_finish(model_tok_t *t, tok_ids_t *fim, const char *model_name, ch
   strbuf_t pool = {0};
   t->piece_off = calloc((size_t)t->n_vocab, sizeof *t->piece_off);
   t->piece_len = calloc((size_t)t->n_vocab, sizeof *t->piece_len);
-  if (!t->piece_off || !t->piece_len) return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
-  if (sb_put(&pool, "", 0)) return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+  if (!t->piece_off || !t->piece_len) return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+  if (sb_put(&pool, "", 0)) return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
   for (int32_t id = 0; id < t->n_vocab; id++) {
     size_t start = pool.n;
     if (piece_of(t, id, &pool) || pool.n > UINT32_MAX) {
       free(pool.p);
-      return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+      return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
     }
     t->piece_off[id] = (uint32_t)start;
     t->piece_len[id] = (uint32_t)(pool.n - start);
@@ -959,12 +949,12 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
   *out = NULL;
   model_gguf_str_t model, pre = {"", 0};
   int rc = model_gguf_get_str(g, "tokenizer.ggml.model", &model);
-  if (rc) return errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.model");
+  if (rc) return model__errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.model");
   bool have_pre = model_gguf_get_str(g, "tokenizer.ggml.pre", &pre) == 0;
 
   model_tok_t *t = tok_alloc();
   tok_view_t *views = NULL, *v2 = NULL;
-  if (!t) return errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+  if (!t) return model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
 
   const tok_pre_t *pt = NULL;
   if (gguf_view_eq(model, "llama")) {
@@ -983,7 +973,7 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
     if (!have_pre || pre.len == 0) pre = (model_gguf_str_t){"default", 7};
     pt = pre_find(pre.ptr, pre.len);
     if (!pt) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer: unknown pre-tokenizer '%.*s'", (int)pre.len,
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer: unknown pre-tokenizer '%.*s'", (int)pre.len,
                 pre.ptr);
       goto fail;
     }
@@ -991,24 +981,24 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
     t->ignore_merges = pt->flags & PRE_IGNORE_MERGES;
     t->add_bos = pt->flags & PRE_ADD_BOS;
   } else {
-    rc = errf(err, errlen, -EINVAL, "tokenizer: unsupported tokenizer model '%.*s'", (int)model.len,
+    rc = model__errf(err, errlen, -EINVAL, "tokenizer: unsupported tokenizer model '%.*s'", (int)model.len,
               model.ptr);
     goto fail;
   }
 
   const model_gguf_kv_t *kt = model_gguf_find(g, "tokenizer.ggml.tokens");
   if (!kt || kt->type != MODEL_GGUF_ARRAY || kt->arr_type != MODEL_GGUF_STRING || !kt->arr_strs) {
-    rc = errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.tokens");
+    rc = model__errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.tokens");
     goto fail;
   }
   size_t n = (size_t)kt->arr_len;
   if (n == 0 || n > (1u << 24)) {
-    rc = errf(err, errlen, -EINVAL, "tokenizer: vocabulary size %zu is out of range", n);
+    rc = model__errf(err, errlen, -EINVAL, "tokenizer: vocabulary size %zu is out of range", n);
     goto fail;
   }
   views = calloc(n, sizeof *views);
   if (!views) {
-    rc = errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    rc = model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
     goto fail;
   }
   for (size_t i = 0; i < n; i++)
@@ -1019,13 +1009,13 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
   const model_gguf_kv_t *ks = model_gguf_find(g, "tokenizer.ggml.scores");
   if (ks) {
     if (ks->type != MODEL_GGUF_ARRAY || ks->arr_len < n) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.scores");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.scores");
       goto fail;
     }
     for (size_t i = 0; i < n; i++) {
       double d;
       if (model_gguf_arr_f64(ks, i, &d)) {
-        rc = errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.scores");
+        rc = model__errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.scores");
         goto fail;
       }
       t->scores[i] = (float)d;
@@ -1034,13 +1024,13 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
   const model_gguf_kv_t *ky = model_gguf_find(g, "tokenizer.ggml.token_type");
   if (ky) {
     if (ky->type != MODEL_GGUF_ARRAY || ky->arr_len < n) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.token_type");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.token_type");
       goto fail;
     }
     for (size_t i = 0; i < n; i++) {
       int64_t ty;
       if (model_gguf_arr_i64(ky, i, &ty)) {
-        rc = errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.token_type");
+        rc = model__errf(err, errlen, -EINVAL, "tokenizer: bad tokenizer.ggml.token_type");
         goto fail;
       }
       static const uint16_t map[7] = {ATTR_UNDEFINED,    ATTR_NORMAL, ATTR_UNKNOWN, ATTR_CONTROL,
@@ -1053,13 +1043,13 @@ int model_tok_from_gguf(model_tok_t **out, const model_gguf_t *g, char *err, siz
     const model_gguf_kv_t *km = model_gguf_find(g, "tokenizer.ggml.merges");
     if (!km || km->type != MODEL_GGUF_ARRAY || km->arr_type != MODEL_GGUF_STRING ||
         (km->arr_len && !km->arr_strs)) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.merges");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer: missing tokenizer.ggml.merges");
       goto fail;
     }
     size_t nm = (size_t)km->arr_len;
     v2 = calloc(2 * (nm ? nm : 1), sizeof *v2);
     if (!v2) {
-      rc = errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+      rc = model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
       goto fail;
     }
     for (size_t i = 0; i < nm; i++) {
@@ -1161,7 +1151,7 @@ static int json_pre(model_tok_t *t, const cJSON *p, bool *byte_level, bool *meta
                     size_t errlen) {
   if (!p || cJSON_IsNull(p)) return 0;
   const char *type = json_str(p, "type");
-  if (!type) return errf(err, errlen, -EINVAL, "tokenizer.json: pre_tokenizer without type");
+  if (!type) return model__errf(err, errlen, -EINVAL, "tokenizer.json: pre_tokenizer without type");
   if (!strcmp(type, "Sequence")) {
     const cJSON *it, *arr = cJSON_GetObjectItemCaseSensitive(p, "pretokenizers");
     cJSON_ArrayForEach(it, arr) {
@@ -1175,7 +1165,7 @@ static int json_pre(model_tok_t *t, const cJSON *p, bool *byte_level, bool *meta
     const char *rx = json_str(pat, "Regex");
     if (rx) return re_add(t, rx, err, errlen);
     const char *lit = json_str(pat, "String");
-    if (!lit) return errf(err, errlen, -EINVAL, "tokenizer.json: Split without pattern");
+    if (!lit) return model__errf(err, errlen, -EINVAL, "tokenizer.json: Split without pattern");
     strbuf_t b = {0};
     int rc = sb_puts(&b, "\\Q");
     rc |= sb_puts(&b, lit);
@@ -1203,7 +1193,7 @@ static int json_pre(model_tok_t *t, const cJSON *p, bool *byte_level, bool *meta
     if (cJSON_IsTrue(split)) return re_add(t, "\\x{2581}[^\\x{2581}]*|[^\\x{2581}]+", err, errlen);
     return 0;
   }
-  return errf(err, errlen, -EINVAL, "tokenizer.json: unsupported pre_tokenizer '%s'", type);
+  return model__errf(err, errlen, -EINVAL, "tokenizer.json: unsupported pre_tokenizer '%s'", type);
 }
 
 static bool json_has_type(const cJSON *o, const char *type, const char *list_key) {
@@ -1268,17 +1258,17 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
   char *txt = read_file(path, &len);
   if (!txt) {
     int e = errno ? errno : EIO;
-    return errf(err, errlen, -e, "tokenizer.json: cannot read %s: %s", path, strerror(e));
+    return model__errf(err, errlen, -e, "tokenizer.json: cannot read %s: %s", path, strerror(e));
   }
   cJSON *root = cJSON_ParseWithLength(txt, len);
   free(txt);
-  if (!root) return errf(err, errlen, -EINVAL, "tokenizer.json: %s is not valid JSON", path);
+  if (!root) return model__errf(err, errlen, -EINVAL, "tokenizer.json: %s is not valid JSON", path);
 
   int rc = 0;
   tok_view_t *toks = NULL, *mv = NULL;
   model_tok_t *t = tok_alloc();
   if (!t) {
-    rc = errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    rc = model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
     goto fail;
   }
   const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
@@ -1286,7 +1276,7 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
   const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
   const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
   if ((mtype && strcmp(mtype, "BPE") != 0) || !cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
-    rc = errf(err, errlen, -EINVAL,
+    rc = model__errf(err, errlen, -EINVAL,
               "tokenizer.json: only BPE models with vocab and merges are supported");
     goto fail;
   }
@@ -1298,7 +1288,7 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
   int64_t max_id = -1;
   cJSON_ArrayForEach(it, vocab) {
     if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble >= (1 << 24)) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer.json: bad id for vocab entry");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer.json: bad id for vocab entry");
       goto fail;
     }
     if ((int64_t)it->valuedouble > max_id) max_id = (int64_t)it->valuedouble;
@@ -1307,19 +1297,19 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(it, "id");
     if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble >= (1 << 24) ||
         !json_str(it, "content")) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer.json: bad added_tokens entry");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer.json: bad added_tokens entry");
       goto fail;
     }
     if ((int64_t)id->valuedouble > max_id) max_id = (int64_t)id->valuedouble;
   }
   if (max_id < 0) {
-    rc = errf(err, errlen, -EINVAL, "tokenizer.json: empty vocabulary");
+    rc = model__errf(err, errlen, -EINVAL, "tokenizer.json: empty vocabulary");
     goto fail;
   }
   size_t n = (size_t)max_id + 1;
   toks = calloc(n, sizeof *toks);
   if (!toks) {
-    rc = errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    rc = model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
     goto fail;
   }
   cJSON_ArrayForEach(it, vocab) {
@@ -1345,7 +1335,7 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
   size_t nm = (size_t)cJSON_GetArraySize(merges);
   mv = calloc(2 * (nm ? nm : 1), sizeof *mv);
   if (!mv) {
-    rc = errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
+    rc = model__errf(err, errlen, -ENOMEM, "tokenizer: out of memory");
     goto fail;
   }
   size_t k = 0;
@@ -1366,7 +1356,7 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
       mv[k] = (tok_view_t){a, strlen(a)};
       mv[nm + k] = (tok_view_t){b, strlen(b)};
     } else {
-      rc = errf(err, errlen, -EINVAL, "tokenizer.json: bad merge at index %zu", k);
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer.json: bad merge at index %zu", k);
       goto fail;
     }
     k++;
@@ -1392,7 +1382,7 @@ int model_tok_from_json(model_tok_t **out, const char *path, char *err, size_t e
     if (prepend) t->add_space_prefix = true;
     t->prefix_encode = t->add_space_prefix;
     if (!t->escape_ws) {
-      rc = errf(err, errlen, -EINVAL, "tokenizer.json: neither byte-level nor metaspace BPE");
+      rc = model__errf(err, errlen, -EINVAL, "tokenizer.json: neither byte-level nor metaspace BPE");
       goto fail;
     }
     for (size_t i = 0; i < n; i++) {

@@ -2,6 +2,7 @@
  * tensor the model needs, a format-specific source writes fp32 values of the
  * expected shape into a host buffer, which is then uploaded to the backend.
  * Shapes are checked against the config before anything is read. */
+#include "model/model-internal.h"
 #include "model/weights.h"
 
 #include <cjson/cJSON.h>
@@ -15,22 +16,13 @@
 #include "model/quant.h"
 #include "model/weights-internal.h"
 
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int errf(char *err, size_t errlen, int rc, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return rc;
-}
 
 /* ---- config -------------------------------------------------------------- */
 
 int model_config_check(const model_config_t *c, char *err, size_t errlen) {
 #define POS(f, max)                                                                  \
   if (c->f <= 0 || c->f > (max))                                                     \
-    return errf(err, errlen, -EINVAL, "model config: %s = %d is out of range (1..%d)", #f, \
+    return model__errf(err, errlen, -EINVAL, "model config: %s = %d is out of range (1..%d)", #f, \
                 (int)c->f, (int)(max));
   POS(n_layers, 1024);
   POS(n_embd, 1 << 16);
@@ -42,12 +34,12 @@ int model_config_check(const model_config_t *c, char *err, size_t errlen) {
   POS(n_ctx_train, 1 << 24);
 #undef POS
   if (c->n_heads % c->n_kv_heads)
-    return errf(err, errlen, -EINVAL, "model config: %d query heads not divisible by %d KV heads",
+    return model__errf(err, errlen, -EINVAL, "model config: %d query heads not divisible by %d KV heads",
                 c->n_heads, c->n_kv_heads);
   if (c->head_dim % 2)
-    return errf(err, errlen, -EINVAL, "model config: head_dim %d must be even", c->head_dim);
+    return model__errf(err, errlen, -EINVAL, "model config: head_dim %d must be even", c->head_dim);
   if (!(c->rms_eps > 0) || !(c->rope_theta > 0) || !isfinite(c->rope_theta))
-    return errf(err, errlen, -EINVAL, "model config: rms_eps and rope_theta must be positive");
+    return model__errf(err, errlen, -EINVAL, "model config: rms_eps and rope_theta must be positive");
   return 0;
 }
 
@@ -58,10 +50,10 @@ static int gguf_int(const model_gguf_t *g, const char *arch, const char *key, bo
   int64_t v;
   int rc = model_gguf_get_i64(g, full, &v);
   if (rc == -ENOENT && !required) v = dflt;
-  else if (rc == -ENOENT) return errf(err, errlen, -EINVAL, "gguf: missing metadata key %s", full);
-  else if (rc) return errf(err, errlen, -EINVAL, "gguf: metadata key %s is not an integer", full);
+  else if (rc == -ENOENT) return model__errf(err, errlen, -EINVAL, "gguf: missing metadata key %s", full);
+  else if (rc) return model__errf(err, errlen, -EINVAL, "gguf: metadata key %s is not an integer", full);
   if (v < INT32_MIN || v > INT32_MAX)
-    return errf(err, errlen, -EINVAL, "gguf: metadata key %s out of range", full);
+    return model__errf(err, errlen, -EINVAL, "gguf: metadata key %s out of range", full);
   *out = (int32_t)v;
   return 0;
 }
@@ -73,7 +65,7 @@ static int gguf_float(const model_gguf_t *g, const char *arch, const char *key, 
   double v;
   int rc = model_gguf_get_f64(g, full, &v);
   if (rc == -ENOENT) v = dflt;
-  else if (rc) return errf(err, errlen, -EINVAL, "gguf: metadata key %s is not a number", full);
+  else if (rc) return model__errf(err, errlen, -EINVAL, "gguf: metadata key %s is not a number", full);
   *out = (float)v;
   return 0;
 }
@@ -82,9 +74,9 @@ int model_config_from_gguf(model_config_t *c, const model_gguf_t *g, char *err, 
   memset(c, 0, sizeof *c);
   model_gguf_str_t arch;
   if (model_gguf_get_str(g, "general.architecture", &arch))
-    return errf(err, errlen, -EINVAL, "gguf: missing general.architecture");
+    return model__errf(err, errlen, -EINVAL, "gguf: missing general.architecture");
   if (!model_gguf_str_eq(arch, "llama") && !model_gguf_str_eq(arch, "mistral"))
-    return errf(err, errlen, -ENOTSUP, "gguf: architecture '%.*s' is not supported (llama only)",
+    return model__errf(err, errlen, -ENOTSUP, "gguf: architecture '%.*s' is not supported (llama only)",
                 (int)(arch.len > 32 ? 32 : arch.len), arch.ptr);
   snprintf(c->arch, sizeof c->arch, "%.*s", (int)arch.len, arch.ptr);
   int rc;
@@ -98,7 +90,7 @@ int model_config_from_gguf(model_config_t *c, const model_gguf_t *g, char *err, 
                      err, errlen)))
     return rc;
   if (c->n_heads <= 0 || c->n_embd % c->n_heads)
-    return errf(err, errlen, -EINVAL, "gguf: embedding_length not divisible by head_count");
+    return model__errf(err, errlen, -EINVAL, "gguf: embedding_length not divisible by head_count");
   if ((rc = gguf_int(g, c->arch, "attention.key_length", false, c->n_embd / c->n_heads,
                      &c->head_dim, err, errlen)))
     return rc;
@@ -122,13 +114,13 @@ static int json_int(const cJSON *root, const char *key, bool required, int32_t d
                     int32_t *out, char *err, size_t errlen) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
   if (!v || cJSON_IsNull(v)) {
-    if (required) return errf(err, errlen, -EINVAL, "config.json: missing '%s'", key);
+    if (required) return model__errf(err, errlen, -EINVAL, "config.json: missing '%s'", key);
     *out = dflt;
     return 0;
   }
   if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
       fabs(v->valuedouble) > INT32_MAX)
-    return errf(err, errlen, -EINVAL, "config.json: '%s' must be an integer", key);
+    return model__errf(err, errlen, -EINVAL, "config.json: '%s' must be an integer", key);
   *out = (int32_t)v->valuedouble;
   return 0;
 }
@@ -140,7 +132,7 @@ static int json_float(const cJSON *root, const char *key, double dflt, float *ou
     *out = (float)dflt;
     return 0;
   }
-  if (!cJSON_IsNumber(v)) return errf(err, errlen, -EINVAL, "config.json: '%s' must be a number", key);
+  if (!cJSON_IsNumber(v)) return model__errf(err, errlen, -EINVAL, "config.json: '%s' must be a number", key);
   *out = (float)v->valuedouble;
   return 0;
 }
@@ -150,13 +142,13 @@ int model_config_from_json(model_config_t *c, const char *json, char *err, size_
   cJSON *root = cJSON_Parse(json);
   if (!root || !cJSON_IsObject(root)) {
     cJSON_Delete(root);
-    return errf(err, errlen, -EINVAL, "config.json: not a JSON object");
+    return model__errf(err, errlen, -EINVAL, "config.json: not a JSON object");
   }
   int rc = 0;
   const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
   const char *arch = cJSON_IsString(mt) ? mt->valuestring : "llama";
   if (strcmp(arch, "llama") && strcmp(arch, "mistral")) {
-    rc = errf(err, errlen, -ENOTSUP, "config.json: model_type '%.32s' is not supported (llama only)",
+    rc = model__errf(err, errlen, -ENOTSUP, "config.json: model_type '%.32s' is not supported (llama only)",
               arch);
     goto out;
   }
@@ -174,7 +166,7 @@ int model_config_from_json(model_config_t *c, const char *json, char *err, size_
       (rc = json_float(root, "rope_theta", 10000.0, &c->rope_theta, err, errlen)))
     goto out;
   if (c->n_heads <= 0) {
-    rc = errf(err, errlen, -EINVAL, "config.json: num_attention_heads must be positive");
+    rc = model__errf(err, errlen, -EINVAL, "config.json: num_attention_heads must be positive");
     goto out;
   }
   if ((rc = json_int(root, "head_dim", false, c->n_embd / c->n_heads, &c->head_dim, err, errlen)))
@@ -186,7 +178,7 @@ int model_config_from_json(model_config_t *c, const char *json, char *err, size_
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
     if (!cJSON_IsString(type)) type = cJSON_GetObjectItemCaseSensitive(rs, "type");
     if (!cJSON_IsString(type) || strcmp(type->valuestring, "llama3")) {
-      rc = errf(err, errlen, -ENOTSUP, "config.json: only llama3 rope_scaling is supported");
+      rc = model__errf(err, errlen, -ENOTSUP, "config.json: only llama3 rope_scaling is supported");
       goto out;
     }
     if ((rc = json_float(rs, "factor", 8.0, &c->rope_factor, err, errlen)) ||
@@ -234,7 +226,7 @@ static int alloc_fill(model_weights_t *w, const model__wsrc_t *src, const char *
   if (rc) return rc;
   size_t bytes = (size_t)rows * (size_t)cols * sizeof(float);
   *dst = w->be->ops->alloc(w->be, bytes);
-  if (!*dst) return errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
+  if (!*dst) return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
   w->bytes += bytes;
   return w->be->ops->upload(w->be, *dst, host, bytes);
 }
@@ -257,7 +249,7 @@ static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char 
       kw->type = type;
       kw->data = w->be->ops->alloc(w->be, bytes);
       if (!kw->data)
-        return errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
+        return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
       w->bytes += bytes;
       return w->be->ops->upload(w->be, kw->data, data, bytes);
     }
@@ -284,7 +276,7 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
   if (!host || !w->layers || !w->inv_freq) {
     free(host);
     model_weights_destroy(w);
-    return errf(err, errlen, -ENOMEM, "out of memory allocating weights");
+    return model__errf(err, errlen, -ENOMEM, "out of memory allocating weights");
   }
   rope_freqs(c, w->inv_freq);
   if (src->rope_factors) {
@@ -373,16 +365,16 @@ static int gguf_lookup(const model_gguf_t *g, const char *name, int64_t rows, in
   char full[96];
   snprintf(full, sizeof full, "%s.weight", name);
   const model_gguf_tensor_t *t = model_gguf_tensor(g, full);
-  if (!t) return errf(err, errlen, -ENOENT, "gguf: missing tensor %s", full);
+  if (!t) return model__errf(err, errlen, -ENOENT, "gguf: missing tensor %s", full);
   uint64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
   if (t->ne[0] != (uint64_t)cols || n != (uint64_t)(rows * cols))
-    return errf(err, errlen, -EINVAL,
+    return model__errf(err, errlen, -EINVAL,
                 "gguf: tensor %s has shape [%llu, %llu], expected [%lld, %lld] (shape mismatch)",
                 full, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], (long long)cols,
                 (long long)rows);
   char tb[16];
   if (!model_ggml_block_elems(t->type))
-    return errf(err, errlen, -ENOTSUP,
+    return model__errf(err, errlen, -ENOTSUP,
                 "gguf: tensor %s has type %s, which pressd cannot load "
                 "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
                 full, model_ggml_type_name(t->type, tb));
@@ -397,7 +389,7 @@ static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, fl
   if (rc) return rc;
   char tb[16];
   if (model_dequant(t->type, t->data, dst, (size_t)(rows * cols)))
-    return errf(err, errlen, -EINVAL, "gguf: tensor %s: cannot dequantise %s data", name,
+    return model__errf(err, errlen, -EINVAL, "gguf: tensor %s: cannot dequantise %s data", name,
                 model_ggml_type_name(t->type, tb));
   return 0;
 }
@@ -425,7 +417,7 @@ static int gguf_rope_factors(void *ctx, float *inv_freq, int32_t n, char *err, s
   const model_gguf_tensor_t *t = model_gguf_tensor(g, "rope_freqs.weight");
   if (!t) return 0;
   if (t->type != MODEL_GGML_F32 || t->ne[0] != (uint64_t)n)
-    return errf(err, errlen, -EINVAL, "gguf: rope_freqs.weight must be F32 [%d]", n);
+    return model__errf(err, errlen, -EINVAL, "gguf: rope_freqs.weight must be F32 [%d]", n);
   const float *f = t->data;
   for (int32_t i = 0; i < n; i++) inv_freq[i] /= f[i];
   return 0;
