@@ -22,6 +22,15 @@ typedef struct cfg_options {
   char *matmul_activations; /* int8 | f32 */
   int64_t max_num_batched_tokens;
   int64_t kv_cache_memory; /* bytes; 0 = size for one max_model_len sequence */
+  /* serve */
+  char *host;
+  int64_t port;
+  char *api_key;
+  char *served_model_name;
+  int64_t max_num_seqs;
+  int64_t max_waiting;
+  int64_t max_request_bytes;
+  int64_t max_connections;
   /* generate */
   char *prompt;
   char *prompt_file;

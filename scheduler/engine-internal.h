@@ -1,0 +1,122 @@
+/* Internals of the engine shared by its files: the state of one request's
+ * sequence, the scheduler's queues, the batch picker, and stop-string
+ * matching.
+ *
+ * The picker (batch.c) is a function of the sequence states and the block
+ * pool only: no model, no backend, no threads. The engine calls it once per
+ * step; the scheduler benchmark calls it alone. */
+#ifndef PRESSD_SCHED_ENGINE_INTERNAL_H
+#define PRESSD_SCHED_ENGINE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/tokenizer.h"
+#include "paged/seq.h"
+#include "scheduler/engine.h"
+#include "scheduler/sample.h"
+
+/* Text a sequence has decoded but not emitted yet: a tail that may be the
+ * start of a stop string. */
+typedef struct sched__text {
+  char *buf; /* owns: [cap] */
+  size_t n, cap;
+} sched__text_t;
+
+typedef struct sched__seq sched__seq_t;
+struct sched__seq {
+  /* what the picker reads every step, together */
+  int32_t run_idx;    /* index in running[], -1 when not running */
+  int32_t chunk;      /* tokens scheduled in this step, 0 when none */
+  int32_t n_tokens;   /* prompt + generated so far */
+  int32_t n_computed; /* tokens whose K/V are in the cache */
+  kv_seq_t kv;
+  /* the rest */
+  sched_request_t *req;      /* owns (NULL in the benchmark) */
+  sched__seq_t *prev, *next; /* links in the inbox or the waiting queue */
+  sched__seq_t *hnext;       /* id hash chain */
+  int32_t *tokens;           /* owns: [cap] the prompt, then the generated ids */
+  int32_t cap;               /* min(n_prompt + max_tokens, max_model_len) */
+  int32_t n_prompt;          /* the request's prompt */
+  int32_t n_gen;             /* tokens generated */
+  bool started;              /* sampler ready: admitted at least once */
+  bool prompt_counted;       /* prompt tokens added to the stats */
+  bool finished;             /* finished in this step, to be freed */
+  sched_sampler_t smp;
+  model_detok_t dt;
+  sched__text_t held;
+};
+
+/* A doubly-linked FIFO of sequences. */
+typedef struct sched__queue {
+  sched__seq_t *head, *tail;
+  int32_t n;
+} sched__queue_t;
+
+void sched__queue_push_back(sched__queue_t *q, sched__seq_t *s);
+void sched__queue_push_front(sched__queue_t *q, sched__seq_t *s);
+void sched__queue_remove(sched__queue_t *q, sched__seq_t *s);
+
+/* The scheduler's state: the running sequences in admission order (the
+ * newest last), the waiting queue, and the plan of the last pick. */
+typedef struct sched__sched {
+  kv_pool_t *pool; /* borrows */
+  int32_t max_num_seqs, max_num_batched_tokens;
+  int32_t block_size;
+  int32_t heads;     /* n_layers * n_kv_heads: blocks per block_size tokens */
+  int32_t watermark; /* free blocks kept back when admitting beside others */
+  sched__seq_t **running; /* owns (the array): [max_num_seqs] */
+  int32_t n_running;
+  sched__queue_t waiting;
+  uint64_t preemptions;
+  /* Called before a sequence is admitted for the first time (the engine
+   * sets up its sampler); nonzero fails the sequence. May be NULL. */
+  int (*prepare)(void *ctx, sched__seq_t *s);
+  void *prepare_ctx;
+  /* The plan of the last pick: sequences in batch order, each with its
+   * chunk of new tokens (slots already appended to its kv). */
+  sched__seq_t **batch; /* owns (the array): [max_num_seqs] */
+  int32_t n_batch, n_batch_tokens;
+  int32_t n_preempted;  /* in the last pick */
+  sched__seq_t *failed; /* removed from waiting because prepare failed */
+} sched__sched_t;
+
+int sched__sched_init(sched__sched_t *sc, kv_pool_t *pool, int32_t max_num_seqs,
+                      int32_t max_num_batched_tokens, int32_t n_layers, int32_t n_kv_heads,
+                      int32_t block_size);
+void sched__sched_destroy(sched__sched_t *sc); /* NULL-safe; sequences are the caller's */
+
+/* Pick this step's batch: running decodes first (one token each, oldest
+ * first), then the next chunks of partially prefilled sequences, then new
+ * admissions from the waiting queue, FCFS, while the token budget, the
+ * sequence cap and the free blocks (above the watermark) allow. When a
+ * running sequence cannot get a block, the newest running sequence is
+ * preempted by recompute: its blocks are freed and it goes back to the
+ * front of the waiting queue with n_computed = 0. Appends the KV slots of
+ * every chunk. Cost: O(running + admitted), never a scan of the pool or of
+ * the waiting queue beyond its head. Returns the batch size. */
+int32_t sched__pick(sched__sched_t *sc);
+
+/* Take s out of running[] (O(n_running)). */
+void sched__running_remove(sched__sched_t *sc, sched__seq_t *s);
+/* Drop every sequence with ->finished from running[], keeping the order;
+ * calls done(ctx, s) for each. One pass. */
+void sched__running_compact(sched__sched_t *sc, void (*done)(void *ctx, sched__seq_t *s),
+                            void *ctx);
+
+/* ---- stop strings (stop.c) ----------------------------------------------- */
+
+int sched__text_init(sched__text_t *t, size_t cap);
+void sched__text_destroy(sched__text_t *t); /* NULL-safe */
+/* Append n bytes of new text and decide what may be emitted: returns the
+ * number of bytes at the front of t->buf that can go out now. When a stop
+ * string occurs, *stopped is set and the bytes before its first occurrence
+ * are returned; the rest is never to be emitted. Otherwise the longest tail
+ * that could begin a stop string is held back, unless final. */
+size_t sched__text_feed(sched__text_t *t, char *const *stop, int32_t n_stop, const char *text,
+                        size_t n, bool final, bool *stopped);
+/* Forget the first k bytes (after they were emitted), or all when stopped. */
+void sched__text_consume(sched__text_t *t, size_t k, bool stopped);
+
+#endif

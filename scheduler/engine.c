@@ -1,0 +1,694 @@
+/* The engine thread: drains the inbox, picks a batch (batch.c), runs one
+ * forward pass over it, samples, detokenises, applies the stop rules and
+ * posts events. See engine.h for the contract, DESIGN.md §2 for the flow.
+ *
+ * Threads: the engine thread owns the sequences, the block pool and the
+ * backend. The caller's threads touch only the inbox, the abort list, the
+ * outbox and the published stats, all under one mutex. Per-step buffers are
+ * sized at sched_engine_new from max_num_seqs and max_num_batched_tokens;
+ * per-request memory is allocated at submit (token ids, block tables, held
+ * text) and at first admission (the sampler). */
+#include "scheduler/engine.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "model/llama.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+#include "paged/pool.h"
+#include "paged/seq.h"
+#include "scheduler/engine-internal.h"
+
+#define BLOCK_SIZE 16
+#define DETOK_CAP 512 /* >= 256, as model_detok_push asks, plus a flush */
+#define HELD_SLACK (2 * DETOK_CAP)
+#define MAX_HASH_BUCKETS (1u << 20)
+
+/* The text of events that carry none; sched_event_clear never frees it. */
+static char empty_text[1];
+
+struct sched_engine {
+  sched_engine_config_t cfg;
+  const model_weights_t *w; /* borrows */
+  k_backend_t *be;          /* borrows */
+  const model_tok_t *tok;   /* borrows */
+  int32_t n_layers, n_kv_heads, n_vocab;
+
+  /* engine thread only */
+  kv_pool_t pool;
+  k_kv_arena_t arena;
+  kv_batch_t kvb;
+  model_t model;
+  sched__sched_t sc;
+  int32_t *tokens;   /* owns: [max_num_batched_tokens] */
+  int32_t *pos;      /* owns: [max_num_batched_tokens] */
+  int32_t *q_start;  /* owns: [max_num_seqs + 1] */
+  int32_t *rows;     /* owns: [max_num_seqs] logit rows */
+  int32_t *n_new;    /* owns: [max_num_seqs] */
+  kv_seq_t **kvs;    /* owns (the array): [max_num_seqs] */
+  float *logits;     /* owns: [max_num_seqs][n_vocab] */
+  float *lp_row;     /* owns: [n_vocab] raw logits of a row, for logprobs */
+  char detok[DETOK_CAP];
+  sched_event_t *stage; /* owns: [max_num_seqs] events of this step */
+  size_t n_stage;
+  bool posted;          /* events went out since the last notify */
+  sched__seq_t **ht;    /* owns (the array): live requests by id */
+  size_t ht_mask;
+  sched_stats_t st;     /* counters */
+
+  /* shared, under mu */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  bool mu_ok, cv_ok;
+  sched__seq_t *in_head, *in_tail; /* inbox, linked by ->next */
+  int32_t n_inbox;
+  int32_t n_waiting;      /* the engine's waiting queue, as last published */
+  uint64_t *aborts;       /* owns: [cap_aborts] ids to abort */
+  size_t n_aborts, cap_aborts;
+  uint64_t *aborts_eng;   /* owns: the engine's copy, swapped with aborts */
+  size_t cap_aborts_eng;
+  sched_event_t *out;     /* owns: ring [out_cap] */
+  size_t out_head, out_n, out_cap;
+  sched_stats_t pub;
+  bool stopping;
+  bool started;
+  pthread_t thread;
+};
+
+/* ---- requests and events ------------------------------------------------- */
+
+sched_request_t *sched_request_new(void) {
+  sched_request_t *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->logprobs = -1;
+  sched_sample_params_default(&r->sample);
+  return r;
+}
+
+void sched_request_free(sched_request_t *r) {
+  if (!r) return;
+  free(r->prompt);
+  if (r->stop)
+    for (int32_t i = 0; i < r->n_stop; i++) free(r->stop[i]);
+  free(r->stop);
+  free(r);
+}
+
+void sched_event_clear(sched_event_t *ev) {
+  if (!ev) return;
+  if (ev->text && ev->text != empty_text) free(ev->text);
+  ev->text = NULL;
+  ev->text_len = 0;
+}
+
+/* ---- sequences ------------------------------------------------------------ */
+
+static void seq_free(sched_engine_t *e, sched__seq_t *s, bool free_request) {
+  if (!s) return;
+  kv_seq_destroy(&s->kv, &e->pool);
+  sched_sampler_destroy(&s->smp);
+  sched__text_destroy(&s->held);
+  free(s->tokens);
+  if (free_request) sched_request_free(s->req);
+  free(s);
+}
+
+static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
+  sched__seq_t *s = calloc(1, sizeof *s);
+  if (!s) return -ENOMEM;
+  int64_t cap = (int64_t)r->n_prompt + r->max_tokens;
+  if (cap > e->cfg.max_model_len) cap = e->cfg.max_model_len;
+  s->req = r;
+  s->run_idx = -1;
+  s->cap = (int32_t)cap;
+  s->n_prompt = s->n_tokens = r->n_prompt;
+  size_t max_stop = 0;
+  for (int32_t i = 0; i < r->n_stop; i++) {
+    size_t l = strlen(r->stop[i]);
+    if (l > max_stop) max_stop = l;
+  }
+  model_detok_init(&s->dt);
+  s->tokens = malloc((size_t)cap * sizeof *s->tokens);
+  if (!s->tokens || kv_seq_init(&s->kv, e->n_layers, e->n_kv_heads, BLOCK_SIZE, s->cap) ||
+      sched__text_init(&s->held, max_stop + HELD_SLACK)) {
+    seq_free(e, s, false);
+    return -ENOMEM;
+  }
+  memcpy(s->tokens, r->prompt, (size_t)r->n_prompt * sizeof *s->tokens);
+  *out = s;
+  return 0;
+}
+
+/* The picker's hook before a first admission: the sampler. */
+static int seq_prepare(void *ctx, sched__seq_t *s) {
+  sched_engine_t *e = ctx;
+  int rc = sched_sampler_init(&s->smp, &s->req->sample, e->n_vocab);
+  if (rc) return rc;
+  sched_sampler_prompt(&s->smp, s->req->prompt, (size_t)s->req->n_prompt);
+  return 0;
+}
+
+/* ---- live requests by id ------------------------------------------------ */
+
+static size_t hash_id(const sched_engine_t *e, uint64_t id) {
+  uint64_t x = id * 0x9E3779B97F4A7C15ull;
+  return (size_t)(x ^ (x >> 29)) & e->ht_mask;
+}
+
+static void hash_insert(sched_engine_t *e, sched__seq_t *s) {
+  size_t b = hash_id(e, s->req->id);
+  s->hnext = e->ht[b];
+  e->ht[b] = s;
+}
+
+static void hash_remove(sched_engine_t *e, sched__seq_t *s) {
+  sched__seq_t **pp = &e->ht[hash_id(e, s->req->id)];
+  while (*pp && *pp != s) pp = &(*pp)->hnext;
+  if (*pp) *pp = s->hnext;
+}
+
+static sched__seq_t *hash_find(const sched_engine_t *e, uint64_t id) {
+  for (sched__seq_t *s = e->ht[hash_id(e, id)]; s; s = s->hnext)
+    if (s->req->id == id) return s;
+  return NULL;
+}
+
+/* ---- outbox --------------------------------------------------------------- */
+
+/* Under mu: append n events to the ring, growing it. */
+static int outbox_append(sched_engine_t *e, const sched_event_t *evs, size_t n) {
+  if (e->out_n + n > e->out_cap) {
+    size_t cap = e->out_cap ? e->out_cap : 64;
+    while (cap < e->out_n + n) cap *= 2;
+    sched_event_t *q = malloc(cap * sizeof *q);
+    if (!q) return -ENOMEM;
+    for (size_t i = 0; i < e->out_n; i++) q[i] = e->out[(e->out_head + i) % e->out_cap];
+    free(e->out);
+    e->out = q;
+    e->out_cap = cap;
+    e->out_head = 0;
+  }
+  for (size_t i = 0; i < n; i++) e->out[(e->out_head + e->out_n + i) % e->out_cap] = evs[i];
+  e->out_n += n;
+  return 0;
+}
+
+/* Under mu: what sched_engine_stats returns. */
+static void publish_stats_locked(sched_engine_t *e) {
+  e->pub = e->st;
+  e->pub.running = e->sc.n_running;
+  e->pub.waiting = e->sc.waiting.n;
+  e->pub.kv_blocks_total = e->pool.n_blocks;
+  e->pub.kv_blocks_used = kv_pool_used_count(&e->pool);
+  e->pub.preemptions = e->sc.preemptions;
+  e->n_waiting = e->sc.waiting.n;
+}
+
+/* Move the staged events to the outbox and publish the stats. Waits for the
+ * consumer when the outbox cannot grow (out of memory), never drops. */
+static void flush_stage(sched_engine_t *e) {
+  for (;;) {
+    pthread_mutex_lock(&e->mu);
+    int rc = outbox_append(e, e->stage, e->n_stage);
+    publish_stats_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (!rc) break;
+    nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+  }
+  if (e->n_stage) e->posted = true;
+  e->n_stage = 0;
+}
+
+static void notify(sched_engine_t *e) {
+  if (e->posted && e->cfg.notify) e->cfg.notify(e->cfg.notify_ctx);
+  e->posted = false;
+}
+
+/* A new event for s in the stage; text "" and usage filled in. */
+static sched_event_t *stage_push(sched_engine_t *e, const sched__seq_t *s) {
+  if (e->n_stage == (size_t)e->cfg.max_num_seqs) flush_stage(e);
+  sched_event_t *ev = &e->stage[e->n_stage++];
+  memset(ev, 0, sizeof *ev);
+  ev->id = s->req->id;
+  ev->user = s->req->user;
+  ev->text = empty_text;
+  ev->prompt_tokens = s->n_prompt;
+  ev->completion_tokens = s->n_gen;
+  return ev;
+}
+
+static void event_set_text(sched_event_t *ev, const char *p, size_t n) {
+  if (n == 0) return;
+  char *t = malloc(n + 1);
+  if (!t) return; /* the delta is lost, the request goes on */
+  memcpy(t, p, n);
+  t[n] = 0;
+  ev->text = t;
+  ev->text_len = n;
+}
+
+static void event_finish(sched_engine_t *e, sched_event_t *ev, sched_finish_t fin,
+                         const char *msg) {
+  ev->finish = fin;
+  if (msg) snprintf(ev->message, sizeof ev->message, "%s", msg);
+  e->st.requests_finished++;
+}
+
+/* ---- finishing -------------------------------------------------------------- */
+
+/* Finish s now, wherever it is (not in the batch being processed): post its
+ * last event and free it; its blocks return to the pool. */
+static void finish_now(sched_engine_t *e, sched__seq_t *s, sched_finish_t fin, const char *msg) {
+  if (s->run_idx >= 0) sched__running_remove(&e->sc, s);
+  else if (s->prev || s->next || e->sc.waiting.head == s) sched__queue_remove(&e->sc.waiting, s);
+  event_finish(e, stage_push(e, s), fin, msg);
+  hash_remove(e, s);
+  seq_free(e, s, true);
+}
+
+/* running_compact's callback for sequences that finished in the step. */
+static void seq_done(void *ctx, sched__seq_t *s) {
+  sched_engine_t *e = ctx;
+  hash_remove(e, s);
+  seq_free(e, s, true);
+}
+
+static void abort_all(sched_engine_t *e) {
+  while (e->sc.n_running)
+    finish_now(e, e->sc.running[e->sc.n_running - 1], SCHED_FINISH_ABORT, NULL);
+  while (e->sc.waiting.head) finish_now(e, e->sc.waiting.head, SCHED_FINISH_ABORT, NULL);
+}
+
+/* ---- sampling and stop rules --------------------------------------------- */
+
+/* The chosen token's log-probability and the top n alternatives under
+ * log-softmax of the raw logits in e->lp_row (NaN counts as -inf). */
+static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int32_t n) {
+  const float *l = e->lp_row;
+  const int32_t V = e->n_vocab;
+  if (n > SCHED_MAX_TOP_LOGPROBS) n = SCHED_MAX_TOP_LOGPROBS;
+  sched_top_logprob_t *top = ev->top;
+  int32_t k = 0;
+  float mx = -INFINITY;
+  for (int32_t i = 0; i < V; i++) {
+    float x = l[i];
+    if (!(x > -INFINITY)) continue; /* NaN, -inf */
+    if (x > mx) mx = x;
+    if (n == 0 || (k == n && !(x > top[n - 1].logprob))) continue;
+    int32_t j = k < n ? k++ : n - 1; /* insert, ties keep the lower id first */
+    while (j > 0 && x > top[j - 1].logprob) {
+      top[j] = top[j - 1];
+      j--;
+    }
+    top[j].token = i;
+    top[j].logprob = x;
+  }
+  ev->n_top = k;
+  if (!isfinite(mx)) { /* degenerate row */
+    ev->logprob = l[id] == mx ? 0.0f : -INFINITY;
+    for (int32_t j = 0; j < k; j++) top[j].logprob = top[j].logprob == mx ? 0.0f : -INFINITY;
+    return;
+  }
+  double sum = 0.0;
+  for (int32_t i = 0; i < V; i++)
+    if (l[i] > -INFINITY) sum += exp((double)l[i] - (double)mx);
+  const double lse = (double)mx + log(sum);
+  ev->logprob = l[id] > -INFINITY ? (float)((double)l[id] - lse) : -INFINITY;
+  for (int32_t j = 0; j < k; j++) top[j].logprob = (float)((double)top[j].logprob - lse);
+}
+
+/* Sample s's next token from its logits row, post its event, and mark s
+ * finished when a stop rule fires. */
+static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row) {
+  const sched_request_t *r = s->req;
+  if (!s->prompt_counted) {
+    e->st.prompt_tokens += (uint64_t)s->n_prompt;
+    s->prompt_counted = true;
+  }
+  if (r->logprobs >= 0) memcpy(e->lp_row, row, (size_t)e->n_vocab * sizeof *row);
+  const int32_t id = sched_sample(&s->smp, row, NULL);
+  sched_sampler_accept(&s->smp, id);
+  assert(s->n_tokens < s->cap);
+  s->tokens[s->n_tokens++] = id;
+  s->n_gen++;
+  e->st.generation_tokens++;
+
+  sched_event_t *ev = stage_push(e, s);
+  ev->n_tokens = 1;
+  ev->token = id;
+  if (r->logprobs >= 0) fill_logprobs(e, ev, id, r->logprobs);
+
+  const bool eog = !r->ignore_eos && model_tok_is_eog(e->tok, id);
+  const bool len = s->n_gen >= r->max_tokens || s->n_tokens >= e->cfg.max_model_len;
+  const bool last = eog || len;
+  size_t n = 0;
+  if (!eog) n = model_detok_push(&s->dt, e->tok, id, e->detok, sizeof e->detok);
+  if (last) n += model_detok_flush(&s->dt, e->detok + n, sizeof e->detok - n);
+  bool stopped;
+  size_t k = sched__text_feed(&s->held, r->stop, r->n_stop, e->detok, n, last, &stopped);
+  event_set_text(ev, s->held.buf, k);
+  sched__text_consume(&s->held, k, stopped);
+
+  sched_finish_t fin = stopped || eog ? SCHED_FINISH_STOP : len ? SCHED_FINISH_LENGTH
+                                                                : SCHED_FINISH_NONE;
+  if (fin != SCHED_FINISH_NONE) {
+    event_finish(e, ev, fin, NULL);
+    s->finished = true;
+  }
+}
+
+/* ---- one step --------------------------------------------------------------- */
+
+static void step(sched_engine_t *e) {
+  sched__sched_t *sc = &e->sc;
+  const int32_t n = sched__pick(sc);
+  if (sc->failed) finish_now(e, sc->failed, SCHED_FINISH_ERROR, "out of memory");
+  /* A lone sequence always fits (sched_engine_new checks the pool), so
+   * running sequences always make progress. */
+  assert(n > 0 || sc->n_running == 0);
+  if (n == 0) return;
+
+  int32_t t = 0, n_logits = 0;
+  for (int32_t i = 0; i < n; i++) {
+    sched__seq_t *s = sc->batch[i];
+    const int32_t m = s->chunk;
+    e->kvs[i] = &s->kv;
+    e->n_new[i] = m;
+    e->q_start[i] = t;
+    memcpy(e->tokens + t, s->tokens + s->n_computed, (size_t)m * sizeof *e->tokens);
+    for (int32_t j = 0; j < m; j++) e->pos[t + j] = s->n_computed + j;
+    t += m;
+    if (s->n_computed + m == s->n_tokens) e->rows[n_logits++] = t - 1;
+  }
+  e->q_start[n] = t;
+
+  int rc = kv_batch_build(&e->kvb, e->kvs, e->n_new, n);
+  if (!rc) {
+    model_batch_t b = {
+        .n_seqs = n,
+        .n_tokens = t,
+        .tokens = e->tokens,
+        .pos = e->pos,
+        .q_start = e->q_start,
+        .block_tables = e->kvb.block_tables,
+        .ctx_lens = e->kvb.ctx_lens,
+        .slots = e->kvb.slots,
+        .max_blocks = e->kvb.max_blocks,
+        .n_logits = n_logits,
+        .logit_rows = e->rows,
+    };
+    rc = model_forward(&e->model, &b, e->logits);
+  }
+  e->st.steps++;
+
+  int32_t li = 0;
+  for (int32_t i = 0; i < n; i++) {
+    sched__seq_t *s = sc->batch[i];
+    if (rc) {
+      event_finish(e, stage_push(e, s), SCHED_FINISH_ERROR, "the model failed to run");
+      s->finished = true;
+      continue;
+    }
+    s->n_computed += s->chunk;
+    if (s->n_computed == s->n_tokens) emit_token(e, s, e->logits + (int64_t)li++ * e->n_vocab);
+  }
+  sched__running_compact(sc, seq_done, e);
+}
+
+/* ---- the thread ---------------------------------------------------------------- */
+
+static void abort_id(sched_engine_t *e, uint64_t id) {
+  sched__seq_t *s = hash_find(e, id);
+  if (s) finish_now(e, s, SCHED_FINISH_ABORT, NULL);
+}
+
+static void *engine_main(void *arg) {
+  sched_engine_t *e = arg;
+  for (;;) {
+    pthread_mutex_lock(&e->mu);
+    while (!e->stopping && !e->in_head && !e->n_aborts && !e->sc.n_running && !e->sc.waiting.n)
+      pthread_cond_wait(&e->cv, &e->mu);
+    sched__seq_t *in = e->in_head;
+    e->in_head = e->in_tail = NULL;
+    e->n_waiting += e->n_inbox;
+    e->n_inbox = 0;
+    uint64_t *ab = e->aborts;
+    size_t n_ab = e->n_aborts, cap_ab = e->cap_aborts;
+    e->aborts = e->aborts_eng;
+    e->cap_aborts = e->cap_aborts_eng;
+    e->n_aborts = 0;
+    e->aborts_eng = ab;
+    e->cap_aborts_eng = cap_ab;
+    const bool stop = e->stopping;
+    pthread_mutex_unlock(&e->mu);
+
+    for (sched__seq_t *s = in, *next; s; s = next) {
+      next = s->next;
+      sched__queue_push_back(&e->sc.waiting, s);
+      hash_insert(e, s);
+    }
+    for (size_t i = 0; i < n_ab; i++) abort_id(e, ab[i]);
+    if (stop) {
+      abort_all(e);
+      flush_stage(e);
+      notify(e);
+      break;
+    }
+    step(e);
+    flush_stage(e);
+    notify(e);
+  }
+  return NULL;
+}
+
+/* ---- public ------------------------------------------------------------------- */
+
+static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int fail(char *err, size_t errlen, int rc, const char *fmt, ...) {
+  if (err && errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+  }
+  return rc;
+}
+
+int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
+                     const struct model_weights *w, struct k_backend *be,
+                     const struct model_tok *tok, char *err, size_t errlen) {
+  *out = NULL;
+  if (cfg->max_num_seqs < 1)
+    return fail(err, errlen, -EINVAL, "max_num_seqs must be >= 1, got %d", cfg->max_num_seqs);
+  if (cfg->max_num_batched_tokens < cfg->max_num_seqs)
+    return fail(err, errlen, -EINVAL,
+                "max_num_batched_tokens (%d) must be >= max_num_seqs (%d)",
+                cfg->max_num_batched_tokens, cfg->max_num_seqs);
+  if (cfg->max_model_len < 2)
+    return fail(err, errlen, -EINVAL, "max_model_len must be >= 2, got %d", cfg->max_model_len);
+  if (cfg->max_waiting < 1)
+    return fail(err, errlen, -EINVAL, "max_waiting must be >= 1, got %d", cfg->max_waiting);
+  const model_config_t *c = &w->cfg;
+  const size_t block_bytes = kv_block_bytes(BLOCK_SIZE, c->head_dim);
+  const int64_t heads = (int64_t)c->n_layers * c->n_kv_heads;
+  const int64_t per_seq = heads * ((cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE);
+  int64_t n_blocks = cfg->kv_cache_memory > 0 ? cfg->kv_cache_memory / (int64_t)block_bytes : 0;
+  if (n_blocks > INT32_MAX) n_blocks = INT32_MAX;
+  if (n_blocks < per_seq)
+    return fail(err, errlen, -EINVAL,
+                "kv_cache_memory of %lld bytes holds %lld tokens, fewer than one sequence of "
+                "max_model_len %d needs: raise kv_cache_memory to at least %lld bytes or lower "
+                "max_model_len",
+                (long long)cfg->kv_cache_memory, (long long)(n_blocks / heads * BLOCK_SIZE),
+                cfg->max_model_len, (long long)(per_seq * (int64_t)block_bytes));
+
+  sched_engine_t *e = calloc(1, sizeof *e);
+  if (!e) return fail(err, errlen, -ENOMEM, "out of memory");
+  e->cfg = *cfg;
+  e->w = w;
+  e->be = be;
+  e->tok = tok;
+  e->n_layers = c->n_layers;
+  e->n_kv_heads = c->n_kv_heads;
+  e->n_vocab = c->n_vocab;
+  const int32_t S = cfg->max_num_seqs, T = cfg->max_num_batched_tokens, V = c->n_vocab;
+  int rc;
+  if ((rc = -pthread_mutex_init(&e->mu, NULL))) goto fail_rc;
+  e->mu_ok = true;
+  if ((rc = -pthread_cond_init(&e->cv, NULL))) goto fail_rc;
+  e->cv_ok = true;
+  if ((rc = kv_pool_init(&e->pool, (int32_t)n_blocks)) ||
+      (rc = kv_arena_init(&e->arena, be, (int32_t)n_blocks, BLOCK_SIZE, c->head_dim)) ||
+      (rc = kv_batch_init(&e->kvb, c->n_layers, c->n_kv_heads, BLOCK_SIZE, S, T,
+                          (cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE))) {
+    fail(err, errlen, rc, "cannot allocate the KV cache (%lld blocks): %s", (long long)n_blocks,
+         strerror(-rc));
+    goto fail;
+  }
+  if ((rc = model_init(&e->model, w, be, &e->arena, T, S, err, errlen))) goto fail;
+  if ((rc = sched__sched_init(&e->sc, &e->pool, S, T, c->n_layers, c->n_kv_heads, BLOCK_SIZE)))
+    goto fail_rc;
+  e->sc.prepare = seq_prepare;
+  e->sc.prepare_ctx = e;
+  size_t nb = 64;
+  while (nb < MAX_HASH_BUCKETS && nb < 2 * ((size_t)cfg->max_waiting + (size_t)S)) nb *= 2;
+  e->ht = calloc(nb, sizeof *e->ht);
+  e->ht_mask = nb - 1;
+  e->tokens = malloc((size_t)T * sizeof *e->tokens);
+  e->pos = malloc((size_t)T * sizeof *e->pos);
+  e->q_start = malloc(((size_t)S + 1) * sizeof *e->q_start);
+  e->rows = malloc((size_t)S * sizeof *e->rows);
+  e->n_new = malloc((size_t)S * sizeof *e->n_new);
+  e->kvs = malloc((size_t)S * sizeof *e->kvs);
+  e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
+  e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
+  e->stage = malloc((size_t)S * sizeof *e->stage);
+  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->n_new || !e->kvs ||
+      !e->logits || !e->lp_row || !e->stage) {
+    rc = -ENOMEM;
+    goto fail_rc;
+  }
+  pthread_mutex_lock(&e->mu);
+  publish_stats_locked(e);
+  pthread_mutex_unlock(&e->mu);
+  *out = e;
+  return 0;
+
+fail_rc:
+  fail(err, errlen, rc, "cannot start the engine: %s", strerror(-rc));
+fail:
+  sched_engine_free(e);
+  return rc;
+}
+
+int sched_engine_start(sched_engine_t *e) {
+  if (!e || e->started) return -EINVAL;
+  int rc = pthread_create(&e->thread, NULL, engine_main, e);
+  if (rc) return -rc;
+  e->started = true;
+  return 0;
+}
+
+void sched_engine_free(sched_engine_t *e) {
+  if (!e) return;
+  if (e->started) {
+    pthread_mutex_lock(&e->mu);
+    e->stopping = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+  }
+  /* Not started (or submitted after the last drain): the inbox is ours. */
+  for (sched__seq_t *s = e->in_head, *next; s; s = next) {
+    next = s->next;
+    seq_free(e, s, true);
+  }
+  for (size_t i = 0; i < e->n_stage; i++) sched_event_clear(&e->stage[i]);
+  for (size_t i = 0; i < e->out_n; i++) sched_event_clear(&e->out[(e->out_head + i) % e->out_cap]);
+  free(e->out);
+  free(e->stage);
+  free(e->aborts);
+  free(e->aborts_eng);
+  free(e->ht);
+  free(e->tokens);
+  free(e->pos);
+  free(e->q_start);
+  free(e->rows);
+  free(e->n_new);
+  free(e->kvs);
+  free(e->logits);
+  free(e->lp_row);
+  sched__sched_destroy(&e->sc);
+  model_destroy(&e->model);
+  kv_batch_destroy(&e->kvb);
+  kv_arena_destroy(&e->arena, e->be);
+  kv_pool_destroy(&e->pool);
+  if (e->cv_ok) pthread_cond_destroy(&e->cv);
+  if (e->mu_ok) pthread_mutex_destroy(&e->mu);
+  free(e);
+}
+
+int sched_engine_submit(sched_engine_t *e, sched_request_t *r) {
+  if (!e || !r || !r->prompt || r->n_prompt < 1 || r->max_tokens < 1 || r->n_stop < 0 ||
+      (r->n_stop > 0 && !r->stop) || r->logprobs < -1 || r->logprobs > SCHED_MAX_TOP_LOGPROBS)
+    return -EINVAL;
+  /* At least one token must fit after the prompt. */
+  if (r->n_prompt >= e->cfg.max_model_len) return -EINVAL;
+  for (int32_t i = 0; i < r->n_stop; i++)
+    if (!r->stop[i]) return -EINVAL;
+  for (int32_t i = 0; i < r->n_prompt; i++)
+    if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab) return -EINVAL;
+  if (sched_sample_params_check(&r->sample, NULL, 0)) return -EINVAL;
+
+  sched__seq_t *s;
+  int rc = seq_new(e, r, &s);
+  if (rc) return rc;
+  pthread_mutex_lock(&e->mu);
+  if (e->stopping || e->n_inbox + e->n_waiting >= e->cfg.max_waiting) {
+    rc = -EAGAIN;
+  } else {
+    s->next = NULL;
+    if (e->in_tail) e->in_tail->next = s;
+    else e->in_head = s;
+    e->in_tail = s;
+    e->n_inbox++;
+    pthread_cond_signal(&e->cv);
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (rc) seq_free(e, s, false);
+  return rc;
+}
+
+void sched_engine_abort(sched_engine_t *e, uint64_t id) {
+  if (!e) return;
+  pthread_mutex_lock(&e->mu);
+  if (e->n_aborts == e->cap_aborts) {
+    size_t cap = e->cap_aborts ? 2 * e->cap_aborts : 16;
+    uint64_t *a = realloc(e->aborts, cap * sizeof *a);
+    if (!a) { /* the request runs to its end instead */
+      pthread_mutex_unlock(&e->mu);
+      return;
+    }
+    e->aborts = a;
+    e->cap_aborts = cap;
+  }
+  e->aborts[e->n_aborts++] = id;
+  pthread_cond_signal(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+size_t sched_engine_poll(sched_engine_t *e, sched_event_t *evs, size_t max) {
+  pthread_mutex_lock(&e->mu);
+  size_t n = e->out_n < max ? e->out_n : max;
+  for (size_t i = 0; i < n; i++) evs[i] = e->out[(e->out_head + i) % e->out_cap];
+  if (n) e->out_head = (e->out_head + n) % e->out_cap;
+  e->out_n -= n;
+  pthread_mutex_unlock(&e->mu);
+  return n;
+}
+
+void sched_engine_stats(sched_engine_t *e, sched_stats_t *out) {
+  pthread_mutex_lock(&e->mu);
+  *out = e->pub;
+  out->waiting = e->n_waiting + e->n_inbox;
+  pthread_mutex_unlock(&e->mu);
+}
+
+void sched_engine_capacity(const sched_engine_t *e, sched_capacity_t *out) {
+  const int32_t heads = e->n_layers * e->n_kv_heads;
+  const int32_t per_seq = heads * ((e->cfg.max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE);
+  out->kv_blocks = e->pool.n_blocks;
+  out->block_size = BLOCK_SIZE;
+  out->kv_tokens = (int64_t)(e->pool.n_blocks / heads) * BLOCK_SIZE;
+  out->max_model_len = e->cfg.max_model_len;
+  out->max_concurrency = (double)e->pool.n_blocks / (double)per_seq;
+}

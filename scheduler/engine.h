@@ -1,0 +1,129 @@
+/* The engine: one thread that owns sequences, KV blocks and the backend,
+ * and runs continuous batching. The server (loop thread) talks to it only
+ * through the functions below, which are thread-safe: requests and aborts go
+ * in through an inbox; events come out through an outbox, and the engine
+ * calls notify() (e.g. uv_async_send) whenever it posts events.
+ *
+ * Nothing here knows about HTTP. */
+#ifndef PRESSD_SCHED_ENGINE_H
+#define PRESSD_SCHED_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "scheduler/sample.h"
+
+typedef struct sched_engine sched_engine_t;
+
+/* A request as the engine receives it: token ids after chat templating and
+ * tokenisation, sampling parameters, stop rules. The engine takes ownership
+ * of the whole object (and every pointer in it) on a successful submit and
+ * frees it with sched_request_free(). */
+typedef struct sched_request {
+  uint64_t id;          /* chosen by the caller, unique among live requests */
+  void *user;           /* opaque, echoed in every event */
+  int32_t *prompt;      /* owns: [n_prompt] */
+  int32_t n_prompt;
+  int32_t max_tokens;   /* >= 1 */
+  sched_sample_params_t sample;
+  char **stop;          /* owns: [n_stop] NUL-terminated stop strings */
+  int32_t n_stop;
+  bool ignore_eos;
+  int32_t logprobs;     /* -1: none; else the number of top alternatives (0..20) */
+} sched_request_t;
+
+sched_request_t *sched_request_new(void); /* zeroed, logprobs = -1, default sampling */
+void sched_request_free(sched_request_t *r); /* NULL-safe */
+
+typedef enum sched_finish {
+  SCHED_FINISH_NONE = 0,
+  SCHED_FINISH_STOP,   /* EOS or a stop string */
+  SCHED_FINISH_LENGTH, /* max_tokens or the context limit */
+  SCHED_FINISH_ABORT,  /* aborted by the caller */
+  SCHED_FINISH_ERROR,  /* the engine failed this request; see message */
+} sched_finish_t;
+
+#define SCHED_MAX_TOP_LOGPROBS 20
+
+typedef struct sched_top_logprob {
+  int32_t token;
+  float logprob;
+} sched_top_logprob_t;
+
+/* One event for one request: new text (possibly empty, e.g. while a stop
+ * string is being matched or a UTF-8 character is incomplete), and on the
+ * last event of a request the finish reason and usage. */
+typedef struct sched_event {
+  uint64_t id;
+  void *user;
+  char *text;           /* owns: NUL-terminated delta text ("" when none) */
+  size_t text_len;
+  int32_t n_tokens;     /* tokens this event covers (0 or 1) */
+  int32_t token;        /* the sampled token when n_tokens == 1 */
+  float logprob;        /* its log-probability when the request asked */
+  int32_t n_top;
+  sched_top_logprob_t top[SCHED_MAX_TOP_LOGPROBS];
+  sched_finish_t finish; /* NONE on all but the last event */
+  int32_t prompt_tokens;
+  int32_t completion_tokens;
+  char message[160];    /* for SCHED_FINISH_ERROR: a client-safe message */
+} sched_event_t;
+
+void sched_event_clear(sched_event_t *ev); /* frees text */
+
+typedef struct sched_engine_config {
+  int32_t max_num_seqs;            /* running sequences at most */
+  int32_t max_num_batched_tokens;  /* tokens per forward step */
+  int32_t max_model_len;           /* prompt + completion at most */
+  int32_t max_waiting;             /* waiting queue bound: submit gives -EAGAIN past it */
+  int64_t kv_cache_memory;         /* bytes for the KV pool */
+  void (*notify)(void *ctx);       /* called from the engine thread after posting events */
+  void *notify_ctx;
+} sched_engine_config_t;
+
+typedef struct sched_stats {
+  int32_t running, waiting;
+  int32_t kv_blocks_total, kv_blocks_used;
+  uint64_t preemptions;
+  uint64_t prompt_tokens, generation_tokens; /* totals */
+  uint64_t requests_finished;
+  uint64_t steps;
+} sched_stats_t;
+
+/* The engine borrows the model pieces; they must outlive it. */
+struct model_weights;
+struct model_tok;
+struct k_backend;
+int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
+                     const struct model_weights *w, struct k_backend *be,
+                     const struct model_tok *tok, char *err, size_t errlen);
+int sched_engine_start(sched_engine_t *e);  /* spawns the engine thread */
+/* Stops the thread (running requests finish with SCHED_FINISH_ABORT) and
+ * frees everything. NULL-safe. */
+void sched_engine_free(sched_engine_t *e);
+
+/* Thread-safe. 0: the engine owns r now. -EAGAIN: the waiting queue is full
+ * (caller keeps r). -EINVAL: the prompt does not fit max_model_len. */
+int sched_engine_submit(sched_engine_t *e, sched_request_t *r);
+/* Thread-safe; the request finishes with SCHED_FINISH_ABORT and its blocks
+ * return to the pool at the next step. Unknown ids are ignored. */
+void sched_engine_abort(sched_engine_t *e, uint64_t id);
+/* Thread-safe: move up to max pending events into evs; returns the count. */
+size_t sched_engine_poll(sched_engine_t *e, sched_event_t *evs, size_t max);
+void sched_engine_stats(sched_engine_t *e, sched_stats_t *out);
+
+/* KV capacity, fixed by sched_engine_new (for the start-up log line): the
+ * pool's blocks (one block = block_size slots of one KV head of one layer),
+ * the tokens they hold in every head of every layer, and how many sequences
+ * of max_model_len fit at once. Any thread. */
+typedef struct sched_capacity {
+  int32_t kv_blocks;
+  int32_t block_size;
+  int64_t kv_tokens;
+  int32_t max_model_len;
+  double max_concurrency;
+} sched_capacity_t;
+void sched_engine_capacity(const sched_engine_t *e, sched_capacity_t *out);
+
+#endif
