@@ -1,7 +1,8 @@
-/* pressd: command-line entry. `pressd generate` runs one prompt through the
- * model and prints the completion. */
+/* pressd: command-line entry. `pressd serve` runs the OpenAI-compatible
+ * daemon; `pressd generate` runs one prompt and prints the completion. */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +15,9 @@
 #include "model/gguf.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
+#include "scheduler/engine.h"
 #include "scheduler/sample.h"
+#include "server/server.h"
 #include "scheduler/single.h"
 
 #define PRESSD_VERSION "0.1.0"
@@ -191,28 +194,155 @@ static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t err
   return 0;
 }
 
-static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *user, char **out,
-                       char *err, size_t errlen) {
-  model_chat_t chat;
+/* The chat template: --chat-template NAME, else the model's own. -ENOENT
+ * when the model has none and no name was given. */
+static int load_chat(const loaded_t *m, const cfg_options_t *o, model_chat_t *chat, char *err,
+                     size_t errlen) {
   int32_t bos = model_tok_bos(m->tok), eos = model_tok_eos(m->tok);
   size_t n;
   const char *bos_s = bos >= 0 ? model_tok_piece(m->tok, bos, true, &n) : NULL;
   const char *eos_s = eos >= 0 ? model_tok_piece(m->tok, eos, true, &n) : NULL;
-  int rc;
-  if (o->chat_template) {
-    rc = model_chat_init_named(&chat, o->chat_template, bos_s, eos_s, err, errlen);
-  } else {
-    if (!m->chat_template) {
-      snprintf(err, errlen, "the model has no chat template; pass --chat-template NAME");
-      return -EINVAL;
-    }
-    rc = model_chat_init_detect(&chat, m->chat_template, bos_s, eos_s, err, errlen);
+  if (o->chat_template)
+    return model_chat_init_named(chat, o->chat_template, bos_s, eos_s, err, errlen);
+  if (!m->chat_template) {
+    snprintf(err, errlen, "the model has no chat template; pass --chat-template NAME");
+    return -ENOENT;
   }
+  return model_chat_init_detect(chat, m->chat_template, bos_s, eos_s, err, errlen);
+}
+
+static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *user, char **out,
+                       char *err, size_t errlen) {
+  model_chat_t chat;
+  int rc = load_chat(m, o, &chat, err, errlen);
   if (rc) return rc;
   model_chat_msg_t msg = {"user", user};
   rc = model_chat_render(&chat, &msg, 1, true, out, err, errlen);
   model_chat_destroy(&chat);
   return rc;
+}
+
+/* ---- pressd serve ---------------------------------------------------------- */
+
+static srv_server_t *volatile g_srv;
+static volatile sig_atomic_t g_signals;
+
+static void on_signal(int sig) {
+  srv_server_t *s = g_srv;
+  if (!s) return;
+  if (g_signals++ == 0 && sig == SIGTERM) srv_server_shutdown(s, 30000); /* drain, then stop */
+  else srv_server_stop(s); /* SIGINT, or a second signal: stop now */
+}
+
+/* The name /v1/models reports: --served-model-name, else the file name
+ * without directories and extension. */
+static char *model_name_of(const cfg_options_t *o) {
+  if (o->served_model_name) return strdup(o->served_model_name);
+  const char *p = o->model ? o->model : "model";
+  size_t len = strlen(p);
+  while (len > 1 && p[len - 1] == '/') len--;
+  const char *base = p;
+  for (size_t i = 0; i < len; i++)
+    if (p[i] == '/') base = p + i + 1;
+  size_t n = (size_t)(p + len - base);
+  if (n > 5 && !strncmp(base + n - 5, ".gguf", 5)) n -= 5;
+  return strndup(base, n);
+}
+
+static int cmd_serve(cfg_options_t *o) {
+  char err[512];
+  double t0 = now_s();
+  signal(SIGPIPE, SIG_IGN);
+  loaded_t m;
+  int rc = load_model(&m, o, err, sizeof err);
+  if (rc) {
+    loaded_destroy(&m);
+    return die(err);
+  }
+  const model_config_t *c = &m.w.cfg;
+  int32_t max_len = o->max_model_len > 0 ? (int32_t)o->max_model_len : c->n_ctx_train;
+  model_chat_t chat = {0};
+  bool have_chat = false;
+  rc = load_chat(&m, o, &chat, err, sizeof err);
+  if (rc == 0) have_chat = true;
+  else if (rc != -ENOENT) goto fail_model;
+  else fprintf(stderr, "pressd: warning: %s; /v1/chat/completions will answer 400\n", err);
+
+  int64_t kv_bytes = o->kv_cache_memory;
+  if (kv_bytes <= 0) /* room for four sequences of max_model_len */
+    kv_bytes = 4 * (int64_t)max_len * c->n_layers * c->n_kv_heads *
+               (int64_t)(2 * c->head_dim * sizeof(float) + sizeof(float) + sizeof(int32_t));
+  srv_server_t *srv = NULL;
+  sched_engine_t *eng = NULL;
+  sched_engine_config_t ec = {
+      .max_num_seqs = (int32_t)o->max_num_seqs,
+      .max_num_batched_tokens = (int32_t)o->max_num_batched_tokens,
+      .max_model_len = max_len,
+      .max_waiting = (int32_t)o->max_waiting,
+      .kv_cache_memory = kv_bytes,
+      .notify = srv_server_notify,
+      .notify_ctx = &srv,
+  };
+  if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
+  sched_capacity_t cap;
+  sched_engine_capacity(eng, &cap);
+  fprintf(stderr,
+          "pressd: model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s\n"
+          "pressd: KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
+          "max-model-len %d: %.2f\n",
+          o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
+          now_s() - t0, cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
+          cap.max_concurrency);
+
+  srv_config_t sc;
+  srv_config_default(&sc);
+  sc.host = o->host;
+  sc.port = (int)o->port;
+  sc.api_key = o->api_key;
+  sc.max_request_bytes = (size_t)o->max_request_bytes;
+  sc.max_connections = (int)o->max_connections;
+  sc.max_model_len = max_len;
+  char *name = model_name_of(o);
+  rc = name ? srv_server_new(&srv, &sc, eng, m.tok, have_chat ? &chat : NULL, name, err, sizeof err)
+            : -ENOMEM;
+  if (rc) {
+    if (rc == -ENOMEM && !name) snprintf(err, sizeof err, "out of memory");
+    sched_engine_free(eng);
+    free(name);
+    goto fail_chat;
+  }
+  if ((rc = sched_engine_start(eng))) {
+    snprintf(err, sizeof err, "cannot start the engine thread: %s", strerror(-rc));
+    sched_engine_free(eng);
+    srv_server_free(srv);
+    free(name);
+    goto fail_chat;
+  }
+  if (strcmp(o->host, "127.0.0.1") && strcmp(o->host, "::1") && strcmp(o->host, "localhost") &&
+      !o->api_key)
+    fprintf(stderr, "pressd: warning: listening on %s without --api-key\n", o->host);
+  fprintf(stderr, "pressd: serving '%s' on http://%s%s%s:%d (Ctrl-C to stop)\n", name,
+          strchr(o->host, ':') ? "[" : "", o->host, strchr(o->host, ':') ? "]" : "",
+          srv_server_port(srv));
+  g_srv = srv;
+  struct sigaction sa = {0};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  srv_server_run(srv);
+  g_srv = NULL;
+  sched_engine_free(eng); /* engine first: it may still notify the server */
+  srv_server_free(srv);
+  free(name);
+  fprintf(stderr, "pressd: stopped\n");
+  rc = 0;
+fail_chat:
+  if (have_chat) model_chat_destroy(&chat);
+fail_model:
+  loaded_destroy(&m);
+  if (rc) return die(err);
+  return 0;
 }
 
 static int cmd_generate(cfg_options_t *o) {
@@ -357,6 +487,7 @@ static void usage(FILE *f) {
   fprintf(f,
           "pressd %s — OpenAI-compatible LLM serving with KV-cache compression\n\n"
           "usage:\n"
+          "  pressd serve --model PATH [options]                    OpenAI-compatible HTTP server\n"
           "  pressd generate --model PATH --prompt TEXT [options]   run one prompt\n"
           "  pressd COMMAND --help                                  options of a command\n"
           "  pressd --version\n",
@@ -376,7 +507,7 @@ int main(int argc, char **argv) {
     usage(stdout);
     return 0;
   }
-  if (strcmp(argv[1], "generate")) {
+  if (strcmp(argv[1], "generate") && strcmp(argv[1], "serve")) {
     fprintf(stderr, "pressd: unknown command '%s' (see pressd --help)\n", argv[1]);
     return 2;
   }
@@ -394,7 +525,7 @@ int main(int argc, char **argv) {
     cfg_destroy(&o);
     return 2;
   }
-  rc = cmd_generate(&o);
+  rc = !strcmp(argv[1], "serve") ? cmd_serve(&o) : cmd_generate(&o);
   cfg_destroy(&o);
   return rc;
 }

@@ -1,0 +1,82 @@
+/* The routing table: exact paths (query string ignored), one method each;
+ * an unknown path is a 404, a known path with another method a 405 that
+ * lists the allowed method. /v1 and below need the API key when one is set. */
+#include <stdio.h>
+#include <string.h>
+
+#include "server/handlers.h"
+#include "server/internal.h"
+
+static const srv_route_t routes[] = {
+    {"/v1/completions", HTTP_POST, srv__h_completions},
+    {"/v1/chat/completions", HTTP_POST, srv__h_chat},
+    {"/v1/models", HTTP_GET, srv__h_models},
+    {"/health", HTTP_GET, srv__h_health},
+    {"/ready", HTTP_GET, srv__h_ready},
+    {"/version", HTTP_GET, srv__h_version},
+    {"/metrics", HTTP_GET, srv__h_metrics},
+    {"/tokenize", HTTP_POST, srv__h_tokenize},
+    {"/detokenize", HTTP_POST, srv__h_detokenize},
+};
+
+int srv__route_find(const char *path, size_t len, int method, const srv_route_t **out,
+                    const char **allow) {
+  bool known = false;
+  *out = NULL;
+  for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
+    const srv_route_t *r = &routes[i];
+    if (strlen(r->path) != len || memcmp(r->path, path, len) != 0) continue;
+    /* HEAD is GET without the body */
+    if (r->method == method || (method == HTTP_HEAD && r->method == HTTP_GET)) {
+      *out = r;
+      return 200;
+    }
+    known = true;
+    if (allow) *allow = llhttp_method_name((llhttp_method_t)r->method);
+  }
+  return known ? 405 : 404;
+}
+
+bool srv__route_needs_auth(const char *path, size_t len) {
+  return len >= 3 && memcmp(path, "/v1", 3) == 0 && (len == 3 || path[3] == '/');
+}
+
+void srv__dispatch(srv_req_t *req) {
+  srv_server_t *s = req->srv;
+  srv_error_t e;
+  s->metrics.http_requests++;
+  const char *url = req->url.p ? req->url.p : "";
+  size_t len = strcspn(url, "?#");
+  if (srv__route_needs_auth(url, len) && !srv__auth_ok(req->auth.p, req->auth.len, s->api_key)) {
+    srv__error(&e, 401, NULL, "Incorrect or missing API key (Authorization: Bearer <key>)");
+    e.code = "invalid_api_key";
+    srv__respond_error(req, &e);
+    return;
+  }
+  const srv_route_t *r;
+  const char *allow = NULL;
+  int st = srv__route_find(url, len, req->method, &r, &allow);
+  if (st == 404) {
+    srv_buf_t b;
+    srv__buf_init(&b);
+    srv__json_str(&b, url, len < 200 ? len : 200);
+    srv__error(&e, 404, NULL, "no route %s %s", llhttp_method_name((llhttp_method_t)req->method),
+               b.p ? b.p : "");
+    srv__buf_free(&b);
+    srv__respond_error(req, &e);
+    return;
+  }
+  if (st == 405) {
+    char hdr[64];
+    srv_buf_t b;
+    srv__error(&e, 405, NULL, "method %s is not allowed here; use %s",
+               llhttp_method_name((llhttp_method_t)req->method), allow ? allow : "another");
+    snprintf(hdr, sizeof hdr, "Allow: %s\r\n", allow ? allow : "GET");
+    srv__buf_init(&b);
+    srv__error_json(&b, &e);
+    srv__respond(req, 405, "application/json", b.p, b.len, hdr);
+    srv__buf_free(&b);
+    return;
+  }
+  r->fn(req);
+}

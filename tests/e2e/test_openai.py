@@ -1,0 +1,270 @@
+"""End-to-end tests of `pressd serve` through the official openai client.
+
+Starts the real daemon on 127.0.0.1 (a free port), drives it with the SDK
+and raw HTTP, and stops it. Exit 77 (skip) when the model or the openai
+package is missing. Environment: PRESSD_BIN, PRESSD_MODEL.
+"""
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+try:
+    import openai
+except ImportError:
+    print("openai package not installed: skipping")
+    sys.exit(77)
+
+BIN = os.environ.get("PRESSD_BIN", "build/pressd")
+MODEL = os.environ.get("PRESSD_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+NAME = "smollm2"
+failures = []
+
+
+class Server:
+    def __init__(self, *extra):
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--model", MODEL, "--port", "0", "--served-model-name", NAME,
+             "--max-model-len", "2048", "--kv-cache-memory", "512M", *extra],
+            stderr=subprocess.PIPE, text=True)
+        self.log = []
+        deadline = time.time() + 60
+        self.port = None
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        if not self.port:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def raw(self, method, path, body=None, headers=None):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, data
+
+    def metric(self, name):
+        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = "killed"
+        return rc
+
+
+def case(fn):
+    name = fn.__name__
+    try:
+        fn()
+        print(f"ok   {name}")
+    except Exception as e:  # noqa: BLE001 - report every failure and go on
+        failures.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def main():
+    if not os.path.exists(MODEL):
+        print("model missing: skipping")
+        return 77
+    srv = Server()
+    cl = srv.client()
+
+    def models_list():
+        ids = [m.id for m in cl.models.list().data]
+        check(ids == [NAME], f"models {ids}")
+
+    def completion_greedy_matches_cli():
+        r = cl.completions.create(model=NAME, prompt="The capital of France is", max_tokens=12,
+                                  temperature=0, extra_body={"ignore_eos": True})
+        check(r.choices[0].finish_reason == "length", r.choices[0].finish_reason)
+        check(r.usage.completion_tokens == 12, r.usage)
+        check(r.usage.prompt_tokens == 5, r.usage)
+        check(r.usage.total_tokens == 17, r.usage)
+        cli = subprocess.run([BIN, "generate", "--model", MODEL, "--prompt", "The capital of France is",
+                              "--max-tokens", "12", "--ignore-eos"], capture_output=True, text=True)
+        check(cli.returncode == 0, cli.stderr)
+        check(cli.stdout.rstrip("\n") == r.choices[0].text,
+              f"server {r.choices[0].text!r} vs cli {cli.stdout!r}")
+
+    def completion_token_prompt_and_stream():
+        ids = json.loads(srv.raw("POST", "/tokenize", json.dumps({"prompt": "Hello world"}),
+                                 {"Content-Type": "application/json"})[1])["tokens"]
+        whole = cl.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+        parts = []
+        usage = None
+        for ch in cl.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}):
+            if ch.choices:
+                parts.append(ch.choices[0].text)
+            if ch.usage:
+                usage = ch.usage
+        check("".join(parts) == whole.choices[0].text, f"{parts} vs {whole.choices[0].text!r}")
+        check(usage is not None and usage.prompt_tokens == len(ids), usage)
+
+    def chat_and_stream():
+        msgs = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a colour."}]
+        r = cl.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
+        check(r.choices[0].message.role == "assistant", r.choices[0].message)
+        check(r.object == "chat.completion" and r.id.startswith("chatcmpl-"), r.id)
+        first = None
+        text = []
+        for ch in cl.chat.completions.create(model=NAME, messages=msgs, max_tokens=16,
+                                             temperature=0, stream=True):
+            if first is None:
+                first = ch.choices[0].delta
+            if ch.choices and ch.choices[0].delta.content:
+                text.append(ch.choices[0].delta.content)
+        check(first is not None and first.role == "assistant", f"first delta {first}")
+        check("".join(text) == r.choices[0].message.content, f"{text} vs {r.choices[0].message.content!r}")
+
+    def stop_strings():
+        r = cl.completions.create(model=NAME, prompt="1, 2, 3, 4, 5,", max_tokens=30,
+                                  temperature=0, stop=[" 8"])
+        check(" 8" not in r.choices[0].text, r.choices[0].text)
+        check(r.choices[0].finish_reason == "stop", r.choices[0].finish_reason)
+
+    def seeded_sampling_reproducible():
+        a = cl.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
+                                  temperature=0.9, top_p=0.9, seed=7)
+        b = cl.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
+                                  temperature=0.9, top_p=0.9, seed=7)
+        check(a.choices[0].text == b.choices[0].text, f"{a.choices[0].text!r} vs {b.choices[0].text!r}")
+
+    def bad_requests():
+        for kwargs, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
+                              ({"top_p": 0}, "top_p"), ({"n": 2}, "n")]:
+            try:
+                cl.completions.create(model=NAME, prompt="hi", **kwargs)
+                raise AssertionError(f"{kwargs} accepted")
+            except openai.BadRequestError as e:
+                check(e.status_code == 400, e)
+                body = e.body if isinstance(e.body, dict) else {}
+                check(body.get("param") == param, f"{kwargs}: param {body}")
+        try:
+            cl.completions.create(model="no-such-model", prompt="hi")
+            raise AssertionError("unknown model accepted")
+        except openai.NotFoundError as e:
+            check(e.status_code == 404, e)
+        st, body = srv.raw("POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})
+        check(st == 400 and b"error" in body, (st, body))
+        st, body = srv.raw("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": 5}),
+                           {"Content-Type": "application/json"})
+        check(st == 400, (st, body))
+        st, _ = srv.raw("GET", "/v1/completions")
+        check(st == 405, st)
+        st, _ = srv.raw("GET", "/no/such/route")
+        check(st == 404, st)
+        big = json.dumps({"model": NAME, "prompt": "x" * (5 << 20)})
+        st, _ = srv.raw("POST", "/v1/completions", big, {"Content-Type": "application/json"})
+        check(st == 413, st)
+        long_prompt = "word " * 3000  # > --max-model-len 2048 tokens
+        try:
+            cl.completions.create(model=NAME, prompt=long_prompt, max_tokens=4)
+            raise AssertionError("over-long prompt accepted")
+        except openai.BadRequestError:
+            pass
+        # the server still answers after all that
+        r = cl.completions.create(model=NAME, prompt="ok", max_tokens=2)
+        check(r.usage.completion_tokens >= 1, r.usage)
+
+    def concurrent_streams_with_disconnects():
+        results = {}
+
+        def worker(i):
+            c = srv.client()
+            try:
+                stream = c.completions.create(model=NAME, prompt=f"Story number {i}:", max_tokens=24,
+                                              temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True})
+                n = 0
+                for ch in stream:
+                    if ch.choices and ch.choices[0].text:
+                        n += 1
+                    if i % 3 == 0 and n >= 3:
+                        stream.close()  # disconnect mid-stream
+                        results[i] = "dropped"
+                        return
+                results[i] = n
+            except Exception as e:  # noqa: BLE001
+                results[i] = f"error {e}"
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        bad = {i: r for i, r in results.items() if i % 3 != 0 and r != 24}
+        check(len(results) == 50, f"{len(results)} of 50 finished")
+        check(not bad, f"streams that did not complete: {bad}")
+        deadline = time.time() + 30
+        while time.time() < deadline and (srv.metric("vllm:kv_cache_usage_perc") > 0 or
+                                          srv.metric("vllm:num_requests_running") > 0):
+            time.sleep(0.2)
+        check(srv.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
+
+    for fn in [models_list, completion_greedy_matches_cli, completion_token_prompt_and_stream,
+               chat_and_stream, stop_strings, seeded_sampling_reproducible, bad_requests,
+               concurrent_streams_with_disconnects]:
+        case(fn)
+    rc = srv.stop()
+    if rc != 0:
+        failures.append("clean-exit")
+        print(f"FAIL clean-exit: server exited with {rc}\n" + "".join(srv.log[-20:]))
+
+    keyed = Server("--api-key", "sekret")
+
+    def api_key():
+        r = keyed.client("sekret").completions.create(model=NAME, prompt="hi", max_tokens=2)
+        check(r.usage.completion_tokens >= 1, r.usage)
+        try:
+            keyed.client("wrong").completions.create(model=NAME, prompt="hi", max_tokens=2)
+            raise AssertionError("wrong key accepted")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401, e)
+        st, _ = keyed.raw("GET", "/health")
+        check(st == 200, f"/health needs no key, got {st}")
+
+    case(api_key)
+    keyed.stop()
+    print(f"openai e2e: {9 - len(failures)} of 9 cases ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
