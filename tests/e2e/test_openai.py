@@ -238,9 +238,31 @@ def main():
             time.sleep(0.2)
         check(srv.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
 
+    prompts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" + " please" * (i % 7)
+               for i in range(32)]
+
+    def batched_equals_alone():
+        # Greedy outputs of 32 concurrent requests equal the same prompts run
+        # one at a time: continuous batching changes nothing.
+        def one(p):
+            return srv.client().completions.create(model=NAME, prompt=p, max_tokens=20, temperature=0,
+                                                   extra_body={"ignore_eos": True}).choices[0].text
+        alone = [one(p) for p in prompts]
+        together = [None] * len(prompts)
+
+        def worker(i):
+            together[i] = one(prompts[i])
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        diff = [i for i in range(len(prompts)) if alone[i] != together[i]]
+        check(not diff, f"prompts whose batched output differs: {diff}")
+
     for fn in [models_list, completion_greedy_matches_cli, completion_token_prompt_and_stream,
                chat_and_stream, stop_strings, seeded_sampling_reproducible, bad_requests,
-               concurrent_streams_with_disconnects]:
+               concurrent_streams_with_disconnects, batched_equals_alone]:
         case(fn)
     rc = srv.stop()
     if rc != 0:
@@ -262,7 +284,36 @@ def main():
 
     case(api_key)
     keyed.stop()
-    print(f"openai e2e: {9 - len(failures)} of 9 cases ok")
+
+    # A KV pool for about two max-length sequences: 12 concurrent requests
+    # force preemption by recompute; outputs stay those of an unpreempted run.
+    small = Server("--max-num-seqs", "12")
+    tiny = Server("--kv-cache-memory", "48M", "--max-model-len", "512")
+
+    def preemption_keeps_outputs():
+        def run(s, p):
+            return s.client().completions.create(model=NAME, prompt=p, max_tokens=120, temperature=0,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+        ps = prompts[:12]
+        ref = [run(small, p) for p in ps]
+        got = [None] * len(ps)
+
+        def worker(i):
+            got[i] = run(tiny, ps[i])
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        check(tiny.metric("vllm:num_preemptions_total") > 0, "no preemption happened")
+        diff = [i for i in range(len(ps)) if ref[i] != got[i]]
+        check(not diff, f"outputs changed by preemption: {diff}")
+        check(tiny.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
+
+    case(preemption_keeps_outputs)
+    small.stop()
+    tiny.stop()
+    print(f"openai e2e: {11 - len(failures)} of 11 cases ok")
     return 1 if failures else 0
 
 
