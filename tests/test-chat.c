@@ -12,20 +12,6 @@
 
 static cJSON *g_doc;
 
-static char *read_file(const char *path) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *s = malloc((size_t)n + 1);
-  CHECK(s);
-  CHECK(fread(s, 1, (size_t)n, f) == (size_t)n);
-  s[n] = '\0';
-  fclose(f);
-  return s;
-}
-
 static const char *jstr(const cJSON *o, const char *key) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
   return cJSON_IsString(v) ? v->valuestring : NULL;
@@ -361,7 +347,7 @@ int main(void) {
   }
   char path[4096];
   snprintf(path, sizeof path, "%s/chat-templates.json", dir);
-  char *text = read_file(path);
+  char *text = test_read_file(path, NULL);
   if (!text) FAIL_AT("cannot read %s (run scripts/reference/chat_fixtures.py)", path);
   g_doc = cJSON_Parse(text);
   CHECK(g_doc);

@@ -27,15 +27,8 @@ static cJSON *load_fixture(const char *name) {
   CHECK(dir != NULL);
   char path[1024];
   snprintf(path, sizeof path, "%s/%s", dir, name);
-  FILE *f = fopen(path, "rb");
-  if (!f) FAIL_AT("cannot open fixture %s", path);
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *buf = malloc((size_t)n + 1);
-  CHECK(buf && fread(buf, 1, (size_t)n, f) == (size_t)n);
-  buf[n] = 0;
-  fclose(f);
+  char *buf = test_read_file(path, NULL);
+  if (!buf) FAIL_AT("cannot open fixture %s", path);
   cJSON *j = cJSON_Parse(buf);
   free(buf);
   if (!j) FAIL_AT("fixture %s is not JSON", path);

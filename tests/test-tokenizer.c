@@ -28,21 +28,6 @@
 static cJSON *g_doc;
 static model_tok_t *g_tok;
 
-static char *read_file(const char *path, size_t *len) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *s = malloc((size_t)n + 1);
-  CHECK(s);
-  CHECK(fread(s, 1, (size_t)n, f) == (size_t)n);
-  s[n] = '\0';
-  fclose(f);
-  if (len) *len = (size_t)n;
-  return s;
-}
-
 static const char *jstr(const cJSON *o, const char *key) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
   return cJSON_IsString(v) ? v->valuestring : NULL;
@@ -794,7 +779,7 @@ int main(void) {
   char path[1024];
   snprintf(path, sizeof path, "%s/tokenizer-smollm2.json", dir);
   size_t len;
-  char *text = read_file(path, &len);
+  char *text = test_read_file(path, &len);
   if (!text) FAIL_AT("cannot read %s", path);
   g_doc = cJSON_ParseWithLength(text, len);
   CHECK(g_doc);

@@ -51,6 +51,23 @@
     fn();                                                              \
   } while (0)
 
+/* The whole file, NUL-terminated (caller frees); NULL when it cannot be
+ * opened. *len (if non-NULL) gets its size. */
+static inline char *test_read_file(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *s = malloc((size_t)n + 1);
+  CHECK(s);
+  CHECK(fread(s, 1, (size_t)n, f) == (size_t)n);
+  s[n] = '\0';
+  fclose(f);
+  if (len) *len = (size_t)n;
+  return s;
+}
+
 /* Path of the default model for tests that need it; NULL (and the caller
  * skips) when PRESSD_MODEL is unset or the file is missing. */
 static inline const char *test_model_path(void) {
