@@ -36,7 +36,8 @@ size_t k_row_bytes(k_dtype_t t, int64_t cols);
 typedef struct k_weight {
   k_dtype_t type;
   int64_t rows, cols;
-  void *data; /* backend memory, owned by whoever allocated it */
+  void *data;    /* backend memory, owned by whoever allocated it */
+  bool borrowed; /* data is a view of memory the backend does not own (a mapped file) */
 } k_weight_t;
 
 /* The paged KV arena: block b, slot s of the pool holds
@@ -112,6 +113,9 @@ struct k_backend {
    * llama.cpp does; true keeps fp32 activations (slower prefill, closer to
    * exact arithmetic). Either way results do not depend on the batch. */
   bool f32_activations;
+  /* Backend memory is ordinary host memory: weights can be used straight
+   * from a memory-mapped model file instead of being copied. */
+  bool host_memory;
   void *impl;      /* owns: backend-private state */
   int32_t threads;
 };

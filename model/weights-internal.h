@@ -2,6 +2,8 @@
 #ifndef PRESSD_MODEL_WEIGHTS_INTERNAL_H
 #define PRESSD_MODEL_WEIGHTS_INTERNAL_H
 
+#include <stdbool.h>
+
 #include "model/weights.h"
 
 /* A source of tensors in GGUF naming ("blk.3.attn_q", "token_embd",
@@ -15,6 +17,9 @@ typedef struct model__wsrc {
    * compute on that type; -ENOTSUP when it has no backend type. */
   int (*view)(void *ctx, const char *name, int64_t rows, int64_t cols, k_dtype_t *type,
               const void **data, char *err, size_t errlen);
+  /* The views stay valid as long as the weights (the GGUF mapping): a
+   * host-memory backend then uses them in place. */
+  bool view_persists;
   /* Optional: divide inv_freq[i] by per-frequency factors the source carries. */
   int (*rope_factors)(void *ctx, float *inv_freq, int32_t n, char *err, size_t errlen);
 } model__wsrc_t;

@@ -247,6 +247,11 @@ static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char 
     if (!rc && (w->be->weight_types & (1u << type)) && type != K_F32) {
       size_t bytes = (size_t)rows * k_row_bytes(type, cols);
       kw->type = type;
+      if (src->view_persists && w->be->host_memory) { /* use the mapping in place */
+        kw->data = (void *)data;
+        kw->borrowed = true;
+        return 0;
+      }
       kw->data = w->be->ops->alloc(w->be, bytes);
       if (!kw->data)
         return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
@@ -332,24 +337,28 @@ static void free_mem(k_backend_t *be, void *p) {
   if (be && p) be->ops->free(be, p);
 }
 
+static void free_weight(k_backend_t *be, k_weight_t *kw) {
+  if (!kw->borrowed) free_mem(be, kw->data);
+}
+
 void model_weights_destroy(model_weights_t *w) {
   if (!w) return;
   k_backend_t *be = w->be;
-  if (w->output.data != w->tok_embd.data) free_mem(be, w->output.data);
-  free_mem(be, w->tok_embd.data);
+  if (w->output.data != w->tok_embd.data) free_weight(be, &w->output);
+  free_weight(be, &w->tok_embd);
   free_mem(be, w->out_norm);
   if (w->layers) {
     for (int32_t l = 0; l < w->cfg.n_layers; l++) {
       model_layer_t *L = &w->layers[l];
       free_mem(be, L->attn_norm);
       free_mem(be, L->ffn_norm);
-      free_mem(be, L->wq.data);
-      free_mem(be, L->wk.data);
-      free_mem(be, L->wv.data);
-      free_mem(be, L->wo.data);
-      free_mem(be, L->w_gate.data);
-      free_mem(be, L->w_up.data);
-      free_mem(be, L->w_down.data);
+      free_weight(be, &L->wq);
+      free_weight(be, &L->wk);
+      free_weight(be, &L->wv);
+      free_weight(be, &L->wo);
+      free_weight(be, &L->w_gate);
+      free_weight(be, &L->w_up);
+      free_weight(be, &L->w_down);
     }
   }
   free(w->layers);
@@ -431,8 +440,11 @@ int model_weights_from_gguf(model_weights_t *w, const model_gguf_t *g, k_backend
     memset(w, 0, sizeof *w);
     return rc;
   }
-  model__wsrc_t src = {
-      .ctx = (void *)g, .fill = gguf_fill, .view = gguf_view, .rope_factors = gguf_rope_factors};
+  model__wsrc_t src = {.ctx = (void *)g,
+                       .fill = gguf_fill,
+                       .view = gguf_view,
+                       .view_persists = true,
+                       .rope_factors = gguf_rope_factors};
   return model__weights_load(w, &c, &src, be, err, errlen);
 }
 

@@ -59,6 +59,8 @@ int model_config_from_json(model_config_t *c, const char *json, char *err, size_
 /* Sanity of the numbers (positive, divisible, bounded). */
 int model_config_check(const model_config_t *c, char *err, size_t errlen);
 
+/* On a host-memory backend, quantised and 16-bit tensors are used in place
+ * from the GGUF mapping: g must outlive w. */
 int model_weights_from_gguf(model_weights_t *w, const model_gguf_t *g, k_backend_t *be,
                             char *err, size_t errlen);
 int model_weights_from_safetensors(model_weights_t *w, const char *dir, k_backend_t *be,

@@ -163,7 +163,7 @@ static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, u
   float *y = xmalloc((size_t)(m * rows + 1) * sizeof *y);
   fill_nan(y, (size_t)(m * rows));
   y[m * rows] = 777.0f;
-  k_weight_t wt = {type, rows, cols, w};
+  k_weight_t wt = {.type = type, .rows = rows, .cols = cols, .data = w};
   CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, m), 0);
   CHECK_INT_EQ(y[m * rows], 777.0f);
   char what[64];
@@ -221,7 +221,7 @@ static void test_matmul(void) {
   }
   /* m = 0 does nothing */
   float x[32] = {0}, w[64] = {0}, y[2] = {5, 6};
-  k_weight_t wt = {K_F32, 2, 32, w};
+  k_weight_t wt = {.type = K_F32, .rows = 2, .cols = 32, .data = w};
   CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, 0), 0);
   CHECK_NEAR(y[0], 5, 0);
   CHECK_NEAR(y[1], 6, 0);
@@ -346,7 +346,7 @@ static void test_embed(void) {
     if (!backend_takes(type)) continue;
     double ref[ROWS * COLS];
     void *table = rand_weights(&rng, type, ROWS, COLS, ref);
-    k_weight_t t = {type, ROWS, COLS, table};
+    k_weight_t t = {.type = type, .rows = ROWS, .cols = COLS, .data = table};
     float y[5 * COLS + 1];
     y[5 * COLS] = 99.0f;
     CHECK_INT_EQ(g_be->ops->embed(g_be, y, &t, ids, 5), 0);

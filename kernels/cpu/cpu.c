@@ -388,6 +388,7 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
   be->threads = threads;
   be->weight_types = 1u << K_F32 | 1u << K_F16 | 1u << K_BF16 | 1u << K_Q8_0 | 1u << K_Q4_0 |
                      1u << K_Q4_1;
+  be->host_memory = true;
   /* The pool runs bands of rows in parallel; each band's sgemm is serial. */
   openblas_set_num_threads(1);
   *out = be;
