@@ -29,3 +29,23 @@ PY
   "$REF_PY" -m pip install "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" jinja2 numpy gguf
   "$REF_PY" -c 'import llama_cpp; print("refvenv: llama-cpp-python", llama_cpp.__version__)' >&2
 }
+
+# ensure_ref_server_extras (opt-in, after ensure_ref_venv): the dependencies of
+# llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`),
+# i.e. its [server] extra, installed on their own so that the compiled
+# llama-cpp-python wheel is neither rebuilt nor replaced; plus matplotlib for
+# the benchmarks' PNG plots (optional: a failed install only costs the plot).
+ensure_ref_server_extras() {
+  if ! "$REF_PY" -c 'import llama_cpp.server.app, uvicorn, fastapi, sse_starlette, starlette_context, pydantic_settings, yaml' 2>/dev/null; then
+    echo "refvenv: installing llama-cpp-python's server dependencies into $REF_VENV" >&2
+    "$REF_PY" -m pip install --quiet "uvicorn>=0.22.0" "fastapi>=0.100.0" \
+      "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4" \
+      "PyYAML>=5.1"
+    "$REF_PY" -c 'import llama_cpp.server.app' || return 1
+  fi
+  if ! "$REF_PY" -c 'import matplotlib' 2>/dev/null; then
+    "$REF_PY" -m pip install --quiet matplotlib ||
+      echo "refvenv: matplotlib not installed: no PNG plots" >&2
+  fi
+  return 0
+}
