@@ -159,7 +159,9 @@ static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t err
                                                : K_DEVICE_AUTO;
   int rc = k_backend_new(&m->be, dev, (int32_t)o->threads, err, errlen);
   if (rc) return rc;
-  m->be->f32_activations = !strcmp(o->matmul_activations, "f32");
+  m->be->numerics = !strcmp(o->cpu_numerics, "exact")   ? K_NUMERICS_EXACT
+                    : !strcmp(o->cpu_numerics, "llama") ? K_NUMERICS_LLAMA
+                                                        : K_NUMERICS_INT8;
   if (is_dir) {
     if (!dummy && (rc = model_weights_from_safetensors(&m->w, o->model, m->be, err, errlen)))
       return rc;

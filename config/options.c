@@ -36,8 +36,10 @@ static const opt_t opts[] = {
      "context length limit (0 = the model's)"},
     {"device", OPT_STR, O(device), "auto", 0, 0, "auto|cpu|cuda", "compute backend"},
     {"threads", OPT_INT, O(threads), "0", 0, 1024, NULL, "CPU threads (0 = all cores)"},
-    {"matmul-activations", OPT_STR, O(matmul_activations), "int8", 0, 0, "int8|f32",
-     "CPU, quantised weights: int8 activations (llama.cpp's arithmetic, faster) or f32 (exact)"},
+    {"cpu-numerics", OPT_STR, O(cpu_numerics), "int8", 0, 0, "int8|exact|llama",
+     "CPU arithmetic: int8 activations for quantised weights (fast, batch-invariant), exact "
+     "(fp32 activations), or llama (llama.cpp's CPU results bit for bit; not batch-invariant, "
+     "for comparisons)"},
     {"max-num-batched-tokens", OPT_INT, O(max_num_batched_tokens), "2048", 1, 1 << 20, NULL,
      "tokens per forward step (prefill chunk size)"},
     {"kv-cache-memory", OPT_SIZE, O(kv_cache_memory), "0", 0, 1e15, NULL,

@@ -73,6 +73,12 @@ typedef struct k_attn_args {
 
 typedef struct k_backend k_backend_t;
 
+typedef enum k_numerics {
+  K_NUMERICS_INT8 = 0,
+  K_NUMERICS_EXACT = 1,
+  K_NUMERICS_LLAMA = 2,
+} k_numerics_t;
+
 typedef struct k_ops {
   const char *name;
   void (*destroy)(k_backend_t *be);
@@ -88,7 +94,10 @@ typedef struct k_ops {
   int (*rmsnorm)(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
                  int64_t n, float eps);
   /* Rotate pairs (x[2i], x[2i+1]) of every head of every row by
-   * pos[row] * inv_freq[i]  (GGML "normal" RoPE, as Llama GGUFs use). */
+   * pos[row] * inv_freq[i]  (GGML "normal" RoPE, as Llama GGUFs use).
+   * inv_freq has head_dim/2 + 1 entries: the last is the ratio r when the
+   * frequencies are the geometric progression r^i (0 when they are not), for
+   * backends that compute the angles by GGML's recurrence. */
   int (*rope)(k_backend_t *be, float *x, const int32_t *pos, int64_t m, int32_t n_heads,
               int32_t head_dim, const float *inv_freq);
   /* y[i] = silu(gate[i]) * up[i] for a [m][n] pair laid out as two arrays */
@@ -108,11 +117,19 @@ typedef struct k_ops {
 struct k_backend {
   const k_ops_t *ops;
   uint32_t weight_types; /* bit (1 << k_dtype_t) for every type matmul/embed accept */
-  /* Quantised weights (Q8_0/Q4_0/Q4_1): false (default) quantises the
-   * activations to int8 per 32-block and uses integer dot products, as
-   * llama.cpp does; true keeps fp32 activations (slower prefill, closer to
-   * exact arithmetic). Either way results do not depend on the batch. */
-  bool f32_activations;
+  /* CPU arithmetic (other backends ignore it):
+   *  K_NUMERICS_INT8  quantised weights (Q8_0/Q4_0/Q4_1) run on activations
+   *                   quantised to int8 per 32-block with integer dot
+   *                   products, as llama.cpp's matmuls do; batch-invariant.
+   *  K_NUMERICS_EXACT fp32 activations everywhere: the model computed
+   *                   exactly up to float rounding; batch-invariant.
+   *  K_NUMERICS_LLAMA llama.cpp's CPU arithmetic bit for bit (AVX-512 builds):
+   *                   int8 matmuls plus fp16 K/V, its expf, RMSNorm, RoPE
+   *                   recurrence and attention kernels. Like llama.cpp it is
+   *                   NOT batch-invariant (one-token and multi-token batches
+   *                   use different attention reductions): for reference
+   *                   comparisons, not for serving. */
+  k_numerics_t numerics;
   /* Backend memory is ordinary host memory: weights can be used straight
    * from a memory-mapped model file instead of being copied. */
   bool host_memory;

@@ -33,7 +33,7 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
   m->gate = alloc(be, T * F * sizeof(float));
   m->up = alloc(be, T * F * sizeof(float));
   m->logits = alloc(be, (size_t)cap_logits * (size_t)c->n_vocab * sizeof(float));
-  m->inv_freq = alloc(be, (size_t)(c->head_dim / 2) * sizeof(float));
+  m->inv_freq = alloc(be, (size_t)(c->head_dim / 2 + 1) * sizeof(float));
   m->d_tokens = alloc(be, T * sizeof(int32_t));
   m->d_pos = alloc(be, T * sizeof(int32_t));
   m->d_rows = alloc(be, T * sizeof(int32_t));
@@ -43,7 +43,7 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
     snprintf(err, errlen, "model: out of memory for activations (%d tokens)", cap_tokens);
     return -ENOMEM;
   }
-  be->ops->upload(be, m->inv_freq, w->inv_freq, (size_t)(c->head_dim / 2) * sizeof(float));
+  be->ops->upload(be, m->inv_freq, w->inv_freq, (size_t)(c->head_dim / 2 + 1) * sizeof(float));
   return 0;
 }
 

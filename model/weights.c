@@ -214,6 +214,9 @@ static void rope_freqs(const model_config_t *c, float *inv_freq) {
     }
     inv_freq[i] = (float)f;
   }
+  /* slot [half]: powf(base, -2/D), the ratio of GGML's theta recurrence
+   * (0 when the frequencies are rescaled and the recurrence does not apply) */
+  inv_freq[half] = c->rope_factor > 0 ? 0.0f : powf(c->rope_theta, -2.0f / (float)c->head_dim);
 }
 
 /* ---- the filling loop ---------------------------------------------------- */
@@ -277,7 +280,7 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
   if (QD * E > biggest) biggest = QD * E;
   float *host = malloc((size_t)biggest * sizeof(float));
   w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
-  w->inv_freq = malloc((size_t)(D / 2) * sizeof(float));
+  w->inv_freq = malloc((size_t)(D / 2 + 1) * sizeof(float));
   if (!host || !w->layers || !w->inv_freq) {
     free(host);
     model_weights_destroy(w);
@@ -429,6 +432,7 @@ static int gguf_rope_factors(void *ctx, float *inv_freq, int32_t n, char *err, s
     return model__errf(err, errlen, -EINVAL, "gguf: rope_freqs.weight must be F32 [%d]", n);
   const float *f = t->data;
   for (int32_t i = 0; i < n; i++) inv_freq[i] /= f[i];
+  inv_freq[n] = 0.0f;
   return 0;
 }
 

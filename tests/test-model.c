@@ -102,7 +102,9 @@ static int greedy_check(sched_single_t *s, float *logits, const cJSON *prompt_id
   return bad;
 }
 
-static void against_references(bool f32) {
+static void against_references(k_numerics_t mode) {
+  bool f32 = mode == K_NUMERICS_EXACT, llama = mode == K_NUMERICS_LLAMA;
+  be->numerics = mode;
   cJSON *fx = load_fixture("model-smollm2.json");
   cJSON *ex = load_fixture("model-smollm2-exact.json");
   const cJSON *cases = cJSON_GetObjectItem(fx, "cases");
@@ -141,20 +143,26 @@ static void against_references(bool f32) {
     free(etop);
     greedy_bad += greedy_check(&s, logits, cJSON_GetObjectItem(p, "tokens"),
                                cJSON_GetObjectItem(p, "greedy"),
-                               cJSON_GetObjectItem(p, "greedy_margin"), "llama.cpp", pi, 0.5);
+                               cJSON_GetObjectItem(p, "greedy_margin"), "llama.cpp", pi,
+                               llama ? -1.0 : 0.5);
     greedy_bad += greedy_check(&s, logits, cJSON_GetObjectItem(p, "tokens"),
                                cJSON_GetObjectItem(e, "greedy"),
                                cJSON_GetObjectItem(e, "greedy_margin"), "exact", pi,
                                f32 ? 0.02 : 0.5);
     pi++;
   }
-  fprintf(stderr, "activations %s:\n", f32 ? "f32" : "int8");
+  fprintf(stderr, "numerics %s:\n", llama ? "llama" : f32 ? "exact" : "int8");
   report("  pressd vs llama.cpp", &vs_llama);
   report("  pressd vs exact", &vs_exact);
   report("  llama.cpp vs exact", &llama_vs_exact);
   /* never part from llama.cpp where it is clearly decided */
   CHECK(vs_llama.same_clear * 1000 >= vs_llama.clear * 995);
-  if (f32) {
+  if (llama) {
+    /* llama.cpp's CPU arithmetic reproduced: the issue's targets, >= 98%
+     * top-1 and greedy identical for 16 tokens on every prompt (the
+     * near-tie threshold of -1 makes every greedy difference count) */
+    CHECK(vs_llama.same * 100 >= vs_llama.total * 98);
+  } else if (f32) {
     /* fp32 activations compute the model exactly up to float rounding: agree
      * with float64 everywhere but at the closest near-ties, and with
      * llama.cpp as often as llama.cpp agrees with exact arithmetic */
@@ -174,15 +182,16 @@ static void against_references(bool f32) {
   cJSON_Delete(ex);
 }
 
-static void test_against_references_int8(void) {
-  be->f32_activations = false;
-  against_references(false);
-}
+static void test_against_references_int8(void) { against_references(K_NUMERICS_INT8); }
 
-static void test_against_references_f32(void) {
-  be->f32_activations = true;
-  against_references(true);
-  be->f32_activations = false;
+static void test_against_references_exact(void) { against_references(K_NUMERICS_EXACT); }
+
+static void test_against_references_llama(void) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__)
+  against_references(K_NUMERICS_LLAMA);
+#else
+  fprintf(stderr, "llama.cpp numerics need an AVX-512 build: not tested\n");
+#endif
 }
 
 /* One prompt, five ways: whole in fresh contiguous blocks; whole in blocks
@@ -264,7 +273,9 @@ int main(void) {
   RUN(test_paged_and_chunked);
   RUN(test_limits);
   RUN(test_against_references_int8);
-  RUN(test_against_references_f32);
+  RUN(test_against_references_exact);
+  RUN(test_against_references_llama);
+  be->numerics = K_NUMERICS_INT8;
   model_weights_destroy(&w);
   k_backend_free(be);
   model_gguf_close(&g);

@@ -7,6 +7,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__)
+#include <immintrin.h>
+#define GG_EMU 1 /* GGML CPU arithmetic available for the int8 mode */
+#endif
+
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu-internal.h"
 
@@ -63,7 +68,7 @@ static int cpu_sync(k_backend_t *be) { return 0; }
 
 static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m) {
   cpu_t *c = be->impl;
-  return k__cpu_matmul(c->pool, &c->mm_scratch, be->f32_activations, y, x, w, m);
+  return k__cpu_matmul(c->pool, &c->mm_scratch, be->numerics == K_NUMERICS_EXACT, y, x, w, m);
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -82,6 +87,7 @@ typedef struct rms_job {
   const float *x, *g;
   int64_t n;
   float eps;
+  bool ggml;
 } rms_job_t;
 
 static void rms_row(void *arg, int64_t r, int32_t thread) {
@@ -89,14 +95,22 @@ static void rms_row(void *arg, int64_t r, int32_t thread) {
   const float *x = j->x + r * j->n;
   float *y = j->y + r * j->n;
   double ss = 0;
-  for (int64_t i = 0; i < j->n; i++) ss += (double)x[i] * x[i];
-  float scale = (float)(1.0 / sqrt(ss / (double)j->n + j->eps));
+  float scale;
+  if (j->ggml) {
+    /* GGML: float squares summed in double, the rest in float */
+    for (int64_t i = 0; i < j->n; i++) ss += (double)(x[i] * x[i]);
+    float mean = (float)(ss / (double)j->n);
+    scale = 1.0f / sqrtf(mean + j->eps);
+  } else {
+    for (int64_t i = 0; i < j->n; i++) ss += (double)x[i] * x[i];
+    scale = (float)(1.0 / sqrt(ss / (double)j->n + j->eps));
+  }
   for (int64_t i = 0; i < j->n; i++) y[i] = x[i] * scale * j->g[i];
 }
 
 static int cpu_rmsnorm(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
                        int64_t n, float eps) {
-  rms_job_t j = {y, x, g, n, eps};
+  rms_job_t j = {y, x, g, n, eps, be->numerics == K_NUMERICS_LLAMA};
   k_pool_run(pool_of(be), m, rms_row, &j);
   return 0;
 }
@@ -106,17 +120,28 @@ typedef struct rope_job {
   const int32_t *pos;
   int32_t n_heads, head_dim;
   const float *inv_freq;
+  bool ggml;
 } rope_job_t;
 
 static void rope_row(void *arg, int64_t r, int32_t thread) {
   const rope_job_t *j = arg;
   int32_t half = j->head_dim / 2;
   float cs[512], sn[512]; /* head_dim <= 1024 checked by the caller */
-  for (int32_t i = 0; i < half; i++) {
-    float theta = (float)j->pos[r] * j->inv_freq[i];
-    cs[i] = cosf(theta);
-    sn[i] = sinf(theta);
-  }
+  float ts = j->ggml ? j->inv_freq[half] : 0.0f;
+  if (ts != 0.0f) {
+    /* GGML: theta_i = pos * ts^i by repeated float multiplication */
+    float theta = (float)j->pos[r];
+    for (int32_t i = 0; i < half; i++) {
+      cs[i] = cosf(theta);
+      sn[i] = sinf(theta);
+      theta *= ts;
+    }
+  } else
+    for (int32_t i = 0; i < half; i++) {
+      float theta = (float)j->pos[r] * j->inv_freq[i];
+      cs[i] = cosf(theta);
+      sn[i] = sinf(theta);
+    }
   float *row = j->x + r * (int64_t)j->n_heads * j->head_dim;
   for (int32_t h = 0; h < j->n_heads; h++) {
     float *v = row + (int64_t)h * j->head_dim;
@@ -131,7 +156,7 @@ static void rope_row(void *arg, int64_t r, int32_t thread) {
 static int cpu_rope(k_backend_t *be, float *x, const int32_t *pos, int64_t m, int32_t n_heads,
                     int32_t head_dim, const float *inv_freq) {
   if (head_dim > 1024 || head_dim % 2) return -EINVAL;
-  rope_job_t j = {x, pos, n_heads, head_dim, inv_freq};
+  rope_job_t j = {x, pos, n_heads, head_dim, inv_freq, be->numerics == K_NUMERICS_LLAMA};
   k_pool_run(pool_of(be), m, rope_row, &j);
   return 0;
 }
@@ -142,11 +167,50 @@ typedef struct elem_job {
   float *y;
   const float *a, *b;
   int64_t n;
+  bool ggml;
 } elem_job_t;
+
+#ifdef GG_EMU
+/* GGML's vectorised expf (ggml_v_expf, AVX-512 variant), bit for bit. */
+static inline __m512 gg_v_expf(__m512 x) {
+  const __m512 r = _mm512_set1_ps(0x1.8p23f);
+  const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(0x1.715476p+0f), r);
+  const __m512 n = _mm512_sub_ps(z, r);
+  const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), x));
+  const __mmask16 d = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192), _CMP_GT_OQ);
+  const __m512 u = _mm512_mul_ps(b, b);
+  const __m512 j = _mm512_fmadd_ps(
+      _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b, _mm512_set1_ps(0x1.573e2ep-5f)),
+                      u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b, _mm512_set1_ps(0x1.fffdb6p-2f))),
+      u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0F)));
+  const __m512 res = _mm512_scalef_ps(j, n);
+  if (_mm512_kortestz(d, d)) return res;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 alt = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, zero, _CMP_LE_OQ),
+                                          _mm512_set1_ps(INFINITY), zero);
+  return _mm512_mask_blend_ps(d, res, alt);
+}
+
+static inline __m512 gg_v_silu(__m512 x) {
+  const __m512 neg_x = _mm512_sub_ps(_mm512_setzero_ps(), x);
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1), gg_v_expf(neg_x)));
+}
+#endif
+
+#ifdef GG_EMU
+static inline float f16r(float f) { return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+#endif
 
 static void silu_chunk(void *arg, int64_t c, int32_t thread) {
   const elem_job_t *j = arg;
   int64_t lo = c * ELEM_CHUNK, hi = lo + ELEM_CHUNK < j->n ? lo + ELEM_CHUNK : j->n;
+#ifdef GG_EMU
+  if (j->ggml)
+    for (; lo + 16 <= hi; lo += 16)
+      _mm512_storeu_ps(j->y + lo, _mm512_mul_ps(gg_v_silu(_mm512_loadu_ps(j->a + lo)),
+                                                _mm512_loadu_ps(j->b + lo)));
+#endif
   for (int64_t i = lo; i < hi; i++) {
     float g = j->a[i];
     j->y[i] = g / (1.0f + expf(-g)) * j->b[i];
@@ -154,7 +218,7 @@ static void silu_chunk(void *arg, int64_t c, int32_t thread) {
 }
 
 static int cpu_silu_mul(k_backend_t *be, float *y, const float *gate, const float *up, int64_t n) {
-  elem_job_t j = {y, gate, up, n};
+  elem_job_t j = {y, gate, up, n, be->numerics == K_NUMERICS_LLAMA};
   k_pool_run(pool_of(be), (n + ELEM_CHUNK - 1) / ELEM_CHUNK, silu_chunk, &j);
   return 0;
 }
@@ -185,6 +249,13 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
       int64_t src = (t * n_kv_heads + h) * d;
       memcpy(kv->k + s * d, k + src, (size_t)d * sizeof(float));
       memcpy(kv->v + s * d, v + src, (size_t)d * sizeof(float));
+#ifdef GG_EMU
+      if (be->numerics == K_NUMERICS_LLAMA) /* GGML's default fp16 KV cache */
+        for (int64_t i = 0; i < d; i++) {
+          kv->k[s * d + i] = f16r(kv->k[s * d + i]);
+          kv->v[s * d + i] = f16r(kv->v[s * d + i]);
+        }
+#endif
       kv->pos[s] = pos[t];
       kv->score[s] = 0.0f;
     }
@@ -312,6 +383,101 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
   }
 }
 
+#ifdef GG_EMU
+/* ---- attention as GGML computes it without flash attention ----------------
+ * kq = K·q with q rounded to fp16 (K and V are fp16 already), softmax of
+ * kq·scale over the whole row with ggml_v_expf and a double sum over
+ * 16-wide chunks, probabilities rounded to fp16, then V·p. The dot products
+ * follow GGML's two kernels: llamafile's tinyBLAS (one 16-lane accumulator)
+ * when the batch has two or more tokens, ggml_vec_dot_f16 (four 16-lane
+ * accumulators) for a single token. Position t of the context sits in lane
+ * t % 16 of chunk t / 16, as cell t of GGML's cache does. */
+static inline float red16(const float *x) { return _mm512_reduce_add_ps(_mm512_loadu_ps(x)); }
+
+static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
+  const att_job_t *j = arg;
+  const k_attn_args_t *a = j->a;
+  const k_kv_arena_t *kv = j->kv;
+  const int32_t H = a->n_kv_heads, G = a->n_q_heads / a->n_kv_heads, D = a->head_dim,
+                B = kv->block_size;
+  const bool gemm = a->q_start[a->n_seqs] >= 2;
+  int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
+  int32_t r0 = j->task_row[ti / H];
+  int32_t r1 = r0 + ATT_QT < a->q_start[s + 1] ? r0 + ATT_QT : a->q_start[s + 1];
+  const int32_t *table = a->block_tables + ((int64_t)s * H + h) * a->max_blocks;
+  int32_t ctx = a->ctx_lens[(int64_t)s * H + h];
+  int32_t nch = (ctx + 15) / 16;
+  float *w = aligned_alloc(64, (size_t)nch * 16 * sizeof(float) * 2);
+  float *pr = w + (size_t)nch * 16;
+  for (int32_t r = r0; r < r1; r++) {
+    int32_t qp = a->q_pos[r];
+    for (int32_t g = 0; g < G; g++) {
+      const float *q = a->q + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
+      float *o = a->out + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
+      float q16[ATT_MAX_D] __attribute__((aligned(64)));
+      for (int32_t d = 0; d < D; d++) q16[d] = f16r(q[d]);
+      /* scores */
+      float mx = -INFINITY;
+      for (int32_t t = 0; t < nch * 16; t++) {
+        if (t >= ctx) { w[t] = -INFINITY; continue; }
+        int32_t blk = table[t / B], off = t % B;
+        if (kv->pos[(int64_t)blk * B + off] > qp) { w[t] = -INFINITY; continue; }
+        const float *kr = kv->k + ((int64_t)blk * B + off) * D;
+        float sc;
+        if (gemm) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int32_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d), _mm512_load_ps(q16 + d), acc);
+          sc = _mm512_reduce_add_ps(acc);
+        } else {
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                           _mm512_setzero_ps()};
+          for (int32_t d = 0; d < D; d += 64)
+            for (int k = 0; k < 4; k++)
+              acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d + 16 * k),
+                                       _mm512_load_ps(q16 + d + 16 * k), acc[k]);
+          acc[0] = _mm512_add_ps(acc[0], acc[2]);
+          acc[1] = _mm512_add_ps(acc[1], acc[3]);
+          acc[0] = _mm512_add_ps(acc[0], acc[1]);
+          sc = _mm512_reduce_add_ps(acc[0]);
+        }
+        w[t] = sc * a->scale;
+        mx = w[t] > mx ? w[t] : mx;
+      }
+      /* softmax */
+      double sum = 0;
+      for (int32_t c = 0; c < nch; c++) {
+        __m512 e = gg_v_expf(_mm512_sub_ps(_mm512_loadu_ps(w + 16 * c), _mm512_set1_ps(mx)));
+        _mm512_storeu_ps(pr + 16 * c, e);
+        sum += (double)_mm512_reduce_add_ps(e);
+      }
+      float inv = (float)(1.0 / sum);
+      for (int32_t t = 0; t < nch * 16; t++) pr[t] = f16r(pr[t] * inv);
+      /* V·p: acc[k][lane][d] */
+      float acc[4][16][ATT_MAX_D] __attribute__((aligned(64)));
+      int nacc = gemm ? 1 : 4;
+      memset(acc, 0, sizeof acc);
+      for (int32_t t = 0; t < ctx; t++) {
+        float p = pr[t];
+        int32_t blk = table[t / B], off = t % B;
+        const float *vr = kv->v + ((int64_t)blk * B + off) * D;
+        float *ac = acc[gemm ? 0 : (t / 16) % 4][t % 16];
+        for (int32_t d = 0; d < D; d++) ac[d] = fmaf(vr[d], p, ac[d]);
+      }
+      for (int32_t d = 0; d < D; d++) {
+        float l[16] __attribute__((aligned(64)));
+        for (int k = 0; k < 16; k++) {
+          if (nacc == 1) l[k] = acc[0][k][d];
+          else l[k] = (acc[0][k][d] + acc[2][k][d]) + (acc[1][k][d] + acc[3][k][d]);
+        }
+        o[d] = red16(l);
+      }
+    }
+  }
+  free(w);
+}
+#endif
+
 static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a) {
   int32_t G = a->n_q_heads / a->n_kv_heads;
   if (a->n_q_heads % a->n_kv_heads || G > ATT_MAX_G || a->head_dim > ATT_MAX_D ||
@@ -339,7 +505,12 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
       k++;
     }
   att_job_t j = {kv, a, ts, tr};
-  k_pool_run(pool_of(be), n_tiles * a->n_kv_heads, att_task, &j);
+#ifdef GG_EMU
+  if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0)
+    k_pool_run(pool_of(be), n_tiles * a->n_kv_heads, att_task_gg, &j);
+  else
+#endif
+    k_pool_run(pool_of(be), n_tiles * a->n_kv_heads, att_task, &j);
   if (ts != stack_seq) {
     free(ts);
     free(tr);
