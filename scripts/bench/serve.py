@@ -26,10 +26,8 @@ Peers:
 import argparse
 import asyncio
 import datetime
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -40,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from machine import cpu_model, git_info, sha256_file
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BENCH = os.path.join(ROOT, "scripts", "pressd-bench")
@@ -137,37 +136,6 @@ def tail(path, n=20):
 
 # ---------------------------------------------------------------------------
 # Facts about the machine and the software
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_info():
-    def git(*a):
-        try:
-            r = subprocess.run(["git", "-C", ROOT] + list(a), capture_output=True, text=True,
-                               timeout=20)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return {"commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def llama_cpp_python_info():
