@@ -157,7 +157,20 @@ def llama_cpp_python_info():
 # The servers
 
 
-class Pressd:
+class Managed:
+    """A server process this script started on a local port."""
+    proc = port = None
+
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def stop(self):
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+class Pressd(Managed):
     name = "pressd"
 
     def __init__(self, args, logdir):
@@ -196,20 +209,12 @@ class Pressd:
                 sys.stderr.write("bench-serve: warning: %s\n" % self.warning)
         return self.url()
 
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def stop(self):
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
-
     def describe(self):
         return {"cmd": self.cmd(), "version": self.version, "startup_log": self.startup_log,
                 "parallel_slots": "continuous batching (--max-num-seqs, default 256)"}
 
 
-class LlamaCppPython:
+class LlamaCppPython(Managed):
     name = "llama.cpp"
 
     def __init__(self, args, logdir):
@@ -247,14 +252,6 @@ class LlamaCppPython:
             self.started_for.append(concurrency)
         return self.url()
 
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def stop(self):
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
-
     def parallel_note(self):
         if self.slot_field:
             return ("llama-cpp-python %s: parallel slots = concurrency (--%s), restarted per "
@@ -271,7 +268,7 @@ class LlamaCppPython:
                 "parallel_note": self.parallel_note()}
 
 
-class LlamaServer:
+class LlamaServer(Managed):
     name = "llama.cpp"
 
     def __init__(self, args, logdir):
@@ -302,14 +299,6 @@ class LlamaServer:
             self.proc = start("llama-server", self.cmd(concurrency), self.logdir)
             wait_ready(self.proc, self.url() + "/health", self.args.start_timeout)
         return self.url()
-
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def stop(self):
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
 
     def parallel_note(self):
         return "llama-server: --parallel = concurrency, restarted per concurrency"
