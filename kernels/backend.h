@@ -54,22 +54,59 @@ typedef struct k_kv_arena {
   int32_t *pos;   /* backend memory [n_blocks][block_size] */
 } k_kv_arena_t;
 
+/* One sequence's KV in a forward step, read in place from the scheduler's
+ * per-sequence bookkeeping (nothing is copied per step).
+ *
+ * Compression scores (ALGORITHMS.md §1) come out of the same attention
+ * pass, chosen per sequence by n_obs:
+ *   0   none;
+ *   -1  decode: every query row of the call adds Σ_g p_g[k]² over its GQA
+ *       group into score[] of every cached KV k;
+ *   > 0 prefill observation window: the call's last n_obs query rows of the
+ *       sequence. Per query head g, s_g[k] = Σ_q p[q][k]² is max-pooled
+ *       along the head's slot order (width obs_pool, stride 1, same
+ *       padding) and Σ_g s_g[k] is added into score[]. Where obs_mass is
+ *       given it receives, per KV head, Σ_g maxpool(Σ_q p[q][k]) (attention
+ *       mass, for per-layer budgets); where obs_last is given it receives,
+ *       per query head, p[last row][k]² (for the dynamic-budget stop). Both
+ *       are indexed by the head's logical slot (the table order). */
+typedef struct k_seq_kv {
+  const int32_t *blocks; /* [n_layers][n_kv_heads][stride] block tables */
+  const int32_t *ctx;    /* [n_layers][n_kv_heads] slots in use, this step's new ones included */
+  int32_t stride;        /* blocks per head row of blocks[] */
+  int32_t n_obs;
+  float *obs_mass;       /* NULL or backend memory [n_layers][n_kv_heads][stride * block_size] */
+  float *obs_last;       /* NULL or backend memory [n_layers][n_q_heads][stride * block_size] */
+} k_seq_kv_t;
+
 /* One attention call covers one layer of a batch of sequences. Sequence s
- * owns query rows [q_start[s], q_start[s+1]); each query row attends to the
- * slots of its KV head (through the block table) whose position is <= the
- * row's position (causal; slot order need not be position order). */
+ * owns query rows [q_start[s], q_start[s+1]); its new K/V are the last
+ * q_start[s+1] - q_start[s] slots of each of its heads. Each query row
+ * attends to the slots of its KV head (through the block table) whose
+ * position is <= the row's position (causal; slot order need not be
+ * position order). */
 typedef struct k_attn_args {
   int32_t n_seqs;
+  int32_t layer;
   int32_t n_q_heads, n_kv_heads, head_dim;
-  float scale;                 /* 1/sqrt(head_dim) usually */
-  const float *q;              /* [n_tokens][n_q_heads][head_dim] */
-  float *out;                  /* [n_tokens][n_q_heads][head_dim] */
-  const int32_t *q_start;      /* [n_seqs + 1] */
-  const int32_t *q_pos;        /* [n_tokens] */
-  const int32_t *block_tables; /* [n_seqs][n_kv_heads][max_blocks] */
-  const int32_t *ctx_lens;     /* [n_seqs][n_kv_heads] slots in use, new ones included */
-  int32_t max_blocks;
+  float scale;             /* 1/sqrt(head_dim) usually */
+  int32_t obs_pool;        /* max-pool width of prefill scores (odd; 1 = none) */
+  const float *q;          /* [n_tokens][n_q_heads][head_dim] */
+  float *out;              /* [n_tokens][n_q_heads][head_dim] */
+  const int32_t *q_start;  /* [n_seqs + 1] */
+  const int32_t *q_pos;    /* [n_tokens] */
+  const k_seq_kv_t *seqs;  /* [n_seqs] */
 } k_attn_args_t;
+
+/* Head (layer, h) of a sequence: its block table and length. */
+static inline const int32_t *k_seq_table(const k_seq_kv_t *s, int32_t layer, int32_t n_kv_heads,
+                                         int32_t h) {
+  return s->blocks + ((int64_t)layer * n_kv_heads + h) * s->stride;
+}
+static inline int32_t k_seq_ctx(const k_seq_kv_t *s, int32_t layer, int32_t n_kv_heads,
+                                int32_t h) {
+  return s->ctx[(int64_t)layer * n_kv_heads + h];
+}
 
 typedef struct k_backend k_backend_t;
 
@@ -106,12 +143,16 @@ typedef struct k_ops {
   int (*add)(k_backend_t *be, float *y, const float *x, int64_t n);
   /* y[m][table.cols] = table[ids[m]] */
   int (*embed)(k_backend_t *be, float *y, const k_weight_t *table, const int32_t *ids, int64_t m);
-  /* Scatter m tokens' K and V ([m][n_kv_heads][head_dim]) to the arena slots
-   * slots[t][h] (= block * block_size + offset), recording pos[t] and a zero
-   * score. */
+  /* Write the new K and V ([n_tokens][n_kv_heads][head_dim], rows as in
+   * a) into the last slots of each sequence's heads at layer a->layer,
+   * recording each row's position and a zero score. */
   int (*kv_write)(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
-                  const int32_t *pos, const int32_t *slots, int64_t m, int32_t n_kv_heads);
+                  const k_attn_args_t *a);
   int (*attention)(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a);
+  /* Compaction: slot dst[i] receives the K, V, score and position of slot
+   * src[i]. No slot is both a source and a destination. */
+  int (*kv_move)(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
+                 const int32_t *dst, int64_t n);
 } k_ops_t;
 
 struct k_backend {

@@ -91,7 +91,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
       .out = m->att,
       .q_start = b->q_start,
       .q_pos = m->d_pos,
-      .max_blocks = b->max_blocks,
+      .seqs = b->seqs,
+      .obs_pool = b->obs_pool > 0 ? b->obs_pool : 1,
   };
   for (int32_t l = 0; l < L; l++) {
     const model_layer_t *ly = &w->layers[l];
@@ -103,9 +104,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
     TRY(op->rope(be, m->q, m->d_pos, T, Hq, (int32_t)D, m->inv_freq));
     TRY(op->rope(be, m->k, m->d_pos, T, Hkv, (int32_t)D, m->inv_freq));
     /* new K/V into their paged slots, then attend over each head's blocks */
-    TRY(op->kv_write(be, m->kv, m->k, m->v, m->d_pos, b->slots + (int64_t)l * T * Hkv, T, Hkv));
-    a.block_tables = b->block_tables + (int64_t)l * b->n_seqs * Hkv * b->max_blocks;
-    a.ctx_lens = b->ctx_lens + (int64_t)l * b->n_seqs * Hkv;
+    a.layer = l;
+    TRY(op->kv_write(be, m->kv, m->k, m->v, &a));
     TRY(op->attention(be, m->kv, &a));
     /* x += att · woᵀ */
     TRY(op->matmul(be, m->xn, m->att, &ly->wo, T));

@@ -1,7 +1,8 @@
 /* The Llama forward pass over a batch of sequences, each contributing a
  * chunk of new tokens (a prefill chunk or one decode token). K/V are read
  * and written through the paged arena: the caller (scheduler) has already
- * appended slots for the new tokens and built the flat block tables. */
+ * appended slots for the new tokens; the kernels read its block tables in
+ * place. */
 #ifndef PRESSD_MODEL_LLAMA_H
 #define PRESSD_MODEL_LLAMA_H
 
@@ -16,10 +17,8 @@ typedef struct model_batch {
   const int32_t *tokens;       /* [n_tokens] */
   const int32_t *pos;          /* [n_tokens] position of each token */
   const int32_t *q_start;      /* [n_seqs + 1] token row offsets */
-  const int32_t *block_tables; /* [n_layers][n_seqs][n_kv_heads][max_blocks] */
-  const int32_t *ctx_lens;     /* [n_layers][n_seqs][n_kv_heads] */
-  const int32_t *slots;        /* [n_layers][n_tokens][n_kv_heads] arena slot of each new K/V */
-  int32_t max_blocks;
+  const k_seq_kv_t *seqs;      /* [n_seqs] each sequence's KV, new slots appended */
+  int32_t obs_pool;            /* max-pool width of prefill scores (see k_seq_kv_t) */
   int32_t n_logits;            /* rows that need logits */
   const int32_t *logit_rows;   /* [n_logits] token rows, ascending */
 } model_batch_t;

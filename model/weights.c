@@ -396,7 +396,7 @@ static int gguf_lookup(const model_gguf_t *g, const char *name, int64_t rows, in
 
 static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst,
                      char *err, size_t errlen) {
-  const model_gguf_tensor_t *t;
+  const model_gguf_tensor_t *t = NULL;
   int rc = gguf_lookup(ctx, name, rows, cols, &t, err, errlen);
   if (rc) return rc;
   char tb[16];
@@ -408,7 +408,7 @@ static int gguf_fill(void *ctx, const char *name, int64_t rows, int64_t cols, fl
 
 static int gguf_view(void *ctx, const char *name, int64_t rows, int64_t cols, k_dtype_t *type,
                      const void **data, char *err, size_t errlen) {
-  const model_gguf_tensor_t *t;
+  const model_gguf_tensor_t *t = NULL;
   int rc = gguf_lookup(ctx, name, rows, cols, &t, err, errlen);
   if (rc) return rc;
   switch (t->type) {

@@ -2,13 +2,14 @@
  * context length. Heads of one sequence may hold different lengths (after
  * compression); each slot's token position lives in the arena.
  *
- * And the batch view: the flat arrays the attention kernels read for one
- * forward step, built from the sequences in the batch. */
+ * The kernels read the tables and lengths where they are (no per-step
+ * copy), so a forward step costs O(sequences) to set up. */
 #ifndef PRESSD_PAGED_SEQ_H
 #define PRESSD_PAGED_SEQ_H
 
 #include <stdint.h>
 
+#include "kernels/backend.h"
 #include "paged/pool.h"
 
 typedef struct kv_seq {
@@ -46,21 +47,9 @@ static inline int32_t kv_seq_slot(const kv_seq_t *s, int32_t l, int32_t h, int32
   return kv_seq_table(s, l, h)[i / s->block_size] * s->block_size + i % s->block_size;
 }
 
-/* Flat per-step arrays for the kernels, sized once for the configured maxima. */
-typedef struct kv_batch {
-  int32_t n_layers, n_heads, block_size;
-  int32_t cap_seqs, cap_tokens, cap_blocks;
-  int32_t n_seqs, n_tokens, max_blocks;
-  int32_t *block_tables; /* owns: [n_layers][n_seqs][n_heads][max_blocks] */
-  int32_t *ctx_lens;     /* owns: [n_layers][n_seqs][n_heads] */
-  int32_t *slots;        /* owns: [n_layers][n_tokens][n_heads] */
-} kv_batch_t;
-
-int kv_batch_init(kv_batch_t *b, int32_t n_layers, int32_t n_heads, int32_t block_size,
-                  int32_t cap_seqs, int32_t cap_tokens, int32_t cap_blocks_per_head);
-void kv_batch_destroy(kv_batch_t *b); /* NULL-safe */
-/* Build the view for seqs[i] whose last n_new[i] slots (already appended)
- * receive this step's tokens. -E2BIG past the capacities. */
-int kv_batch_build(kv_batch_t *b, kv_seq_t *const *seqs, const int32_t *n_new, int32_t n_seqs);
+/* The sequence as the kernels read it in place (no scores asked). */
+static inline k_seq_kv_t kv_seq_view(const kv_seq_t *s) {
+  return (k_seq_kv_t){.blocks = s->blocks, .ctx = s->ctx, .stride = s->max_blocks};
+}
 
 #endif

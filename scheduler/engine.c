@@ -45,15 +45,13 @@ struct sched_engine {
   /* engine thread only */
   kv_pool_t pool;
   k_kv_arena_t arena;
-  kv_batch_t kvb;
   model_t model;
   sched__sched_t sc;
   int32_t *tokens;   /* owns: [max_num_batched_tokens] */
   int32_t *pos;      /* owns: [max_num_batched_tokens] */
   int32_t *q_start;  /* owns: [max_num_seqs + 1] */
   int32_t *rows;     /* owns: [max_num_seqs] logit rows */
-  int32_t *n_new;    /* owns: [max_num_seqs] */
-  kv_seq_t **kvs;    /* owns (the array): [max_num_seqs] */
+  k_seq_kv_t *views; /* owns: [max_num_seqs] the batch's KV as the kernels read it */
   float *logits;     /* owns: [max_num_seqs][n_vocab] */
   float *lp_row;     /* owns: [n_vocab] raw logits of a row, for logprobs */
   char detok[DETOK_CAP];
@@ -380,8 +378,7 @@ static void step(sched_engine_t *e) {
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
-    e->kvs[i] = &s->kv;
-    e->n_new[i] = m;
+    e->views[i] = kv_seq_view(&s->kv);
     e->q_start[i] = t;
     memcpy(e->tokens + t, s->tokens + s->n_computed, (size_t)m * sizeof *e->tokens);
     for (int32_t j = 0; j < m; j++) e->pos[t + j] = s->n_computed + j;
@@ -390,23 +387,17 @@ static void step(sched_engine_t *e) {
   }
   e->q_start[n] = t;
 
-  int rc = kv_batch_build(&e->kvb, e->kvs, e->n_new, n);
-  if (!rc) {
-    model_batch_t b = {
-        .n_seqs = n,
-        .n_tokens = t,
-        .tokens = e->tokens,
-        .pos = e->pos,
-        .q_start = e->q_start,
-        .block_tables = e->kvb.block_tables,
-        .ctx_lens = e->kvb.ctx_lens,
-        .slots = e->kvb.slots,
-        .max_blocks = e->kvb.max_blocks,
-        .n_logits = n_logits,
-        .logit_rows = e->rows,
-    };
-    rc = model_forward(&e->model, &b, e->logits);
-  }
+  model_batch_t b = {
+      .n_seqs = n,
+      .n_tokens = t,
+      .tokens = e->tokens,
+      .pos = e->pos,
+      .q_start = e->q_start,
+      .seqs = e->views,
+      .n_logits = n_logits,
+      .logit_rows = e->rows,
+  };
+  int rc = model_forward(&e->model, &b, e->logits);
   e->st.steps++;
 
   int32_t li = 0;
@@ -527,9 +518,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   if ((rc = -pthread_cond_init(&e->cv, NULL))) goto fail_rc;
   e->cv_ok = true;
   if ((rc = kv_pool_init(&e->pool, (int32_t)n_blocks)) ||
-      (rc = kv_arena_init(&e->arena, be, (int32_t)n_blocks, BLOCK_SIZE, c->head_dim)) ||
-      (rc = kv_batch_init(&e->kvb, c->n_layers, c->n_kv_heads, BLOCK_SIZE, S, T,
-                          (cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE))) {
+      (rc = kv_arena_init(&e->arena, be, (int32_t)n_blocks, BLOCK_SIZE, c->head_dim))) {
     fail(err, errlen, rc, "cannot allocate the KV cache (%lld blocks): %s", (long long)n_blocks,
          strerror(-rc));
     goto fail;
@@ -547,12 +536,11 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->pos = malloc((size_t)T * sizeof *e->pos);
   e->q_start = malloc(((size_t)S + 1) * sizeof *e->q_start);
   e->rows = malloc((size_t)S * sizeof *e->rows);
-  e->n_new = malloc((size_t)S * sizeof *e->n_new);
-  e->kvs = malloc((size_t)S * sizeof *e->kvs);
+  e->views = malloc((size_t)S * sizeof *e->views);
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
-  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->n_new || !e->kvs ||
+  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -603,13 +591,11 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->pos);
   free(e->q_start);
   free(e->rows);
-  free(e->n_new);
-  free(e->kvs);
+  free(e->views);
   free(e->logits);
   free(e->lp_row);
   sched__sched_destroy(&e->sc);
   model_destroy(&e->model);
-  kv_batch_destroy(&e->kvb);
   kv_arena_destroy(&e->arena, e->be);
   kv_pool_destroy(&e->pool);
   if (e->cv_ok) pthread_cond_destroy(&e->cv);

@@ -19,8 +19,7 @@ int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *
   int rc;
   if ((rc = kv_pool_init(&s->pool, n_blocks)) ||
       (rc = kv_arena_init(&s->arena, be, n_blocks, B, c->head_dim)) ||
-      (rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len)) ||
-      (rc = kv_batch_init(&s->batch, c->n_layers, c->n_kv_heads, B, 1, chunk, per_head))) {
+      (rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len))) {
     snprintf(err, errlen, "cannot allocate the KV cache (%d blocks): %s", n_blocks, strerror(-rc));
     sched_single_destroy(s);
     return rc;
@@ -44,7 +43,6 @@ void sched_single_destroy(sched_single_t *s) {
   model_destroy(&s->model);
   free(s->pos);
   free(s->rows);
-  kv_batch_destroy(&s->batch);
   kv_seq_destroy(&s->seq, &s->pool);
   kv_arena_destroy(&s->arena, s->be);
   kv_pool_destroy(&s->pool);
@@ -65,8 +63,7 @@ int sched_single_feed(sched_single_t *s, const int32_t *tokens, int32_t n, bool 
     int32_t m = n - done < s->chunk ? n - done : s->chunk;
     int rc = kv_seq_append(&s->seq, &s->pool, m);
     if (rc) return rc;
-    kv_seq_t *seqs[1] = {&s->seq};
-    if ((rc = kv_batch_build(&s->batch, seqs, &m, 1))) return rc;
+    k_seq_kv_t view = kv_seq_view(&s->seq);
     for (int32_t i = 0; i < m; i++) {
       s->pos[i] = s->n_past + i;
       s->rows[i] = i;
@@ -79,10 +76,7 @@ int sched_single_feed(sched_single_t *s, const int32_t *tokens, int32_t n, bool 
         .tokens = tokens + done,
         .pos = s->pos,
         .q_start = q_start,
-        .block_tables = s->batch.block_tables,
-        .ctx_lens = s->batch.ctx_lens,
-        .slots = s->batch.slots,
-        .max_blocks = s->batch.max_blocks,
+        .seqs = &view,
         .n_logits = all_logits ? m : (last ? 1 : 0),
         .logit_rows = all_logits ? s->rows : &s->rows[m - 1],
     };

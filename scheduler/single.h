@@ -1,6 +1,6 @@
 /* One sequence through the model: the path `pressd generate` and the model
  * tests take. Owns a block pool sized for the request, its KV arena, the
- * sequence's block tables and the per-step batch view. The continuous-
+ * sequence's block tables. The continuous-
  * batching engine uses the same pieces for many sequences. */
 #ifndef PRESSD_SCHED_SINGLE_H
 #define PRESSD_SCHED_SINGLE_H
@@ -16,7 +16,6 @@ typedef struct sched_single {
   kv_pool_t pool;
   k_kv_arena_t arena;
   kv_seq_t seq;
-  kv_batch_t batch;
   model_t model;
   int32_t chunk;    /* tokens per forward step */
   int32_t max_len;  /* tokens the sequence may hold */

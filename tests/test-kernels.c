@@ -392,39 +392,102 @@ static void arena_free(k_kv_arena_t *a) {
   g_be->ops->free(g_be, a->pos);
 }
 
+/* Write K, V and a position straight into a slot (the CPU arena is host
+ * memory), to lay out a cache without going through kv_write. */
+static void put_slot(k_kv_arena_t *a, int32_t slot, const float *k, const float *v, int32_t pos) {
+  memcpy(a->k + (int64_t)slot * a->head_dim, k, (size_t)a->head_dim * sizeof(float));
+  memcpy(a->v + (int64_t)slot * a->head_dim, v, (size_t)a->head_dim * sizeof(float));
+  a->pos[slot] = pos;
+}
+
+/* Two sequences, two layers, two KV heads: each row's K/V land in the last
+ * slots of its sequence's heads at the call's layer, whatever the blocks. */
 static void test_kv_write(void) {
-  enum { NB = 5, BS = 4, D = 8, M = 3, H = 2 };
+  enum { NB = 12, BS = 4, D = 8, H = 2, L = 2, STRIDE = 3 };
   k_kv_arena_t a;
   arena_new(&a, NB, BS, D);
   uint64_t rng = 40;
+  const int32_t M = 5; /* seq 0: 2 rows, seq 1: 3 rows */
   float *k = rand_floats(&rng, M * H * D, 1.0f), *v = rand_floats(&rng, M * H * D, 1.0f);
-  const int32_t pos[M] = {7, 8, 100};
-  const int32_t slots[M * H] = {19, 0, 5, 6, 12, 3}; /* [t][h], any order */
-  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, slots, M, H), 0);
+  const int32_t q_start[3] = {0, 2, 5}, q_pos[5] = {7, 8, 0, 1, 2};
+  /* [L][H][STRIDE] tables; lengths include the new rows */
+  const int32_t tab0[L * H * STRIDE] = {9, 3, -1, 4, 11, -1, 0, 1, -1, 2, 5, -1};
+  const int32_t ctx0[L * H] = {9, 6, 5, 7};
+  const int32_t tab1[L * H * STRIDE] = {6, -1, -1, 7, -1, -1, 8, -1, -1, 10, -1, -1};
+  const int32_t ctx1[L * H] = {3, 3, 3, 3};
+  k_seq_kv_t seqs[2] = {{tab0, ctx0, STRIDE, 0, NULL, NULL}, {tab1, ctx1, STRIDE, 0, NULL, NULL}};
+  k_attn_args_t args = {.n_seqs = 2, .layer = 1, .n_kv_heads = H, .head_dim = D,
+                        .q_start = q_start, .q_pos = q_pos, .seqs = seqs};
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, &args), 0);
   bool written[NB * BS] = {false};
-  for (int t = 0; t < M; t++)
-    for (int h = 0; h < H; h++) {
-      int32_t s = slots[t * H + h];
-      written[s] = true;
-      CHECK_INT_EQ(a.pos[s], pos[t]);
-      CHECK_NEAR(a.score[s], 0, 0);
-      for (int d = 0; d < D; d++) {
-        CHECK_NEAR(a.k[s * D + d], k[(t * H + h) * D + d], 0);
-        CHECK_NEAR(a.v[s * D + d], v[(t * H + h) * D + d], 0);
+  for (int s = 0; s < 2; s++)
+    for (int t = q_start[s]; t < q_start[s + 1]; t++)
+      for (int h = 0; h < H; h++) {
+        const int32_t *tab = (s ? tab1 : tab0) + (1 * H + h) * STRIDE;
+        int32_t i = (s ? ctx1 : ctx0)[1 * H + h] - (q_start[s + 1] - t);
+        int32_t sl = tab[i / BS] * BS + i % BS;
+        written[sl] = true;
+        CHECK_INT_EQ(a.pos[sl], q_pos[t]);
+        CHECK_NEAR(a.score[sl], 0, 0);
+        for (int d = 0; d < D; d++) {
+          CHECK_NEAR(a.k[sl * D + d], k[(t * H + h) * D + d], 0);
+          CHECK_NEAR(a.v[sl * D + d], v[(t * H + h) * D + d], 0);
+        }
       }
+  int n_written = 0;
+  for (int sl = 0; sl < NB * BS; sl++) {
+    if (written[sl]) {
+      n_written++;
+      continue;
     }
-  for (int s = 0; s < NB * BS; s++) {
-    if (written[s]) continue;
-    CHECK_INT_EQ(a.pos[s], 0);
-    CHECK_NEAR(a.score[s], 9.0, 0);
-    for (int d = 0; d < D; d++) CHECK_NEAR(a.k[s * D + d], 3.0, 0);
+    CHECK_INT_EQ(a.pos[sl], 0);
+    CHECK_NEAR(a.score[sl], 9.0, 0);
+    for (int d = 0; d < D; d++) CHECK_NEAR(a.k[sl * D + d], 3.0, 0);
   }
-  /* slots outside the arena are refused */
-  int32_t bad[2] = {0, NB * BS};
-  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, bad, 1, 2), -EINVAL);
-  bad[1] = -1;
-  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, bad, 1, 2), -EINVAL);
-  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, pos, slots, 0, H), 0);
+  CHECK_INT_EQ(n_written, M * H);
+  /* a table pointing outside the arena, or fewer slots than rows, is refused */
+  const int32_t bad_tab[L * H * STRIDE] = {0, 0, 0, 0, 0, 0, NB, 0, 0, 0, 0, 0};
+  seqs[0].blocks = bad_tab;
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, &args), -EINVAL);
+  const int32_t short_ctx[L * H] = {9, 6, 1, 7};
+  seqs[0].blocks = tab0;
+  seqs[0].ctx = short_ctx;
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, &args), -EINVAL);
+  args.n_seqs = 0;
+  CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, &args), 0);
+  free(k);
+  free(v);
+  arena_free(&a);
+}
+
+/* Compaction moves carry K, V, score and position; other slots stay. */
+static void test_kv_move(void) {
+  enum { NB = 4, BS = 4, D = 8 };
+  k_kv_arena_t a;
+  arena_new(&a, NB, BS, D);
+  uint64_t rng = 41;
+  float *k = rand_floats(&rng, NB * BS * D, 1.0f), *v = rand_floats(&rng, NB * BS * D, 1.0f);
+  for (int sl = 0; sl < NB * BS; sl++) {
+    put_slot(&a, sl, k + sl * D, v + sl * D, 100 + sl);
+    a.score[sl] = (float)sl * 0.5f;
+  }
+  const int32_t src[3] = {15, 14, 9}, dst[3] = {2, 0, 5};
+  CHECK_INT_EQ(g_be->ops->kv_move(g_be, &a, src, dst, 3), 0);
+  for (int sl = 0; sl < NB * BS; sl++) {
+    int from = sl;
+    for (int i = 0; i < 3; i++)
+      if (dst[i] == sl) from = src[i];
+    CHECK_INT_EQ(a.pos[sl], 100 + from);
+    CHECK_NEAR(a.score[sl], from * 0.5, 0);
+    for (int d = 0; d < D; d++) {
+      CHECK_NEAR(a.k[sl * D + d], k[from * D + d], 0);
+      CHECK_NEAR(a.v[sl * D + d], v[from * D + d], 0);
+    }
+  }
+  const int32_t bad[1] = {NB * BS};
+  CHECK_INT_EQ(g_be->ops->kv_move(g_be, &a, bad, dst, 1), -EINVAL);
+  CHECK_INT_EQ(g_be->ops->kv_move(g_be, &a, src, bad, 1), -EINVAL);
+  CHECK_INT_EQ(g_be->ops->kv_move(g_be, &a, src, dst, 0), 0);
   free(k);
   free(v);
   arena_free(&a);
@@ -438,6 +501,7 @@ typedef struct seq_spec {
   int32_t prefix; /* positions [0, prefix) came before this step */
   int32_t n_q;    /* query rows at positions prefix .. prefix + n_q - 1 */
   int32_t keep[MAX_KVH]; /* prefix positions each KV head still holds; -1 all */
+  int32_t n_obs;         /* compression scores asked (k_seq_kv_t.n_obs) */
 } seq_spec_t;
 
 typedef struct attn_case {
@@ -448,6 +512,7 @@ typedef struct attn_case {
   float q_gain; /* larger: peakier softmax */
   uint64_t seed;
   bool sorted_slots; /* slots in position order (else shuffled) */
+  int32_t obs_pool;  /* max-pool width of prefill scores; 0 = 1 */
 } attn_case_t;
 
 typedef struct attn_stats {
@@ -526,14 +591,32 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     int32_t *row = tables + (int64_t)i * max_blocks;
     int32_t nb = (ctx[i] + B - 1) / B;
     for (int32_t b = 0; b < max_blocks; b++) row[b] = b < nb ? ids[next++] : -1;
-    /* write through the backend, one slot at a time */
-    for (int32_t t = 0; t < ctx[i]; t++) {
-      int32_t slot = row[t / B] * B + t % B;
-      CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, hk[i] + (int64_t)t * D, hv[i] + (int64_t)t * D,
-                                       &hpos[i][t], &slot, 1, 1),
-                   0);
+    for (int32_t t = 0; t < ctx[i]; t++)
+      put_slot(&a, row[t / B] * B + t % B, hk[i] + (int64_t)t * D, hv[i] + (int64_t)t * D,
+               hpos[i][t]);
+  }
+  const int32_t cap = max_blocks * B; /* logical slots per head row */
+  k_seq_kv_t *views = xmalloc((size_t)S * sizeof *views);
+  for (int32_t s = 0; s < S; s++) {
+    views[s] = (k_seq_kv_t){tables + (int64_t)s * H * max_blocks, ctx + s * H, max_blocks,
+                            c->seqs[s].n_obs, NULL, NULL};
+    if (c->seqs[s].n_obs > 0) {
+      views[s].obs_mass = xmalloc((size_t)H * cap * sizeof(float));
+      views[s].obs_last = xmalloc((size_t)QH * cap * sizeof(float));
+      fill_nan(views[s].obs_mass, (size_t)H * cap);
+      fill_nan(views[s].obs_last, (size_t)QH * cap);
     }
   }
+  const int32_t n_slots = n_arena * B;
+  float *score0 = xmalloc((size_t)n_slots * sizeof *score0);
+  float *score2 = xmalloc((size_t)n_slots * sizeof *score2);
+  for (int32_t t = 0; t < n_slots; t++) a.score[t] = score0[t] = (float)(t % 7) * 0.25f;
+  /* reference scores: [S*H][cap] added, [S*H][G][cap] window sums, [S][QH][cap] last row */
+  double *ref_add = calloc((size_t)S * H * cap, sizeof(double));
+  double *ref_sq = calloc((size_t)S * H * G * cap, sizeof(double));
+  double *ref_mass = calloc((size_t)S * H * G * cap, sizeof(double));
+  double *ref_last = calloc((size_t)S * QH * cap, sizeof(double));
+  CHECK(ref_add && ref_sq && ref_mass && ref_last);
 
   /* queries */
   int32_t *q_start = xmalloc((size_t)(S + 1) * sizeof *q_start);
@@ -559,13 +642,16 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
       .out = out,
       .q_start = q_start,
       .q_pos = q_pos,
-      .block_tables = tables,
-      .ctx_lens = ctx,
-      .max_blocks = max_blocks,
+      .seqs = views,
+      .obs_pool = c->obs_pool > 0 ? c->obs_pool : 1,
   };
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
+  memcpy(score2, a.score, (size_t)n_slots * sizeof *score2);
+  memcpy(a.score, score0, (size_t)n_slots * sizeof *score0);
   args.out = out1;
   CHECK_INT_EQ(g_be1->ops->attention(g_be1, &a, &args), 0);
+  if (memcmp(score2, a.score, (size_t)n_slots * sizeof *score2) != 0)
+    FAIL_AT("%s: scores differ between 1 and 2 threads", c->name);
 
   /* dense reference over the visible keys of the same head */
   double *sc = xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
@@ -603,6 +689,16 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
           l += p;
           for (int32_t d = 0; d < D; d++) acc[d] += p * hv[i][(int64_t)t * D + d];
         }
+        int32_t n_obs = c->seqs[s].n_obs, g = qh % G;
+        bool obs = n_obs < 0 || (n_obs > 0 && r >= q_start[s + 1] - n_obs);
+        for (int32_t t = 0; obs && t < ctx[i]; t++) {
+          if (hpos[i][t] > q_pos[r]) continue;
+          double p = exp(sc[t] - mx) / l;
+          if (n_obs < 0) ref_add[(int64_t)i * cap + t] += p * p;
+          ref_sq[((int64_t)i * G + g) * cap + t] += p * p;
+          ref_mass[((int64_t)i * G + g) * cap + t] += p;
+          if (r == q_start[s + 1] - 1) ref_last[((int64_t)s * QH + qh) * cap + t] = p * p;
+        }
         for (int32_t d = 0; d < D; d++) {
           size_t o = ((size_t)r * QH + qh) * D + d;
           double want = acc[d] / l, diff = fabs(out[o] - want);
@@ -616,6 +712,54 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
         }
       }
     }
+
+  /* scores: the window's sums max-pooled per query head, then summed */
+  const int32_t w = args.obs_pool / 2;
+  for (int32_t s = 0; s < S; s++) {
+    if (c->seqs[s].n_obs <= 0) continue;
+    for (int32_t h = 0; h < H; h++) {
+      int32_t i = s * H + h;
+      for (int32_t t = 0; t < ctx[i]; t++) {
+        double mass = 0;
+        for (int32_t g = 0; g < G; g++) {
+          double mq = 0, mm = 0;
+          for (int32_t u = t - w; u <= t + w; u++) {
+            if (u < 0 || u >= ctx[i]) continue;
+            mq = fmax(mq, ref_sq[((int64_t)i * G + g) * cap + u]);
+            mm = fmax(mm, ref_mass[((int64_t)i * G + g) * cap + u]);
+          }
+          ref_add[(int64_t)i * cap + t] += mq;
+          mass += mm;
+        }
+        check_close("obs_mass", (size_t)t, views[s].obs_mass[h * cap + t], mass, 1e-5);
+        for (int32_t g = 0; g < G; g++)
+          check_close("obs_last", (size_t)t, views[s].obs_last[(h * G + g) * cap + t],
+                      ref_last[((int64_t)s * QH + h * G + g) * cap + t], 1e-5);
+      }
+    }
+  }
+  for (int32_t i = 0; i < S * H; i++)
+    for (int32_t t = 0; t < ctx[i]; t++) {
+      int32_t slot = tables[(int64_t)i * max_blocks + t / B] * B + t % B;
+      double want = score0[slot] + ref_add[(int64_t)i * cap + t];
+      if (c->seqs[i / H].n_obs == 0) {
+        if (a.score[slot] != score0[slot])
+          FAIL_AT("%s: seq %d asked no scores but slot %d changed", c->name, i / H, slot);
+      } else {
+        check_close("score", (size_t)slot, a.score[slot], want, 1e-5);
+      }
+    }
+  free(ref_add);
+  free(ref_sq);
+  free(ref_mass);
+  free(ref_last);
+  free(score0);
+  free(score2);
+  for (int32_t s = 0; s < S; s++) {
+    free(views[s].obs_mass);
+    free(views[s].obs_last);
+  }
+  free(views);
 
   /* attention reads the cache, it does not move it */
   for (int32_t i = 0; i < S * H; i++)
@@ -651,13 +795,20 @@ static void test_attention_gqa(void) {
    * seq 2: 40 rows at 30..69 (5 tiles); head 1 evicted the whole prefix, so
    *        the row at position 30 sees exactly one key there. */
   static const seq_spec_t seqs[] = {
-      {70, 1, {45, 12}},
-      {20, 7, {-1, 3}},
-      {30, 40, {17, 0}},
+      {70, 1, {45, 12}, 0},
+      {20, 7, {-1, 3}, 0},
+      {30, 40, {17, 0}, 0},
   };
-  for (int v = 0; v < 3; v++) {
-    attn_case_t c = {"gqa", 6, 2, 64, 16, 3, seqs, v == 2 ? 4.0f : 1.0f, 100 + (uint64_t)v,
-                     v == 1};
+  /* The same with compression scores: a decode, a window longer than the
+   * rows, and a 20-row window over 3 tiles after 20 unscored rows. */
+  static const seq_spec_t scored[] = {
+      {70, 1, {45, 12}, -1},
+      {20, 7, {-1, 3}, 32},
+      {30, 40, {17, 0}, 20},
+  };
+  for (int v = 0; v < 5; v++) {
+    attn_case_t c = {"gqa", 6, 2, 64, 16, 3, v < 3 ? seqs : scored, v == 2 ? 4.0f : 1.0f,
+                     100 + (uint64_t)v, v == 1, v == 3 ? 7 : 1};
     attn_stats_t st = {0};
     run_attention(&c, &st);
     fprintf(stderr, "   gqa variant %d: %lld rows, max |diff| %.3g\n", v, (long long)st.rows,
@@ -669,28 +820,28 @@ static void test_attention_gqa(void) {
 
 static void test_attention_shapes(void) {
   /* multi-head (G = 1), small blocks, head_dim 32 */
-  static const seq_spec_t mha[] = {{0, 9, {0, 0, 0, 0}}, {5, 3, {5, 2, 0, 4}}, {33, 1, {1, 33, 8, 20}}};
-  attn_case_t c1 = {"mha", 4, 4, 32, 8, 3, mha, 2.0f, 200, false};
+  static const seq_spec_t mha[] = {{0, 9, {0, 0, 0, 0}, 5}, {5, 3, {5, 2, 0, 4}, 0}, {33, 1, {1, 33, 8, 20}, -1}};
+  attn_case_t c1 = {"mha", 4, 4, 32, 8, 3, mha, 2.0f, 200, false, 3};
   attn_stats_t st = {0};
   run_attention(&c1, &st);
   CHECK(st.rows_one_key >= 1); /* seq 0 row 0 sees only itself */
 
   /* G = 16 (the most the CPU kernel takes), head_dim 128, blocks of 32,
    * a long context */
-  static const seq_spec_t big[] = {{300, 2, {260}}, {64, 17, {-1}}};
-  attn_case_t c2 = {"g16", 16, 1, 128, 32, 2, big, 1.5f, 300, false};
+  static const seq_spec_t big[] = {{300, 2, {260}, -1}, {64, 17, {-1}, 12}};
+  attn_case_t c2 = {"g16", 16, 1, 128, 32, 2, big, 1.5f, 300, false, 7};
   memset(&st, 0, sizeof st);
   run_attention(&c2, &st);
 
   /* blocks of 64 (the largest), head_dim 256 */
-  static const seq_spec_t wide[] = {{130, 5, {100, 3}}};
-  attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false};
+  static const seq_spec_t wide[] = {{130, 5, {100, 3}, 0}};
+  attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false, 1};
   memset(&st, 0, sizeof st);
   run_attention(&c3, &st);
 
   /* block size 1: every slot its own block */
-  static const seq_spec_t tiny[] = {{10, 3, {4, 10}}, {2, 2, {1, 0}}};
-  attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false};
+  static const seq_spec_t tiny[] = {{10, 3, {4, 10}, 3}, {2, 2, {1, 0}, -1}};
+  attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false, 7};
   memset(&st, 0, sizeof st);
   run_attention(&c4, &st);
 }
@@ -706,8 +857,9 @@ static void test_attention_many_seqs(void) {
     seqs[s].prefix = rng_int(&rng, 50);
     seqs[s].n_q = s % 10 == 0 ? 9 : 1;
     for (int h = 0; h < 3; h++) seqs[s].keep[h] = rng_int(&rng, seqs[s].prefix + 1);
+    seqs[s].n_obs = s % 10 == 0 ? (s % 20 ? 4 : 0) : (s % 3 == 0 ? -1 : 0);
   }
-  attn_case_t c = {"many", 9, 3, 64, 16, S, seqs, 1.0f, 601, false};
+  attn_case_t c = {"many", 9, 3, 64, 16, S, seqs, 1.0f, 601, false, 7};
   attn_stats_t st = {0};
   run_attention(&c, &st);
   fprintf(stderr, "   %lld rows, max |diff| %.3g\n", (long long)st.rows, st.max_diff);
@@ -724,14 +876,14 @@ static void test_attention_single_key(void) {
   float *k = rand_floats(&rng, 40 * D, 1.0f), *v = rand_floats(&rng, 40 * D, 1.0f);
   const int32_t table[3] = {2, 0, 3};
   /* slots 0..39 of the head hold positions 39, 38, ..., 0: reversed */
-  for (int32_t t = 0; t < 40; t++) {
-    int32_t slot = table[t / B] * B + t % B, p = 39 - t;
-    CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k + t * D, v + t * D, &p, &slot, 1, 1), 0);
-  }
+  for (int32_t t = 0; t < 40; t++) put_slot(&a, table[t / B] * B + t % B, k + t * D, v + t * D, 39 - t);
   float q[2 * D], out[2 * D];
   for (int d = 0; d < 2 * D; d++) q[d] = rng_unit(&rng) * 5.0f;
   const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, ctx[1] = {40};
-  k_attn_args_t args = {1, 2, 1, D, 0.125f, q, out, q_start, q_pos, table, ctx, 3};
+  k_seq_kv_t view = {table, ctx, 3, 0, NULL, NULL};
+  k_attn_args_t args = {.n_seqs = 1, .n_q_heads = 2, .n_kv_heads = 1, .head_dim = D,
+                        .scale = 0.125f, .q = q, .out = out, .q_start = q_start,
+                        .q_pos = q_pos, .seqs = &view};
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   /* position 0 sits in slot 39 */
   for (int h = 0; h < 2; h++)
@@ -750,7 +902,7 @@ static void test_attention_single_key(void) {
   }
   /* ctx 1: only slot 0 (position 39) is in use; a row at 39 sees just it */
   const int32_t ctx1[1] = {1};
-  args.ctx_lens = ctx1;
+  view.ctx = ctx1;
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   for (int d = 0; d < D; d++) CHECK_NEAR(out[d], v[d], 0);
   free(k);
@@ -763,7 +915,10 @@ static void test_attention_bad_args(void) {
   arena_new(&a, 2, 16, 64);
   float q[64] = {0}, out[64];
   const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, table[1] = {0}, ctx[1] = {1};
-  k_attn_args_t args = {1, 1, 1, 64, 0.125f, q, out, q_start, q_pos, table, ctx, 1};
+  k_seq_kv_t view = {table, ctx, 1, 0, NULL, NULL};
+  k_attn_args_t args = {.n_seqs = 1, .n_q_heads = 1, .n_kv_heads = 1, .head_dim = 64,
+                        .scale = 0.125f, .q = q, .out = out, .q_start = q_start,
+                        .q_pos = q_pos, .seqs = &view};
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   args.n_q_heads = 3;
   args.n_kv_heads = 2; /* not a multiple */
@@ -828,6 +983,7 @@ int main(void) {
   RUN(test_silu_mul_add);
   RUN(test_embed);
   RUN(test_kv_write);
+  RUN(test_kv_move);
   RUN(test_attention_gqa);
   RUN(test_attention_shapes);
   RUN(test_attention_many_seqs);

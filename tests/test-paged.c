@@ -485,144 +485,40 @@ static void test_seq_reset_destroy(void) {
   kv_pool_destroy(&p);
 }
 
-/* ---- batch view ------------------------------------------------------------ */
+/* ---- the kernels' view ------------------------------------------------------ */
 
-/* Check b against the documented layout for seqs[] and n_new[]. */
-static void check_batch(const kv_batch_t *b, kv_seq_t *const *seqs, const int32_t *n_new,
-                        int32_t n_seqs) {
-  int32_t L = b->n_layers, H = b->n_heads, B = b->block_size;
-  int32_t n_tokens = 0, max_blocks = 1;
-  for (int32_t s = 0; s < n_seqs; s++) {
-    n_tokens += n_new[s];
-    for (int32_t i = 0; i < L * H; i++)
-      if (seqs[s]->n_blocks[i] > max_blocks) max_blocks = seqs[s]->n_blocks[i];
-  }
-  CHECK_INT_EQ(b->n_seqs, n_seqs);
-  CHECK_INT_EQ(b->n_tokens, n_tokens);
-  CHECK_INT_EQ(b->max_blocks, max_blocks);
-  for (int32_t l = 0; l < L; l++) {
-    int32_t tok = 0;
-    for (int32_t s = 0; s < n_seqs; s++) {
-      const kv_seq_t *q = seqs[s];
-      for (int32_t h = 0; h < H; h++) {
-        int32_t ctx = q->ctx[l * H + h], nb = q->n_blocks[l * H + h];
-        const int32_t *own = q->blocks + ((int64_t)l * H + h) * q->max_blocks;
-        CHECK_INT_EQ(b->ctx_lens[(l * n_seqs + s) * H + h], ctx);
-        const int32_t *row = b->block_tables + ((int64_t)(l * n_seqs + s) * H + h) * max_blocks;
-        for (int32_t k = 0; k < nb; k++) CHECK_INT_EQ(row[k], own[k]);
-        for (int32_t t = 0; t < n_new[s]; t++) {
-          int32_t i = ctx - n_new[s] + t; /* the t-th new slot of this head */
-          CHECK_INT_EQ(b->slots[((int64_t)l * n_tokens + tok + t) * H + h], own[i / B] * B + i % B);
-        }
-      }
-      tok += n_new[s];
+/* The view reads the sequence's bookkeeping in place: the same table and
+ * length for every head, through the accessors the kernels use. */
+static void check_view(const kv_seq_t *s) {
+  k_seq_kv_t v = kv_seq_view(s);
+  CHECK_INT_EQ(v.n_obs, 0);
+  CHECK(v.obs_mass == NULL && v.obs_last == NULL);
+  for (int32_t l = 0; l < s->n_layers; l++)
+    for (int32_t h = 0; h < s->n_heads; h++) {
+      CHECK(k_seq_table(&v, l, s->n_heads, h) == kv_seq_table(s, l, h));
+      CHECK_INT_EQ(k_seq_ctx(&v, l, s->n_heads, h), kv_seq_ctx(s, l, h));
     }
-    CHECK_INT_EQ(tok, n_tokens);
-  }
 }
 
-static void test_batch_layout(void) {
-  enum { L = 2, H = 3, B = 4, N = 400 };
+static void test_view(void) {
+  enum { L = 2, H = 3, B = 16 };
   kv_pool_t p;
-  CHECK_INT_EQ(kv_pool_init(&p, N), 0);
+  CHECK_INT_EQ(kv_pool_init(&p, 64), 0);
   kv_pool_shuffle(&p, 5);
-  kv_seq_t s0, s1, s2;
-  CHECK_INT_EQ(kv_seq_init(&s0, L, H, B, 64), 0);
-  CHECK_INT_EQ(kv_seq_init(&s1, L, H, B, 64), 0);
-  CHECK_INT_EQ(kv_seq_init(&s2, L, H, B, 64), 0);
-  /* s0: a decode after 10 tokens; s1: a fresh prefill of 7; s2: a chunk of
-   * 6 after 5, with ragged heads as compression leaves them */
-  CHECK_INT_EQ(kv_seq_append(&s0, &p, 10), 0);
-  CHECK_INT_EQ(kv_seq_append(&s2, &p, 5), 0);
-  for (int32_t i = 0; i < L * H; i++) { /* head i of s2 keeps 5 - i % 4 tokens */
-    int32_t keep = 5 - i % 4, nb = cdiv(keep, B);
-    int32_t *t = s2.blocks + (int64_t)i * s2.max_blocks;
-    for (int32_t k = nb; k < s2.n_blocks[i]; k++) kv_pool_release(&p, t[k]);
-    s2.n_blocks[i] = nb;
-    s2.ctx[i] = keep;
-  }
-  check_seq(&s2, &p);
-  const int32_t n_new[3] = {1, 7, 6};
-  CHECK_INT_EQ(kv_seq_append(&s0, &p, n_new[0]), 0);
-  CHECK_INT_EQ(kv_seq_append(&s1, &p, n_new[1]), 0);
-  CHECK_INT_EQ(kv_seq_append(&s2, &p, n_new[2]), 0);
-  CHECK_INT_EQ(kv_seq_ctx(&s0, 1, 2), 11);
-  CHECK_INT_EQ(kv_seq_ctx(&s1, 1, 2), 7);
-  CHECK_INT_EQ(kv_seq_ctx(&s2, 0, 0), 11);
-  CHECK_INT_EQ(kv_seq_ctx(&s2, 0, 1), 10);
-  CHECK_INT_EQ(kv_seq_ctx(&s2, 0, 2), 9);
-  CHECK_INT_EQ(kv_seq_ctx(&s2, 1, 0), 8);
-  CHECK_INT_EQ(kv_seq_ctx(&s2, 1, 1), 11);
-
-  kv_batch_t b;
-  CHECK_INT_EQ(kv_batch_init(&b, L, H, B, 4, 32, 16), 0);
-  kv_seq_t *seqs[3] = {&s0, &s1, &s2};
-  CHECK_INT_EQ(kv_batch_build(&b, seqs, n_new, 3), 0);
-  check_batch(&b, seqs, n_new, 3);
-  CHECK_INT_EQ(b.n_tokens, 14);
-  CHECK_INT_EQ(b.max_blocks, 3); /* 11 tokens in blocks of 4 */
-  /* spot checks written out: token 0 is s0's decode token, slot 10 of each head */
-  for (int32_t l = 0; l < L; l++)
-    for (int32_t h = 0; h < H; h++) {
-      CHECK_INT_EQ(b.slots[(l * 14 + 0) * H + h], kv_seq_table(&s0, l, h)[2] * B + 2);
-      /* token 1 is s1's first token: slot 0 */
-      CHECK_INT_EQ(b.slots[(l * 14 + 1) * H + h], kv_seq_table(&s1, l, h)[0] * B + 0);
-      /* token 13 is s2's last token: slot ctx - 1 of that head */
-      int32_t c = kv_seq_ctx(&s2, l, h);
-      CHECK_INT_EQ(b.slots[(l * 14 + 13) * H + h],
-                   kv_seq_table(&s2, l, h)[(c - 1) / B] * B + (c - 1) % B);
-      CHECK_INT_EQ(b.ctx_lens[(l * 3 + 1) * H + h], 7);
-      CHECK_INT_EQ(b.block_tables[((l * 3 + 2) * H + h) * 3 + 0], kv_seq_table(&s2, l, h)[0]);
-    }
-
-  /* the same sequences in another order, and a sequence without new tokens */
-  kv_seq_t *rev[3] = {&s2, &s0, &s1};
-  const int32_t n_rev[3] = {6, 0, 7};
-  CHECK_INT_EQ(kv_batch_build(&b, rev, n_rev, 3), 0);
-  check_batch(&b, rev, n_rev, 3);
-  /* one sequence */
-  CHECK_INT_EQ(kv_batch_build(&b, seqs, n_new, 1), 0);
-  check_batch(&b, seqs, n_new, 1);
-  CHECK_INT_EQ(b.max_blocks, 3);
-  /* an empty batch */
-  CHECK_INT_EQ(kv_batch_build(&b, seqs, n_new, 0), 0);
-  CHECK_INT_EQ(b.n_seqs, 0);
-  CHECK_INT_EQ(b.n_tokens, 0);
-
-  /* capacities */
-  kv_seq_t *many[5] = {&s0, &s1, &s2, &s0, &s1};
-  const int32_t n_many[5] = {1, 1, 1, 1, 1};
-  CHECK_INT_EQ(kv_batch_build(&b, many, n_many, 5), -E2BIG);
-  kv_batch_t small;
-  CHECK_INT_EQ(kv_batch_init(&small, L, H, B, 4, 13, 16), 0);
-  CHECK_INT_EQ(kv_batch_build(&small, seqs, n_new, 3), -E2BIG); /* 14 tokens > 13 */
-  kv_batch_destroy(&small);
-  CHECK_INT_EQ(kv_batch_init(&small, L, H, B, 4, 32, 2), 0);
-  CHECK_INT_EQ(kv_batch_build(&small, seqs, n_new, 3), -E2BIG); /* 3 blocks > 2 */
-  CHECK_INT_EQ(kv_batch_build(&small, &seqs[1], &n_new[1], 1), 0); /* s1 has 2 */
-  check_batch(&small, &seqs[1], &n_new[1], 1);
-  kv_batch_destroy(&small);
-  /* a sequence of another shape */
-  kv_seq_t other;
-  CHECK_INT_EQ(kv_seq_init(&other, L, H + 1, B, 64), 0);
-  kv_seq_t *mixed[2] = {&s0, &other};
-  const int32_t n_mixed[2] = {1, 0};
-  CHECK_INT_EQ(kv_batch_build(&b, mixed, n_mixed, 2), -EINVAL);
-  kv_seq_destroy(&other, &p);
-
-  CHECK_INT_EQ(kv_batch_init(&small, 0, H, B, 4, 32, 2), -EINVAL);
-  CHECK_INT_EQ(kv_batch_init(&small, L, H, B, 0, 32, 2), -EINVAL);
-  CHECK_INT_EQ(kv_batch_init(&small, L, H, B, 4, 0, 2), -EINVAL);
-  CHECK_INT_EQ(kv_batch_init(&small, L, H, B, 4, 32, 0), -EINVAL);
-  kv_batch_destroy(&small);
-  kv_batch_destroy(NULL);
-
-  kv_batch_destroy(&b);
-  kv_seq_destroy(&s0, &p);
-  kv_seq_destroy(&s1, &p);
-  kv_seq_destroy(&s2, &p);
-  CHECK_INT_EQ(kv_pool_free_count(&p), N);
-  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  kv_seq_t s;
+  CHECK_INT_EQ(kv_seq_init(&s, L, H, B, 64), 0);
+  check_view(&s);
+  CHECK_INT_EQ(kv_seq_append(&s, &p, 10), 0);
+  /* heads of different lengths, as after compression */
+  s.ctx[1 * H + 2] = 3;
+  check_view(&s);
+  k_seq_kv_t v = kv_seq_view(&s);
+  CHECK_INT_EQ(k_seq_ctx(&v, 1, H, 2), 3);
+  CHECK_INT_EQ(k_seq_ctx(&v, 1, H, 1), 10);
+  CHECK_INT_EQ(k_seq_table(&v, 1, H, 2)[0], kv_seq_table(&s, 1, 2)[0]);
+  CHECK_INT_EQ(v.stride, 4);
+  kv_seq_destroy(&s, &p);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 64);
   kv_pool_destroy(&p);
 }
 
@@ -636,8 +532,6 @@ static void test_stress(void) {
   kv_seq_t *seqs = calloc(NS, sizeof *seqs);
   CHECK(seqs);
   for (int i = 0; i < NS; i++) CHECK_INT_EQ(kv_seq_init(&seqs[i], L, H, B, MAXT), 0);
-  kv_batch_t b;
-  CHECK_INT_EQ(kv_batch_init(&b, L, H, B, NS, NS * 40, MAXT / B), 0);
   int32_t *owner = malloc(N * sizeof *owner);
   CHECK(owner);
   uint64_t rng = 31337;
@@ -698,26 +592,14 @@ static void test_stress(void) {
     }
     CHECK_INT_EQ(held, kv_pool_used_count(&p));
 
-    if (step % 50 == 0) { /* a batch of every sequence with its last few tokens new */
-      kv_seq_t *ptrs[NS];
-      int32_t nn[NS];
-      for (int i = 0; i < NS; i++) {
-        ptrs[i] = &seqs[i];
-        int32_t minctx = MAXT;
-        for (int32_t h = 0; h < L * H; h++)
-          if (seqs[i].ctx[h] < minctx) minctx = seqs[i].ctx[h];
-        nn[i] = minctx < 3 ? minctx : 3;
-      }
-      CHECK_INT_EQ(kv_batch_build(&b, ptrs, nn, NS), 0);
-      check_batch(&b, ptrs, nn, NS);
-    }
+    if (step % 50 == 0)
+      for (int i = 0; i < NS; i++) check_view(&seqs[i]);
   }
   fprintf(stderr, "   appends: %d ok, %d -ENOSPC, %d -E2BIG\n", n_ok, n_nospc, n_big);
   CHECK(n_ok > 1000 && n_nospc > 10 && n_big > 10);
   for (int i = 0; i < NS; i++) kv_seq_destroy(&seqs[i], &p);
   CHECK_INT_EQ(kv_pool_free_count(&p), N);
   CHECK_INT_EQ(kv_pool_check(&p), 0);
-  kv_batch_destroy(&b);
   free(owner);
   free(seqs);
   kv_pool_destroy(&p);
@@ -735,7 +617,7 @@ int main(void) {
   RUN(test_seq_append_too_big);
   RUN(test_seq_slots);
   RUN(test_seq_reset_destroy);
-  RUN(test_batch_layout);
+  RUN(test_view);
   RUN(test_stress);
   return 0;
 }

@@ -22,6 +22,8 @@ void openblas_set_num_threads(int n);
 typedef struct cpu {
   k_pool_t *pool;         /* owns */
   k__scratch_t mm_scratch; /* matmul's dequantised weight bands */
+  k__scratch_t *att_scratch; /* owns: [threads] attention's probabilities for scores */
+  int32_t threads;
 } cpu_t;
 
 int k__scratch_reserve(k__scratch_t *s, size_t bytes) {
@@ -47,6 +49,9 @@ static void cpu_destroy(k_backend_t *be) {
   if (c) {
     k_pool_free(c->pool);
     k__scratch_destroy(&c->mm_scratch);
+    for (int32_t i = 0; c->att_scratch && i < c->threads; i++)
+      k__scratch_destroy(&c->att_scratch[i]);
+    free(c->att_scratch);
   }
   free(c);
 }
@@ -240,25 +245,49 @@ static int cpu_embed(k_backend_t *be, float *y, const k_weight_t *table, const i
 }
 
 static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
-                        const int32_t *pos, const int32_t *slots, int64_t m, int32_t n_kv_heads) {
-  int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
-  for (int64_t t = 0; t < m; t++) {
-    for (int32_t h = 0; h < n_kv_heads; h++) {
-      int64_t s = slots[t * n_kv_heads + h];
-      if (s < 0 || s >= n_slots) return -EINVAL;
-      int64_t src = (t * n_kv_heads + h) * d;
-      memcpy(kv->k + s * d, k + src, (size_t)d * sizeof(float));
-      memcpy(kv->v + s * d, v + src, (size_t)d * sizeof(float));
+                        const k_attn_args_t *a) {
+  const int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
+  const int32_t H = a->n_kv_heads, B = kv->block_size;
+  for (int32_t s = 0; s < a->n_seqs; s++) {
+    const k_seq_kv_t *q = &a->seqs[s];
+    int32_t r0 = a->q_start[s], n_new = a->q_start[s + 1] - r0;
+    for (int32_t h = 0; h < H; h++) {
+      const int32_t *table = k_seq_table(q, a->layer, H, h);
+      int32_t first = k_seq_ctx(q, a->layer, H, h) - n_new;
+      if (first < 0) return -EINVAL;
+      for (int32_t t = 0; t < n_new; t++) {
+        int32_t i = first + t;
+        int64_t sl = (int64_t)table[i / B] * B + i % B;
+        if (sl < 0 || sl >= n_slots) return -EINVAL;
+        int64_t src = ((int64_t)(r0 + t) * H + h) * d;
+        memcpy(kv->k + sl * d, k + src, (size_t)d * sizeof(float));
+        memcpy(kv->v + sl * d, v + src, (size_t)d * sizeof(float));
 #ifdef GG_EMU
-      if (be->numerics == K_NUMERICS_LLAMA) /* GGML's default fp16 KV cache */
-        for (int64_t i = 0; i < d; i++) {
-          kv->k[s * d + i] = f16r(kv->k[s * d + i]);
-          kv->v[s * d + i] = f16r(kv->v[s * d + i]);
-        }
+        if (be->numerics == K_NUMERICS_LLAMA) /* GGML's default fp16 KV cache */
+          for (int64_t e = 0; e < d; e++) {
+            kv->k[sl * d + e] = f16r(kv->k[sl * d + e]);
+            kv->v[sl * d + e] = f16r(kv->v[sl * d + e]);
+          }
 #endif
-      kv->pos[s] = pos[t];
-      kv->score[s] = 0.0f;
+        kv->pos[sl] = a->q_pos[r0 + t];
+        kv->score[sl] = 0.0f;
+      }
     }
+  }
+  return 0;
+}
+
+static int cpu_kv_move(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
+                       const int32_t *dst, int64_t n) {
+  const int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
+  for (int64_t i = 0; i < n; i++)
+    if (src[i] < 0 || src[i] >= n_slots || dst[i] < 0 || dst[i] >= n_slots) return -EINVAL;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t f = src[i], t = dst[i];
+    memcpy(kv->k + t * d, kv->k + f * d, (size_t)d * sizeof(float));
+    memcpy(kv->v + t * d, kv->v + f * d, (size_t)d * sizeof(float));
+    kv->score[t] = kv->score[f];
+    kv->pos[t] = kv->pos[f];
   }
   return 0;
 }
@@ -280,12 +309,14 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
 typedef struct att_job {
   const k_kv_arena_t *kv;
   const k_attn_args_t *a;
+  k__scratch_t *scratch;   /* [threads] for scored tasks */
   const int32_t *task_seq; /* [n_tasks] */
-  const int32_t *task_row; /* [n_tasks] first query row of the tile */
+  const int32_t *task_row; /* [n_tasks] first query row */
+  const int32_t *task_end; /* [n_tasks] one past the last query row */
+  bool scored_tasks;       /* some task carries compression scores */
+  int rc;                  /* first failure of a scored task (scratch) */
 } att_job_t;
 
-/* exp(x) for x <= 0 (scores minus their running max), -inf → 0; a
- * branch-free polynomial GCC vectorises (relative error < 2e-7). */
 static inline float exp_nonpos(float x) {
   float xc = x < -87.0f ? -87.0f : x;
   float n = __builtin_roundf(xc * 1.44269504088896341f);
@@ -304,18 +335,19 @@ static inline float exp_nonpos(float x) {
   return x == -INFINITY ? 0.0f : p * two_n;
 }
 
-static void att_task(void *arg, int64_t ti, int32_t thread) {
-  const att_job_t *j = arg;
-  const k_attn_args_t *a = j->a;
-  const k_kv_arena_t *kv = j->kv;
+/* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h. Where lg
+ * is given, it receives every query vector's scaled logits over the head's
+ * logical slots ([nq][ld], -inf where masked), and m, l their final
+ * softmax maximum and denominator, so probabilities come without a second
+ * pass over K. */
+static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
+                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *m_out,
+                     float *l_out) {
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / a->n_kv_heads, D = a->head_dim,
                 B = kv->block_size;
-  int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
-  int32_t r0 = j->task_row[ti / H];
-  int32_t r1 = r0 + ATT_QT < a->q_start[s + 1] ? r0 + ATT_QT : a->q_start[s + 1];
-  int32_t nq = (r1 - r0) * G; /* query vectors in this task */
-  const int32_t *table = a->block_tables + ((int64_t)s * H + h) * a->max_blocks;
-  int32_t ctx = a->ctx_lens[(int64_t)s * H + h];
+  int32_t nq = (r1 - r0) * G; /* query vectors in this tile */
+  const int32_t *table = k_seq_table(&a->seqs[s], a->layer, H, h);
+  int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
 
   float m[ATT_QT * ATT_MAX_G], l[ATT_QT * ATT_MAX_G];
   float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
@@ -344,7 +376,11 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
     for (int32_t t = 0; t < B; t++)
       for (int32_t d = 0; d < D; d++) kt[d][t] = t < n ? kb[(int64_t)t * D + d] : 0.0f;
     for (int32_t i = 0; i < nq; i++) {
-      if (pmin > qpos[i]) continue; /* nothing visible in this block */
+      if (pmin > qpos[i]) { /* nothing visible in this block */
+        if (lg)
+          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = -INFINITY;
+        continue;
+      }
       for (int32_t t = 0; t < B; t++) sc[t] = 0.0f;
       for (int32_t d = 0; d < D; d++) {
         float qd = qs[i][d];
@@ -355,6 +391,7 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
         if (t >= n || pb[t] > qpos[i]) sc[t] = -INFINITY;
         bmax = sc[t] > bmax ? sc[t] : bmax;
       }
+      if (lg) memcpy(lg + i * ld + b0, sc, (size_t)n * sizeof(float));
       float mnew = bmax > m[i] ? bmax : m[i];
       float corr = exp_nonpos(m[i] - mnew); /* 0 when m was -inf */
       float psum = 0.0f;
@@ -380,7 +417,100 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
     float *o = a->out + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
     float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
     for (int32_t d = 0; d < D; d++) o[d] = acc[i][d] * inv;
+    if (m_out) {
+      m_out[i] = m[i];
+      l_out[i] = l[i];
+    }
   }
+}
+
+/* y[j] = max of x over [j - w/2, j + w/2] within [0, n). */
+static void max_pool(float *y, const float *x, int32_t n, int32_t w) {
+  int32_t r = w / 2;
+  for (int32_t j = 0; j < n; j++) {
+    int32_t lo = j - r < 0 ? 0 : j - r, hi = j + r >= n ? n - 1 : j + r;
+    float v = x[lo];
+    for (int32_t k = lo + 1; k <= hi; k++) v = x[k] > v ? x[k] : v;
+    y[j] = v;
+  }
+}
+
+/* A task that also yields compression scores (k_seq_kv_t.n_obs): all its
+ * rows against head h, tile by tile, with the probabilities of every tile
+ * folded into per-query-head sums before the next. */
+static int att_scored(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int32_t r1,
+                      int32_t thread) {
+  const k_kv_arena_t *kv = j->kv;
+  const k_attn_args_t *a = j->a;
+  const k_seq_kv_t *q = &a->seqs[s];
+  const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
+  const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
+  const int32_t *table = k_seq_table(q, a->layer, H, h);
+  const bool window = q->n_obs > 0;
+  const int64_t ld = ctx > 0 ? ctx : 1;
+  /* lg [ATT_QT*G][ld], sq [G][ld], mass [G][ld], tmp [ld] */
+  size_t need = ((size_t)ATT_QT * G + 2 * (size_t)G + 1) * (size_t)ld * sizeof(float);
+  k__scratch_t *sc = &j->scratch[thread];
+  if (k__scratch_reserve(sc, need)) return -ENOMEM;
+  float *lg = sc->p, *sq = lg + (int64_t)ATT_QT * G * ld, *mass = sq + (int64_t)G * ld,
+        *tmp = mass + (int64_t)G * ld;
+  memset(sq, 0, (size_t)(2 * G) * (size_t)ld * sizeof(float));
+  float mm[ATT_QT * ATT_MAX_G], ll[ATT_QT * ATT_MAX_G];
+  for (int32_t t0 = r0; t0 < r1; t0 += ATT_QT) {
+    int32_t t1 = t0 + ATT_QT < r1 ? t0 + ATT_QT : r1;
+    att_tile(kv, a, s, h, t0, t1, lg, ld, mm, ll);
+    for (int32_t i = 0; i < (t1 - t0) * G; i++) {
+      int32_t g = i % G;
+      float inv = ll[i] > 0 ? 1.0f / ll[i] : 0.0f;
+      float *row = lg + i * ld, *sg = sq + g * ld, *mg = mass + g * ld;
+      for (int32_t k = 0; k < ctx; k++) {
+        float p = exp_nonpos(row[k] - mm[i]) * inv;
+        row[k] = p;
+        sg[k] += p * p;
+        mg[k] += p;
+      }
+      if (window && q->obs_last && t0 + i / G == r1 - 1) {
+        float *o = q->obs_last + ((int64_t)a->layer * a->n_q_heads + (int64_t)h * G + g) *
+                                     ((int64_t)q->stride * B);
+        for (int32_t k = 0; k < ctx; k++) o[k] = row[k] * row[k];
+      }
+    }
+  }
+  if (window && a->obs_pool > 1) {
+    for (int32_t g = 0; g < G; g++) {
+      max_pool(tmp, sq + g * ld, ctx, a->obs_pool);
+      memcpy(sq + g * ld, tmp, (size_t)ctx * sizeof(float));
+      max_pool(tmp, mass + g * ld, ctx, a->obs_pool);
+      memcpy(mass + g * ld, tmp, (size_t)ctx * sizeof(float));
+    }
+  }
+  float *om = window && q->obs_mass
+                  ? q->obs_mass + ((int64_t)a->layer * H + h) * ((int64_t)q->stride * B)
+                  : NULL;
+  for (int32_t k = 0; k < ctx; k++) {
+    float add = 0.0f, ms = 0.0f;
+    for (int32_t g = 0; g < G; g++) {
+      add += sq[g * ld + k];
+      ms += mass[g * ld + k];
+    }
+    kv->score[(int64_t)table[k / B] * B + k % B] += add;
+    if (om) om[k] = ms;
+  }
+  return 0;
+}
+
+static void att_task(void *arg, int64_t ti, int32_t thread) {
+  att_job_t *j = arg;
+  const int32_t H = j->a->n_kv_heads;
+  int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
+  int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H];
+  if (r1 - r0 <= ATT_QT && !(j->scored_tasks && j->a->seqs[s].n_obs &&
+                            r1 == j->a->q_start[s + 1])) {
+    att_tile(j->kv, j->a, s, h, r0, r1, NULL, 0, NULL, NULL);
+    return;
+  }
+  int rc = att_scored(j, s, h, r0, r1, thread);
+  if (rc) __atomic_store_n(&j->rc, rc, __ATOMIC_RELAXED);
 }
 
 #ifdef GG_EMU
@@ -402,10 +532,9 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
                 B = kv->block_size;
   const bool gemm = a->q_start[a->n_seqs] >= 2;
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
-  int32_t r0 = j->task_row[ti / H];
-  int32_t r1 = r0 + ATT_QT < a->q_start[s + 1] ? r0 + ATT_QT : a->q_start[s + 1];
-  const int32_t *table = a->block_tables + ((int64_t)s * H + h) * a->max_blocks;
-  int32_t ctx = a->ctx_lens[(int64_t)s * H + h];
+  int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H];
+  const int32_t *table = k_seq_table(&a->seqs[s], a->layer, H, h);
+  int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
   int32_t nch = (ctx + 15) / 16;
   float *w = aligned_alloc(64, (size_t)nch * 16 * sizeof(float) * 2);
   float *pr = w + (size_t)nch * 16;
@@ -479,43 +608,53 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
 #endif
 
 static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a) {
+  cpu_t *c = be->impl;
   int32_t G = a->n_q_heads / a->n_kv_heads;
   if (a->n_q_heads % a->n_kv_heads || G > ATT_MAX_G || a->head_dim > ATT_MAX_D ||
       kv->block_size > ATT_MAX_B || a->head_dim != kv->head_dim)
     return -EINVAL;
-  int64_t n_tiles = 0;
-  for (int32_t s = 0; s < a->n_seqs; s++)
-    n_tiles += (a->q_start[s + 1] - a->q_start[s] + ATT_QT - 1) / ATT_QT;
-  int32_t stack_seq[256], stack_row[256];
-  int32_t *ts = stack_seq, *tr = stack_row;
-  if (n_tiles > 256) {
-    ts = malloc((size_t)n_tiles * sizeof *ts);
-    tr = malloc((size_t)n_tiles * sizeof *tr);
-    if (!ts || !tr) {
-      free(ts);
-      free(tr);
-      return -ENOMEM;
-    }
+  /* Tasks: tiles of ATT_QT rows; the scored rows of a sequence (all of a
+   * decode's, the observation window of a prefill) form one task. */
+  int64_t n_tasks = 0;
+  bool scored = false;
+  for (int32_t s = 0; s < a->n_seqs; s++) {
+    int32_t rows = a->q_start[s + 1] - a->q_start[s], n_obs = a->seqs[s].n_obs;
+    int32_t obs = n_obs < 0 || n_obs > rows ? rows : n_obs;
+    scored |= obs > 0;
+    n_tasks += (rows - obs + ATT_QT - 1) / ATT_QT + (obs > 0);
+  }
+  int32_t stack[3][256];
+  int32_t *ts = stack[0], *tr = stack[1], *te = stack[2];
+  if (n_tasks > 256) {
+    ts = malloc((size_t)n_tasks * 3 * sizeof *ts);
+    if (!ts) return -ENOMEM;
+    tr = ts + n_tasks;
+    te = tr + n_tasks;
   }
   int64_t k = 0;
-  for (int32_t s = 0; s < a->n_seqs; s++)
-    for (int32_t r = a->q_start[s]; r < a->q_start[s + 1]; r += ATT_QT) {
+  for (int32_t s = 0; s < a->n_seqs; s++) {
+    int32_t q0 = a->q_start[s], q1 = a->q_start[s + 1], n_obs = a->seqs[s].n_obs;
+    int32_t obs = n_obs < 0 || n_obs > q1 - q0 ? q1 - q0 : n_obs;
+    for (int32_t r = q0; r < q1 - obs; r += ATT_QT, k++) {
       ts[k] = s;
       tr[k] = r;
-      k++;
+      te[k] = r + ATT_QT < q1 - obs ? r + ATT_QT : q1 - obs;
     }
-  att_job_t j = {kv, a, ts, tr};
+    if (obs > 0) {
+      ts[k] = s;
+      tr[k] = q1 - obs;
+      te[k++] = q1;
+    }
+  }
+  att_job_t j = {kv, a, c->att_scratch, ts, tr, te, scored, 0};
 #ifdef GG_EMU
-  if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0)
-    k_pool_run(pool_of(be), n_tiles * a->n_kv_heads, att_task_gg, &j);
+  if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0 && !scored)
+    k_pool_run(c->pool, n_tasks * a->n_kv_heads, att_task_gg, &j);
   else
 #endif
-    k_pool_run(pool_of(be), n_tiles * a->n_kv_heads, att_task, &j);
-  if (ts != stack_seq) {
-    free(ts);
-    free(tr);
-  }
-  return 0;
+    k_pool_run(c->pool, n_tasks * a->n_kv_heads, att_task, &j);
+  if (ts != stack[0]) free(ts);
+  return j.rc;
 }
 
 static const k_ops_t cpu_ops = {
@@ -534,6 +673,7 @@ static const k_ops_t cpu_ops = {
     .embed = cpu_embed,
     .kv_write = cpu_kv_write,
     .attention = cpu_attention,
+    .kv_move = cpu_kv_move,
 };
 
 int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
@@ -548,8 +688,11 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
     free(c);
     return -ENOMEM;
   }
-  int rc = k_pool_new(&c->pool, threads);
+  c->threads = threads;
+  c->att_scratch = calloc((size_t)threads, sizeof *c->att_scratch);
+  int rc = c->att_scratch ? k_pool_new(&c->pool, threads) : -ENOMEM;
   if (rc) {
+    free(c->att_scratch);
     free(be);
     free(c);
     return rc;
