@@ -43,6 +43,9 @@ struct sched__seq {
   bool started;              /* sampler ready: admitted at least once */
   bool prompt_counted;       /* prompt tokens added to the stats */
   bool finished;             /* finished in this step, to be freed */
+  bool queue_reported;       /* the first event (with the queue time) went out */
+  int64_t t_queued_ns;       /* monotonic: entered the waiting queue */
+  int64_t t_admitted_ns;     /* monotonic: first admitted (0: not yet) */
   sched_sampler_t smp;
   model_detok_t dt;
   sched__text_t held;

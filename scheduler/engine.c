@@ -76,6 +76,8 @@ struct sched_engine {
   sched_event_t *out;     /* owns: ring [out_cap] */
   size_t out_head, out_n, out_cap;
   sched_stats_t pub;
+  int64_t step_start_ns; /* atomic: monotonic start of the running step, 0 between steps */
+  bool thread_done;      /* atomic: engine_main returned */
   bool stopping;
   bool started;
   pthread_t thread;
@@ -105,6 +107,12 @@ void sched_event_clear(sched_event_t *ev) {
   if (ev->text && ev->text != empty_text) free(ev->text);
   ev->text = NULL;
   ev->text_len = 0;
+}
+
+static int64_t mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* ---- sequences ------------------------------------------------------------ */
@@ -148,6 +156,7 @@ static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
 /* The picker's hook before a first admission: the sampler. */
 static int seq_prepare(void *ctx, sched__seq_t *s) {
   sched_engine_t *e = ctx;
+  s->t_admitted_ns = mono_ns();
   int rc = sched_sampler_init(&s->smp, &s->req->sample, e->n_vocab);
   if (rc) return rc;
   sched_sampler_prompt(&s->smp, s->req->prompt, (size_t)s->req->n_prompt);
@@ -231,10 +240,15 @@ static void notify(sched_engine_t *e) {
 }
 
 /* A new event for s in the stage; text "" and usage filled in. */
-static sched_event_t *stage_push(sched_engine_t *e, const sched__seq_t *s) {
+static sched_event_t *stage_push(sched_engine_t *e, sched__seq_t *s) {
   if (e->n_stage == (size_t)e->cfg.max_num_seqs) flush_stage(e);
   sched_event_t *ev = &e->stage[e->n_stage++];
   memset(ev, 0, sizeof *ev);
+  if (!s->queue_reported) { /* the first event carries the time in the queue */
+    int64_t end = s->t_admitted_ns ? s->t_admitted_ns : mono_ns();
+    ev->queue_seconds = s->t_queued_ns ? (double)(end - s->t_queued_ns) * 1e-9 : 0.0;
+    s->queue_reported = true;
+  }
   ev->id = s->req->id;
   ev->user = s->req->user;
   ev->text = empty_text;
@@ -445,6 +459,7 @@ static void *engine_main(void *arg) {
       next = s->next;
       sched__queue_push_back(&e->sc.waiting, s);
       hash_insert(e, s);
+      s->t_queued_ns = mono_ns();
     }
     for (size_t i = 0; i < n_ab; i++) abort_id(e, ab[i]);
     if (stop) {
@@ -453,10 +468,13 @@ static void *engine_main(void *arg) {
       notify(e);
       break;
     }
+    __atomic_store_n(&e->step_start_ns, mono_ns(), __ATOMIC_RELAXED);
     step(e);
+    __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
     flush_stage(e);
     notify(e);
   }
+  __atomic_store_n(&e->thread_done, true, __ATOMIC_RELEASE);
   return NULL;
 }
 
@@ -663,8 +681,11 @@ size_t sched_engine_poll(sched_engine_t *e, sched_event_t *evs, size_t max) {
 }
 
 void sched_engine_stats(sched_engine_t *e, sched_stats_t *out) {
+  int64_t t0 = __atomic_load_n(&e->step_start_ns, __ATOMIC_RELAXED);
   pthread_mutex_lock(&e->mu);
   *out = e->pub;
+  out->step_seconds = t0 ? (double)(mono_ns() - t0) * 1e-9 : 0.0;
+  out->stopped = __atomic_load_n(&e->thread_done, __ATOMIC_ACQUIRE);
   out->waiting = e->n_waiting + e->n_inbox;
   pthread_mutex_unlock(&e->mu);
 }

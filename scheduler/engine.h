@@ -68,6 +68,7 @@ typedef struct sched_event {
   int32_t prompt_tokens;
   int32_t completion_tokens;
   char message[160];    /* for SCHED_FINISH_ERROR: a client-safe message */
+  double queue_seconds; /* first event of a request only: waiting queue to first admission */
 } sched_event_t;
 
 void sched_event_clear(sched_event_t *ev); /* frees text */
@@ -89,6 +90,10 @@ typedef struct sched_stats {
   uint64_t prompt_tokens, generation_tokens; /* totals */
   uint64_t requests_finished;
   uint64_t steps;
+  /* Liveness: how long the step now running has taken (0 when the engine
+   * is between steps or idle), and whether the engine thread has ended. */
+  double step_seconds;
+  bool stopped;
 } sched_stats_t;
 
 /* The engine borrows the model pieces; they must outlive it. */

@@ -200,7 +200,7 @@ void srv__on_event(srv_server_t *s, sched_event_t *ev) {
   uint64_t now = srv__now_ns();
   if (!req->t_first && (ev->n_tokens > 0 || ev->finish != SCHED_FINISH_NONE)) {
     req->t_first = now;
-    srv__hist_observe(&s->metrics.queue, secs(now - req->t_submit));
+    srv__hist_observe(&s->metrics.queue, ev->queue_seconds);
     if (ev->n_tokens > 0) srv__hist_observe(&s->metrics.ttft, secs(now - req->t_arrival));
   }
   if (ev->n_tokens > 0) {

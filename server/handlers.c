@@ -35,21 +35,32 @@ void srv__h_models(srv_req_t *req) {
   srv__buf_free(&b);
 }
 
+/* A step that runs this long means the engine is stuck (the slowest
+ * legitimate CPU step, a full token budget of prefill, takes seconds). */
+#define ENGINE_STALL_SECONDS 120.0
+
+/* Why the server cannot serve now, or NULL. */
+static const char *unavailable_reason(srv_server_t *s) {
+  if (s->draining) return "the server is shutting down";
+  sched_stats_t st;
+  s->ops->stats(s->eng, &st);
+  if (st.stopped) return "the engine has stopped";
+  if (st.step_seconds > ENGINE_STALL_SECONDS)
+    return "the engine has not finished a step for over 120 seconds";
+  return NULL;
+}
+
 void srv__h_health(srv_req_t *req) {
-  if (req->srv->draining) {
-    respond_unavailable(req, "the server is shutting down");
-    return;
-  }
-  srv__respond(req, 200, "application/json", "{}", 2, NULL);
+  const char *why = unavailable_reason(req->srv);
+  if (why) respond_unavailable(req, why);
+  else srv__respond(req, 200, "application/json", "{}", 2, NULL);
 }
 
 void srv__h_ready(srv_req_t *req) {
-  if (req->srv->draining) {
-    respond_unavailable(req, "the server is shutting down");
-    return;
-  }
   static const char body[] = "{\"status\":\"ready\"}";
-  srv__respond(req, 200, "application/json", body, sizeof body - 1, NULL);
+  const char *why = unavailable_reason(req->srv);
+  if (why) respond_unavailable(req, why);
+  else srv__respond(req, 200, "application/json", body, sizeof body - 1, NULL);
 }
 
 void srv__h_version(srv_req_t *req) {

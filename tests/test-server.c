@@ -800,6 +800,8 @@ typedef struct fake {
   atomic_int eagain;
   atomic_int n_submitted, n_aborted;
   int delay_us;
+  _Atomic double step_seconds; /* what stats reports: liveness */
+  atomic_bool stopped;
 } fake_t;
 
 static fake_t g_fake;
@@ -913,6 +915,8 @@ static void fake_stats(void *eng, sched_stats_t *out) {
   pthread_mutex_unlock(&f->mu);
   out->kv_blocks_total = 100;
   out->kv_blocks_used = out->running;
+  out->step_seconds = atomic_load(&f->step_seconds);
+  out->stopped = atomic_load(&f->stopped);
 }
 
 static const srv_engine_ops_t fake_ops = {fake_submit, fake_abort, fake_poll, fake_stats};
@@ -1107,6 +1111,30 @@ static void test_http_basic(void) {
   roundtrip("GET", "/health", NULL, NULL, &r);
   CHECK_INT_EQ(r.status, 200);
   CHECK_STR_EQ(r.body, "{}");
+  resp_free(&r);
+  /* /health and /ready follow the engine thread: a step stuck for minutes,
+   * or a thread that ended, is 503 */
+  atomic_store(&g_fake.step_seconds, 30.0);
+  roundtrip("GET", "/health", NULL, NULL, &r);
+  CHECK_INT_EQ(r.status, 200);
+  resp_free(&r);
+  atomic_store(&g_fake.step_seconds, 500.0);
+  const char *paths[2] = {"/health", "/ready"};
+  for (int i = 0; i < 2; i++) {
+    roundtrip("GET", paths[i], NULL, NULL, &r);
+    CHECK_INT_EQ(r.status, 503);
+    CHECK(strstr(r.body, "not finished a step"));
+    resp_free(&r);
+  }
+  atomic_store(&g_fake.step_seconds, 0.0);
+  atomic_store(&g_fake.stopped, true);
+  roundtrip("GET", "/health", NULL, NULL, &r);
+  CHECK_INT_EQ(r.status, 503);
+  CHECK(strstr(r.body, "engine has stopped"));
+  resp_free(&r);
+  atomic_store(&g_fake.stopped, false);
+  roundtrip("GET", "/health", NULL, NULL, &r);
+  CHECK_INT_EQ(r.status, 200);
   resp_free(&r);
   roundtrip("GET", "/version", NULL, NULL, &r);
   CHECK_INT_EQ(r.status, 200);
