@@ -251,6 +251,39 @@ static char *model_name_of(const cfg_options_t *o) {
   return strndup(base, n);
 }
 
+/* The server's KV compression from the options. -EINVAL with a message. */
+static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, char *err,
+                             size_t errlen) {
+  static const char *const methods[] = {"none", "kvcompress", "dbudget", "streaming", "random"};
+  static const char *const layers[] = {"global", "uniform", "zigzag"};
+  sched_kv_compression_default(k);
+  for (int i = 0; i < 5; i++)
+    if (!strcmp(o->kv_compression, methods[i])) k->plan.policy = (kv_policy_t)i;
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(o->kv_layer_budget, layers[i])) k->plan.layer_budget = (kv_layer_budget_t)i;
+  if (o->kv_compression_ratio != 0 && o->kv_compression_ratio < 1) {
+    snprintf(err, errlen, "--kv-compression-ratio: must be at least 1 (or 0 for none), got %g",
+             o->kv_compression_ratio);
+    return -EINVAL;
+  }
+  k->plan.ratio = o->kv_compression_ratio;
+  k->plan.max_cache_tokens = (int32_t)o->kv_max_cache_tokens;
+  k->plan.protected_window = (int32_t)o->protected_window;
+  k->plan.sinks = (int32_t)o->kv_sinks;
+  k->plan.dbudget_threshold = (float)o->kv_dbudget_threshold;
+  k->observation_window = (int32_t)o->observation_window;
+  k->interval = (int32_t)o->kv_compression_interval;
+  kv_policy_t p = k->plan.policy;
+  if ((p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_STREAMING || p == KV_POLICY_RANDOM) &&
+      k->plan.ratio == 0 && k->plan.max_cache_tokens == 0) {
+    snprintf(err, errlen,
+             "--kv-compression %s needs --kv-compression-ratio or --kv-max-cache-tokens",
+             o->kv_compression);
+    return -EINVAL;
+  }
+  return 0;
+}
+
 static int cmd_serve(cfg_options_t *o) {
   char err[512];
   double t0 = now_s();
@@ -276,6 +309,8 @@ static int cmd_serve(cfg_options_t *o) {
                (int64_t)(2 * c->head_dim * sizeof(float) + sizeof(float) + sizeof(int32_t));
   srv_server_t *srv = NULL;
   sched_engine_t *eng = NULL;
+  sched_kv_compression_t kvc;
+  if ((rc = kv_compression_of(o, &kvc, err, sizeof err))) goto fail_chat;
   sched_engine_config_t ec = {
       .max_num_seqs = (int32_t)o->max_num_seqs,
       .max_num_batched_tokens = (int32_t)o->max_num_batched_tokens,
@@ -304,6 +339,7 @@ static int cmd_serve(cfg_options_t *o) {
   sc.max_request_bytes = (size_t)o->max_request_bytes;
   sc.max_connections = (int)o->max_connections;
   sc.max_model_len = max_len;
+  sc.kv_compression = kvc;
   char *name = model_name_of(o);
   rc = name ? srv_server_new(&srv, &sc, eng, m.tok, have_chat ? &chat : NULL, name, err, sizeof err)
             : -ENOMEM;

@@ -31,6 +31,16 @@ typedef struct cfg_options {
   int64_t max_waiting;
   int64_t max_request_bytes;
   int64_t max_connections;
+  /* KV compression (serve: the default of every request) */
+  char *kv_compression;       /* none | kvcompress | dbudget | streaming | random */
+  double kv_compression_ratio; /* 0: none given */
+  int64_t kv_max_cache_tokens; /* 0: none given */
+  char *kv_layer_budget;      /* global | uniform | zigzag */
+  int64_t protected_window;
+  int64_t observation_window;
+  int64_t kv_compression_interval;
+  int64_t kv_sinks;
+  double kv_dbudget_threshold;
   /* generate */
   char *prompt;
   char *prompt_file;

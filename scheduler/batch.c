@@ -89,6 +89,7 @@ void sched__running_compact(sched__sched_t *sc, void (*done)(void *ctx, sched__s
     sched__seq_t *s = sc->running[i];
     if (s->finished) {
       s->run_idx = -1;
+      sc->hold_admissions = false;
       if (done) done(ctx, s);
       continue;
     }
@@ -116,6 +117,7 @@ static void preempt(sched__sched_t *sc, sched__seq_t *s) {
   sched__queue_push_front(&sc->waiting, s);
   sc->preemptions++;
   sc->n_preempted++;
+  sc->hold_admissions = false;
 }
 
 /* Put s in the batch with m tokens whose slots are appended already. */
@@ -161,6 +163,18 @@ static int32_t fit_tokens(const sched__seq_t *s, int32_t m, int32_t free_blocks)
   return lo;
 }
 
+/* A chunk of m tokens of s that does not end inside the prompt's last
+ * obs_window tokens unless it ends the prompt: the observation window of a
+ * compressing sequence is scored in one attention call. When only the window
+ * is left and it does not fit, the chunk ends inside it (the window is then
+ * partly observed) rather than waiting. */
+static int32_t window_cap(const sched__seq_t *s, int32_t m) {
+  if (s->obs_window <= 0) return m;
+  int32_t end = s->n_computed + m, wstart = s->n_tokens - s->obs_window;
+  if (end >= s->n_tokens || end <= wstart || wstart <= s->n_computed) return m;
+  return wstart - s->n_computed;
+}
+
 /* The newest running sequence after index i that has nothing scheduled. */
 static sched__seq_t *newest_idle_after(const sched__sched_t *sc, int32_t i) {
   for (int32_t j = sc->n_running - 1; j > i; j--)
@@ -201,7 +215,7 @@ int32_t sched__pick(sched__sched_t *sc) {
     sched__seq_t *s = sc->running[i];
     int32_t pending = s->n_tokens - s->n_computed;
     if (s->chunk || pending <= 1) continue;
-    int32_t m = pending < budget ? pending : budget;
+    int32_t m = window_cap(s, pending < budget ? pending : budget);
     int32_t fit;
     while ((fit = fit_tokens(s, m, kv_pool_free_count(sc->pool))) == 0) {
       sched__seq_t *victim = newest_idle_after(sc, i);
@@ -216,7 +230,8 @@ int32_t sched__pick(sched__sched_t *sc) {
   /* 3. Admissions, FCFS, unless this step had to preempt. Blocks the
    * running prompts still need are reserved; the watermark applies only
    * beside other sequences, so a lone sequence always gets in. */
-  if (sc->n_preempted || !sc->waiting.head || budget == 0) return sc->n_batch;
+  if (sc->n_preempted || sc->hold_admissions || !sc->waiting.head || budget == 0)
+    return sc->n_batch;
   int32_t reserved = 0;
   for (int32_t i = 0; i < sc->n_running; i++) {
     const sched__seq_t *s = sc->running[i];
@@ -238,7 +253,7 @@ int32_t sched__pick(sched__sched_t *sc) {
     s->started = true;
     s->run_idx = sc->n_running;
     sc->running[sc->n_running++] = s;
-    int32_t m = s->n_tokens < budget ? s->n_tokens : budget;
+    int32_t m = window_cap(s, s->n_tokens < budget ? s->n_tokens : budget);
     add(sc, s, m);
     budget -= m;
     reserved += need - prompt_blocks(sc, m);

@@ -46,6 +46,13 @@ struct sched__seq {
   bool queue_reported;       /* the first event (with the queue time) went out */
   int64_t t_queued_ns;       /* monotonic: entered the waiting queue */
   int64_t t_admitted_ns;     /* monotonic: first admitted (0: not yet) */
+  /* KV compression (kvc.c) */
+  int32_t obs_window;        /* picker: keep the last obs_window prompt tokens in one chunk */
+  int32_t since_compress;    /* decode steps since the last compression */
+  bool prefill_compressed;   /* the compression after the prefill ran */
+  bool kvc_counted;          /* counted among the engine's compressing sequences */
+  float *obs_mass, *obs_last; /* owns: the prefill's observations, until it is compressed */
+  int64_t kv_evicted;        /* KV entries evicted, all heads */
   sched_sampler_t smp;
   model_detok_t dt;
   sched__text_t held;
@@ -82,6 +89,9 @@ typedef struct sched__sched {
   sched__seq_t **batch; /* owns (the array): [max_num_seqs] */
   int32_t n_batch, n_batch_tokens;
   int32_t n_preempted;  /* in the last pick */
+  /* After a compression forced by memory pressure, no admissions until a
+   * sequence finishes or is preempted (no compress-refill thrash). */
+  bool hold_admissions;
   sched__seq_t *failed; /* removed from waiting because prepare failed */
 } sched__sched_t;
 
@@ -107,6 +117,39 @@ void sched__running_remove(sched__sched_t *sc, sched__seq_t *s);
  * calls done(ctx, s) for each. One pass. */
 void sched__running_compact(sched__sched_t *sc, void (*done)(void *ctx, sched__seq_t *s),
                             void *ctx);
+
+/* ---- KV compression (kvc.c) ---------------------------------------------
+ * When a sequence's KV is compressed and what the kernels must observe for
+ * it. The plan (paged/compress) reads scores and positions in host memory:
+ * backends whose memory is not host memory do not compress yet. */
+typedef struct sched__kvc {
+  k_backend_t *be;              /* borrows */
+  const k_kv_arena_t *arena;    /* borrows */
+  kv_pool_t *pool;              /* borrows */
+  sched_stats_t *st;            /* borrows: counters */
+  int32_t n_layers, n_kv_heads, group;
+  kv_compress_plan_t plan;
+} sched__kvc_t;
+
+void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
+                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group);
+void sched__kvc_destroy(sched__kvc_t *k); /* NULL-safe */
+/* Whether s compresses at all. */
+bool sched__kvc_enabled(const sched__seq_t *s);
+/* s's view for this step: scores asked where its policy needs them (the
+ * observation window when this chunk ends its prompt; p^2 sums on decode).
+ * -ENOMEM when the observation buffers cannot be had (scores then skipped). */
+int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v);
+/* After s's chunk was computed: compress when due (prompt done, or every
+ * interval decode steps). */
+void sched__kvc_after(sched__kvc_t *k, sched__seq_t *s);
+/* Compress s now, freeing at least min_free blocks if its KVs allow (memory
+ * pressure; 0: the policy's budget only). s must have no slot appended
+ * but not yet computed. Returns the blocks freed. */
+int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free);
+/* KV entries s holds, all heads. */
+int64_t sched__kvc_held(const sched__seq_t *s);
+void sched__kvc_seq_free(sched__seq_t *s);
 
 /* ---- stop strings (stop.c) ----------------------------------------------- */
 

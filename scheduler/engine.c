@@ -47,6 +47,8 @@ struct sched_engine {
   k_kv_arena_t arena;
   model_t model;
   sched__sched_t sc;
+  sched__kvc_t kvc;
+  int32_t n_kvc_live; /* live sequences that compress */
   int32_t *tokens;   /* owns: [max_num_batched_tokens] */
   int32_t *pos;      /* owns: [max_num_batched_tokens] */
   int32_t *q_start;  /* owns: [max_num_seqs + 1] */
@@ -119,6 +121,13 @@ static int64_t mono_ns(void) {
 
 static void seq_free(sched_engine_t *e, sched__seq_t *s, bool free_request) {
   if (!s) return;
+  if (s->kv_evicted > 0) {
+    int64_t held = sched__kvc_held(s);
+    e->st.kv_kept_fraction_sum += (double)held / (double)(held + s->kv_evicted);
+    e->st.kv_compressed_requests++;
+  }
+  sched__kvc_seq_free(s);
+  if (s->kvc_counted) e->n_kvc_live--;
   kv_seq_destroy(&s->kv, &e->pool);
   sched_sampler_destroy(&s->smp);
   sched__text_destroy(&s->held);
@@ -149,6 +158,7 @@ static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
     return -ENOMEM;
   }
   memcpy(s->tokens, r->prompt, (size_t)r->n_prompt * sizeof *s->tokens);
+  if (sched__kvc_enabled(s)) s->obs_window = r->kvc.observation_window;
   *out = s;
   return 0;
 }
@@ -254,6 +264,11 @@ static sched_event_t *stage_push(sched_engine_t *e, sched__seq_t *s) {
   ev->text = empty_text;
   ev->prompt_tokens = s->n_prompt;
   ev->completion_tokens = s->n_gen;
+  if (sched__kvc_enabled(s)) {
+    int64_t heads = (int64_t)s->kv.n_layers * s->kv.n_heads;
+    ev->kv_tokens_kept = (int32_t)((sched__kvc_held(s) + heads / 2) / heads);
+    ev->kv_tokens_evicted = (int32_t)((s->kv_evicted + heads / 2) / heads);
+  }
   return ev;
 }
 
@@ -379,8 +394,36 @@ static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row) {
 
 /* ---- one step --------------------------------------------------------------- */
 
+/* Before the pick: when the decodes of this step need more new blocks than
+ * are free, compress running sequences (newest first: they would be
+ * preempted first) instead of preempting them, and hold admissions back so
+ * the room is not refilled at once. */
+static void relieve_pressure(sched_engine_t *e) {
+  sched__sched_t *sc = &e->sc;
+  if (e->n_kvc_live == 0) return;
+  int32_t free_blocks = kv_pool_free_count(&e->pool);
+  if (free_blocks >= sc->n_running * sc->heads) return; /* enough whatever happens */
+  int32_t need = 0;
+  for (int32_t i = 0; i < sc->n_running; i++) {
+    const kv_seq_t *kv = &sc->running[i]->kv;
+    if (sc->running[i]->n_tokens - sc->running[i]->n_computed != 1) continue;
+    for (int32_t h = 0; h < sc->heads; h++) need += kv->ctx[h] >= kv->n_blocks[h] * kv->block_size;
+  }
+  if (need <= free_blocks) return;
+  bool any = false;
+  for (int32_t j = sc->n_running - 1; j >= 0 && need > free_blocks; j--) {
+    sched__seq_t *s = sc->running[j];
+    if (!sched__kvc_enabled(s) || !s->prefill_compressed) continue;
+    int32_t got = sched__kvc_compress(&e->kvc, s, need - free_blocks);
+    free_blocks += got;
+    any |= got > 0;
+  }
+  if (any) sc->hold_admissions = true;
+}
+
 static void step(sched_engine_t *e) {
   sched__sched_t *sc = &e->sc;
+  relieve_pressure(e);
   const int32_t n = sched__pick(sc);
   if (sc->failed) finish_now(e, sc->failed, SCHED_FINISH_ERROR, "out of memory");
   /* A lone sequence always fits (sched_engine_new checks the pool), so
@@ -392,7 +435,7 @@ static void step(sched_engine_t *e) {
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
-    e->views[i] = kv_seq_view(&s->kv);
+    if (sched__kvc_view(&e->kvc, s, &e->views[i])) e->views[i].n_obs = 0; /* no scores */
     e->q_start[i] = t;
     memcpy(e->tokens + t, s->tokens + s->n_computed, (size_t)m * sizeof *e->tokens);
     for (int32_t j = 0; j < m; j++) e->pos[t + j] = s->n_computed + j;
@@ -423,6 +466,7 @@ static void step(sched_engine_t *e) {
       continue;
     }
     s->n_computed += s->chunk;
+    sched__kvc_after(&e->kvc, s);
     if (s->n_computed == s->n_tokens) emit_token(e, s, e->logits + (int64_t)li++ * e->n_vocab);
   }
   sched__running_compact(sc, seq_done, e);
@@ -460,6 +504,7 @@ static void *engine_main(void *arg) {
       sched__queue_push_back(&e->sc.waiting, s);
       hash_insert(e, s);
       s->t_queued_ns = mono_ns();
+      if ((s->kvc_counted = sched__kvc_enabled(s))) e->n_kvc_live++;
     }
     for (size_t i = 0; i < n_ab; i++) abort_id(e, ab[i]);
     if (stop) {
@@ -542,6 +587,8 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
     goto fail;
   }
   if ((rc = model_init(&e->model, w, be, &e->arena, T, S, err, errlen))) goto fail;
+  sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
+                  c->n_heads / c->n_kv_heads);
   if ((rc = sched__sched_init(&e->sc, &e->pool, S, T, c->n_layers, c->n_kv_heads, BLOCK_SIZE)))
     goto fail_rc;
   e->sc.prepare = seq_prepare;
@@ -614,6 +661,7 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->lp_row);
   sched__sched_destroy(&e->sc);
   model_destroy(&e->model);
+  sched__kvc_destroy(&e->kvc);
   kv_arena_destroy(&e->arena, e->be);
   kv_pool_destroy(&e->pool);
   if (e->cv_ok) pthread_cond_destroy(&e->cv);

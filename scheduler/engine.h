@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "paged/compress.h"
 #include "scheduler/sample.h"
 
 typedef struct sched_engine sched_engine_t;
@@ -20,6 +21,21 @@ typedef struct sched_engine sched_engine_t;
  * tokenisation, sampling parameters, stop rules. The engine takes ownership
  * of the whole object (and every pointer in it) on a successful submit and
  * frees it with sched_request_free(). */
+/* How one request's KV cache is compressed (ALGORITHMS.md): the planner's
+ * parameters (policy KV_POLICY_NONE: never), the prefill observation window
+ * (last prompt queries whose attention scores the prompt's KVs), the
+ * max-pool width of those scores, and the decode steps between
+ * compressions (0: only after the prefill and under memory pressure). */
+typedef struct sched_kv_compression {
+  kv_compress_params_t plan;
+  int32_t observation_window;
+  int32_t pool;
+  int32_t interval;
+} sched_kv_compression_t;
+
+/* Defaults: policy none, window 32, pool 7, interval 32. */
+void sched_kv_compression_default(sched_kv_compression_t *k);
+
 typedef struct sched_request {
   uint64_t id;          /* chosen by the caller, unique among live requests */
   void *user;           /* opaque, echoed in every event */
@@ -31,6 +47,7 @@ typedef struct sched_request {
   int32_t n_stop;
   bool ignore_eos;
   int32_t logprobs;     /* -1: none; else the number of top alternatives (0..20) */
+  sched_kv_compression_t kvc; /* KV compression of this request */
 } sched_request_t;
 
 sched_request_t *sched_request_new(void); /* zeroed, logprobs = -1, default sampling */
@@ -67,6 +84,10 @@ typedef struct sched_event {
   sched_finish_t finish; /* NONE on all but the last event */
   int32_t prompt_tokens;
   int32_t completion_tokens;
+  /* Last event: the request's KV entries after compression and those it
+   * evicted, in tokens (entries / (layers * KV heads)); both 0 when it was
+   * not compressed. */
+  int32_t kv_tokens_kept, kv_tokens_evicted;
   char message[160];    /* for SCHED_FINISH_ERROR: a client-safe message */
   double queue_seconds; /* first event of a request only: waiting queue to first admission */
 } sched_event_t;
@@ -83,6 +104,10 @@ typedef struct sched_engine_config {
   void *notify_ctx;
 } sched_engine_config_t;
 
+/* Upper bounds (seconds) of the compression-time histogram buckets. */
+#define SCHED_KVC_N_BOUNDS 10
+extern const double sched_kvc_bounds[SCHED_KVC_N_BOUNDS];
+
 typedef struct sched_stats {
   int32_t running, waiting;
   int32_t kv_blocks_total, kv_blocks_used;
@@ -94,6 +119,18 @@ typedef struct sched_stats {
    * is between steps or idle), and whether the engine thread has ended. */
   double step_seconds;
   bool stopped;
+  /* KV compression: blocks freed, compressions run, their durations
+   * (histogram over SCHED_KVC_BOUNDS, plus the sum), memory-pressure
+   * compressions, and plans where pressure overrode the dynamic budget. */
+  uint64_t kv_blocks_freed;
+  uint64_t kv_compressions;
+  uint64_t kv_compress_hist[SCHED_KVC_N_BOUNDS + 1];
+  double kv_compress_seconds;
+  uint64_t kv_forced_compressions;
+  uint64_t kv_budget_overrides;
+  /* Finished compressed requests: the sum of their kept fractions. */
+  double kv_kept_fraction_sum;
+  uint64_t kv_compressed_requests;
 } sched_stats_t;
 
 /* The engine borrows the model pieces; they must outlive it. */

@@ -135,16 +135,18 @@ static void head(srv_buf_t *b, const srv_resp_info_t *ri, const char *object) {
   srv__json_cstr(b, ri->model);
 }
 
-static void usage(srv_buf_t *b, int32_t prompt_tokens, int32_t completion_tokens) {
-  srv__buf_printf(b,
-                  "\"usage\":{\"prompt_tokens\":%d,\"total_tokens\":%lld,"
-                  "\"completion_tokens\":%d}",
-                  prompt_tokens, (long long)prompt_tokens + completion_tokens, completion_tokens);
+static void usage(srv_buf_t *b, const srv_usage_t *u) {
+  srv__buf_printf(b, "\"usage\":{\"prompt_tokens\":%d,\"total_tokens\":%lld,\"completion_tokens\":%d",
+                  u->prompt_tokens, (long long)u->prompt_tokens + u->completion_tokens,
+                  u->completion_tokens);
+  if (u->kv_tokens_kept || u->kv_tokens_evicted)
+    srv__buf_printf(b, ",\"kv_tokens_kept\":%d,\"kv_tokens_evicted\":%d", u->kv_tokens_kept,
+                    u->kv_tokens_evicted);
+  srv__buf_adds(b, "}");
 }
 
 void srv__fmt_response(srv_buf_t *b, const srv_resp_info_t *ri, const char *text, size_t len,
-                       const char *finish, const srv_logprobs_t *lp, int32_t prompt_tokens,
-                       int32_t completion_tokens) {
+                       const char *finish, const srv_logprobs_t *lp, const srv_usage_t *u) {
   bool chat = ri->api == SRV_API_CHAT;
   head(b, ri, chat ? "chat.completion" : "text_completion");
   srv__buf_adds(b, ",\"choices\":[{\"index\":0,");
@@ -160,7 +162,7 @@ void srv__fmt_response(srv_buf_t *b, const srv_resp_info_t *ri, const char *text
   srv__buf_adds(b, ",\"finish_reason\":");
   srv__json_cstr(b, finish);
   srv__buf_adds(b, "}],");
-  usage(b, prompt_tokens, completion_tokens);
+  usage(b, u);
   srv__buf_adds(b, "}");
 }
 
@@ -194,11 +196,10 @@ void srv__fmt_chunk(srv_buf_t *b, const srv_resp_info_t *ri, const char *role, c
   srv__buf_adds(b, "}");
 }
 
-void srv__fmt_usage_chunk(srv_buf_t *b, const srv_resp_info_t *ri, int32_t prompt_tokens,
-                          int32_t completion_tokens) {
+void srv__fmt_usage_chunk(srv_buf_t *b, const srv_resp_info_t *ri, const srv_usage_t *u) {
   head(b, ri, ri->api == SRV_API_CHAT ? "chat.completion.chunk" : "text_completion");
   srv__buf_adds(b, ",\"choices\":[],");
-  usage(b, prompt_tokens, completion_tokens);
+  usage(b, u);
   srv__buf_adds(b, "}");
 }
 

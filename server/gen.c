@@ -142,8 +142,12 @@ static void finish(srv_req_t *req, const sched_event_t *ev, uint64_t now) {
   req->in_engine = false;
   s->n_active--;
   observe_finish(s, req, ev->finish, now);
-  int32_t pt = ev->prompt_tokens > 0 ? ev->prompt_tokens : req->n_prompt;
-  int32_t ct = ev->completion_tokens > 0 ? ev->completion_tokens : req->n_gen;
+  srv_usage_t u = {
+      .prompt_tokens = ev->prompt_tokens > 0 ? ev->prompt_tokens : req->n_prompt,
+      .completion_tokens = ev->completion_tokens > 0 ? ev->completion_tokens : req->n_gen,
+      .kv_tokens_kept = ev->kv_tokens_kept,
+      .kv_tokens_evicted = ev->kv_tokens_evicted,
+  };
   const char *reason = srv__finish_name(ev->finish);
   srv_resp_info_t ri = info_of(req);
   if (!reason) { /* aborted (engine stopping) or failed */
@@ -165,7 +169,7 @@ static void finish(srv_req_t *req, const sched_event_t *ev, uint64_t now) {
     write_chunk(req, NULL, "", 0, reason, NULL);
     if (req->gp.include_usage) {
       buf_clear(&s->scratch);
-      srv__fmt_usage_chunk(&s->scratch, &ri, pt, ct);
+      srv__fmt_usage_chunk(&s->scratch, &ri, &u);
       write_event(req);
     }
     end_stream(req);
@@ -174,7 +178,7 @@ static void finish(srv_req_t *req, const sched_event_t *ev, uint64_t now) {
   srv_buf_t *b = &s->scratch;
   buf_clear(b);
   srv__fmt_response(b, &ri, req->text.p, req->text.len, reason, req->gp.logprobs ? &req->lp : NULL,
-                    pt, ct);
+                    &u);
   if (b->oom || req->text.oom || req->lp.content.oom || req->lp.top.oom) {
     srv_error_t e;
     srv__error(&e, 500, NULL, "out of memory while building the response");

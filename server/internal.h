@@ -85,6 +85,7 @@ typedef struct srv_api_ctx {
   const model_chat_t *chat; /* borrows; NULL: chat requests get 400 */
   const char *model_name;   /* borrows: the served name */
   int32_t max_model_len;
+  sched_kv_compression_t kvc; /* the server's KV compression, requests override it */
 } srv_api_ctx_t;
 
 /* What the server keeps of a generation request besides the engine request. */
@@ -141,16 +142,21 @@ void srv__logprobs_add(srv_logprobs_t *l, srv_api_t api, const model_tok_t *tok,
 const char *srv__finish_name(sched_finish_t f); /* "stop" | "length" | NULL */
 
 /* A whole non-streaming response. lp may be NULL. */
+/* A response's usage. The KV fields (tokens of KV cache the request kept
+ * and evicted, per head on average) appear when it was compressed. */
+typedef struct srv_usage {
+  int32_t prompt_tokens, completion_tokens;
+  int32_t kv_tokens_kept, kv_tokens_evicted;
+} srv_usage_t;
+
 void srv__fmt_response(srv_buf_t *b, const srv_resp_info_t *ri, const char *text, size_t len,
-                       const char *finish, const srv_logprobs_t *lp, int32_t prompt_tokens,
-                       int32_t completion_tokens);
+                       const char *finish, const srv_logprobs_t *lp, const srv_usage_t *u);
 /* One stream chunk's JSON: text delta (chat: content; role when role is set),
  * finish reason or NULL, logprobs or NULL. */
 void srv__fmt_chunk(srv_buf_t *b, const srv_resp_info_t *ri, const char *role, const char *text,
                     size_t len, const char *finish, const srv_logprobs_t *lp);
 /* The include_usage chunk: choices [] and usage. */
-void srv__fmt_usage_chunk(srv_buf_t *b, const srv_resp_info_t *ri, int32_t prompt_tokens,
-                          int32_t completion_tokens);
+void srv__fmt_usage_chunk(srv_buf_t *b, const srv_resp_info_t *ri, const srv_usage_t *u);
 void srv__fmt_models(srv_buf_t *b, const char *model, int64_t created, int32_t max_model_len);
 
 /* ---- sse.c: event-stream framing (optionally in HTTP/1.1 chunks) ---------- */

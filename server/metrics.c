@@ -148,6 +148,29 @@ void srv__metrics_format(srv_buf_t *b, const srv_metrics_t *m, const sched_stats
           (unsigned long long)(st->kv_blocks_used > 0 ? st->kv_blocks_used : 0));
   counter(b, "pressd:engine_steps_total", "Engine steps run.", model,
           (unsigned long long)st->steps);
+
+  /* KV compression */
+  counter(b, "pressd:kv_blocks_freed_total", "KV blocks freed by compression.", model,
+          (unsigned long long)st->kv_blocks_freed);
+  srv_hist_t kh = {.bounds = sched_kvc_bounds, .n_bounds = SCHED_KVC_N_BOUNDS,
+                   .count = st->kv_compressions, .sum = st->kv_compress_seconds};
+  _Static_assert(SCHED_KVC_N_BOUNDS <= SRV_HIST_MAX_BUCKETS, "histogram too wide");
+  for (int i = 0; i <= SCHED_KVC_N_BOUNDS; i++) kh.counts[i] = st->kv_compress_hist[i];
+  histogram(b, "pressd:kv_compression_seconds",
+            "Histogram of the time one sequence's KV compression took (plan, moves, release).",
+            model, &kh);
+  counter(b, "pressd:kv_forced_compressions_total",
+          "Compressions run at once because decodes would otherwise preempt.", model,
+          (unsigned long long)st->kv_forced_compressions);
+  counter(b, "pressd:kv_budget_overrides_total",
+          "Compressions that pruned past the dynamic budget under memory pressure.", model,
+          (unsigned long long)st->kv_budget_overrides);
+  counter(b, "pressd:kv_compressed_requests_total", "Finished requests whose KV was compressed.",
+          model, (unsigned long long)st->kv_compressed_requests);
+  gauge_f(b, "pressd:kv_kept_fraction",
+          "Mean fraction of their KV entries that finished compressed requests kept.", model,
+          st->kv_compressed_requests ? st->kv_kept_fraction_sum / (double)st->kv_compressed_requests
+                                     : 1.0);
   counter(b, "pressd:http_requests_total", "HTTP requests received.", model,
           (unsigned long long)m->http_requests);
   counter(b, "pressd:requests_rejected_total", "Requests refused because the queue was full.",

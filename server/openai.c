@@ -413,6 +413,96 @@ static int unsupported(const cJSON *doc, srv_api_t api, srv_error_t *e) {
   return 0;
 }
 
+/* ---- kv_compression ------------------------------------------------------ */
+
+/* On error inside the object, name the nested parameter. */
+static int kvc_fail(srv_error_t *e) {
+  char inner[32];
+  snprintf(inner, sizeof inner, "%.31s", e->param);
+  snprintf(e->param, sizeof e->param, "kv_compression.%.31s", inner);
+  return -1;
+}
+
+static int kvc_enum(const cJSON *o, const char *key, const char *const *names, int n, int *out,
+                    srv_error_t *e) {
+  const cJSON *v = get(o, key);
+  if (!v) return 0;
+  for (int i = 0; cJSON_IsString(v) && i < n; i++)
+    if (strcmp(v->valuestring, names[i]) == 0) {
+      *out = i;
+      return 1;
+    }
+  char list[128] = "";
+  for (int i = 0; i < n; i++)
+    snprintf(list + strlen(list), sizeof list - strlen(list), "%s'%s'", i ? ", " : "", names[i]);
+  return srv__error(e, 400, key, "'%s' must be one of %s", key, list);
+}
+
+/* The request's "kv_compression" object over the server's defaults:
+ * {"method", "ratio", "max_cache_tokens", "layer_budget", "protected_window",
+ *  "observation_window", "interval", "sinks", "threshold"}. */
+static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_compression_t *k,
+                          srv_error_t *e) {
+  *k = ctx->kvc;
+  const cJSON *o = get(doc, "kv_compression");
+  if (!o) return 0;
+  if (!cJSON_IsObject(o))
+    return srv__error(e, 400, "kv_compression", "'kv_compression' must be an object");
+  static const char *const known[] = {"method", "ratio", "max_cache_tokens", "layer_budget",
+                                      "protected_window", "observation_window", "interval",
+                                      "sinks", "threshold"};
+  for (const cJSON *f = o->child; f; f = f->next) {
+    size_t i = 0;
+    while (i < sizeof known / sizeof *known && strcmp(f->string, known[i])) i++;
+    if (i == sizeof known / sizeof *known)
+      return srv__error(e, 400, "kv_compression", "unknown field 'kv_compression.%.40s'",
+                        f->string);
+  }
+  static const char *const methods[] = {"none", "kvcompress", "dbudget", "streaming", "random"};
+  static const char *const layers[] = {"global", "uniform", "zigzag"};
+  int m = -1, lb = -1, rc;
+  int64_t v = 0;
+  double d = 0;
+  const int64_t ctx_len = ctx->max_model_len;
+  if (kvc_enum(o, "method", methods, 5, &m, e) < 0) return kvc_fail(e);
+  if (m >= 0) k->plan.policy = (kv_policy_t)m; /* the enum follows the list */
+  if (kvc_enum(o, "layer_budget", layers, 3, &lb, e) < 0) return kvc_fail(e);
+  if (lb >= 0) k->plan.layer_budget = (kv_layer_budget_t)lb;
+  if ((rc = opt_number(o, "ratio", &d, e)) < 0) return kvc_fail(e);
+  if (rc) {
+    if (!(d >= 1.0 && d <= 1e6))
+      return srv__error(e, 400, "kv_compression.ratio",
+                        "'ratio' must be at least 1 (1 keeps everything), got %g", d);
+    k->plan.ratio = d;
+    k->plan.max_cache_tokens = 0;
+  }
+  if ((rc = opt_int(o, "max_cache_tokens", 1, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if (rc) k->plan.max_cache_tokens = (int32_t)v;
+  if ((rc = opt_int(o, "protected_window", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if (rc) k->plan.protected_window = (int32_t)v;
+  if ((rc = opt_int(o, "observation_window", 1, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if (rc) k->observation_window = (int32_t)v;
+  if ((rc = opt_int(o, "interval", 0, INT32_MAX, &v, e)) < 0) return kvc_fail(e);
+  if (rc) k->interval = (int32_t)v;
+  if ((rc = opt_int(o, "sinks", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if (rc) k->plan.sinks = (int32_t)v;
+  if ((rc = opt_number(o, "threshold", &d, e)) < 0) return kvc_fail(e);
+  if (rc) {
+    if (!(d > 0.0 && d < 1.0))
+      return srv__error(e, 400, "kv_compression.threshold",
+                        "'threshold' must be between 0 and 1 (exclusive), got %g", d);
+    k->plan.dbudget_threshold = (float)d;
+  }
+  /* a budget alone asks for the default method */
+  if (m < 0 && k->plan.policy == KV_POLICY_NONE && (get(o, "ratio") || get(o, "max_cache_tokens")))
+    k->plan.policy = KV_POLICY_KVCOMPRESS;
+  if (m >= 0 && m != KV_POLICY_DBUDGET && m != KV_POLICY_NONE && !k->plan.ratio &&
+      !k->plan.max_cache_tokens)
+    return srv__error(e, 400, "kv_compression.ratio",
+                      "'%s' needs 'ratio' or 'max_cache_tokens'", methods[m]);
+  return 0;
+}
+
 void srv__gen_params_destroy(srv_gen_params_t *gp) {
   if (!gp) return;
   free(gp->echo_text);
@@ -438,7 +528,7 @@ int srv__parse_generate(const srv_api_ctx_t *ctx, srv_api_t api, const char *bod
   }
   if (check_model(ctx, doc, e) || unsupported(doc, api, e) || stream_fields(doc, gp, e) ||
       logprob_fields(doc, api, gp, e) || sampling(doc, &r->sample, e) ||
-      opt_bool(doc, "ignore_eos", &r->ignore_eos, e) < 0)
+      opt_bool(doc, "ignore_eos", &r->ignore_eos, e) < 0 || kv_compression(ctx, doc, &r->kvc, e))
     goto fail;
   if (srv__parse_stop(get(doc, "stop"), &r->stop, &r->n_stop, e)) goto fail;
 

@@ -35,6 +35,7 @@ void srv_config_default(srv_config_t *c) {
   c->idle_timeout_ms = 60000;
   c->header_timeout_ms = 10000;
   c->max_model_len = 2048;
+  sched_kv_compression_default(&c->kv_compression);
 }
 
 uint64_t srv__now_ns(void) { return uv_hrtime(); }
@@ -202,7 +203,7 @@ int srv__server_new_ops(srv_server_t **out, const srv_config_t *cfg, const srv_e
   s->port = cfg->port;
   s->ops = ops;
   s->eng = eng;
-  s->api = (srv_api_ctx_t){tok, chat, s->model_name, cfg->max_model_len};
+  s->api = (srv_api_ctx_t){tok, chat, s->model_name, cfg->max_model_len, cfg->kv_compression};
   s->started = (int64_t)time(NULL);
   if (getrandom(s->rng, sizeof s->rng, 0) != (ssize_t)sizeof s->rng) {
     s->rng[0] = uv_hrtime() | 1;

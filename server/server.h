@@ -52,6 +52,7 @@ typedef struct srv_config {
   int64_t idle_timeout_ms;       /* keep-alive idle, and body upload deadline (<= 0: none) */
   int64_t header_timeout_ms;     /* from a request's first byte to its last header (<= 0: none) */
   int32_t max_model_len;         /* prompt + completion tokens at most (> 0) */
+  sched_kv_compression_t kv_compression; /* default for requests (policy none: off) */
 } srv_config_t;
 
 /* 127.0.0.1:8000, 4 MiB bodies, 16 KiB headers, 1024 connections,

@@ -231,7 +231,7 @@ static void test_format(void) {
   srv__buf_init(&b);
   srv_resp_info_t ri = {SRV_API_COMPLETIONS, "cmpl-abc", "m\"x", 1700000000, false};
 
-  srv__fmt_response(&b, &ri, "hi \"there\"", 10, "length", NULL, 5, 3);
+  srv__fmt_response(&b, &ri, "hi \"there\"", 10, "length", NULL, &(srv_usage_t){5, 3, 0, 0});
   cJSON *j = parse(b.p, b.len);
   CHECK_STR_EQ(jstr(j, "id"), "cmpl-abc");
   CHECK_STR_EQ(jstr(j, "object"), "text_completion");
@@ -252,13 +252,17 @@ static void test_format(void) {
   ri.api = SRV_API_CHAT;
   ri.id = "chatcmpl-1";
   b.len = 0;
-  srv__fmt_response(&b, &ri, "ok", 2, "stop", NULL, 7, 1);
+  srv__fmt_response(&b, &ri, "ok", 2, "stop", NULL, &(srv_usage_t){7, 1, 40, 60});
   j = parse(b.p, b.len);
   CHECK_STR_EQ(jstr(j, "object"), "chat.completion");
   c0 = cJSON_GetArrayItem(jget(j, "choices"), 0);
   CHECK_STR_EQ(jstr(jget(c0, "message"), "role"), "assistant");
   CHECK_STR_EQ(jstr(jget(c0, "message"), "content"), "ok");
   CHECK_STR_EQ(jstr(c0, "finish_reason"), "stop");
+  /* a compressed request's usage: the KV tokens kept and evicted */
+  CHECK_INT_EQ((int)cJSON_GetNumberValue(jget(jget(j, "usage"), "kv_tokens_kept")), 40);
+  CHECK_INT_EQ((int)cJSON_GetNumberValue(jget(jget(j, "usage"), "kv_tokens_evicted")), 60);
+  CHECK_INT_EQ((int)cJSON_GetNumberValue(jget(jget(j, "usage"), "total_tokens")), 8);
   cJSON_Delete(j);
 
   /* chat chunks: the role delta, a content delta, the finish, usage */
@@ -288,7 +292,7 @@ static void test_format(void) {
   CHECK_STR_EQ(jstr(c0, "finish_reason"), "stop");
   cJSON_Delete(j);
   b.len = 0;
-  srv__fmt_usage_chunk(&b, &ri, 4, 6);
+  srv__fmt_usage_chunk(&b, &ri, &(srv_usage_t){4, 6, 0, 0});
   j = parse(b.p, b.len);
   CHECK(cJSON_IsArray(jget(j, "choices")) && cJSON_GetArraySize(jget(j, "choices")) == 0);
   CHECK_INT_EQ(jnum(jget(j, "usage"), "total_tokens"), 10);
@@ -566,6 +570,33 @@ static void test_validation_errors(void) {
        "stream_options"},
       {C, "{\"prompt\":\"hi\",\"stream\":true,\"stream_options\":[]}", 400, "stream_options"},
       {C, "{\"prompt\":\"hi\",\"ignore_eos\":1}", 400, "ignore_eos"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":1}", 400, "kv_compression"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":[]}", 400, "kv_compression"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":0.5}}", 400,
+       "kv_compression.ratio"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":\"4\"}}", 400,
+       "kv_compression.ratio"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":-2}}", 400,
+       "kv_compression.ratio"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"zip\"}}", 400,
+       "kv_compression.method"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"kvcompress\"}}", 400,
+       "kv_compression.ratio"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"layer_budget\":\"tall\"}}", 400,
+       "kv_compression.layer_budget"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"protected_window\":1000000000}}", 400,
+       "kv_compression.protected_window"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"observation_window\":0}}", 400,
+       "kv_compression.observation_window"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"observation_window\":99999}}", 400,
+       "kv_compression.observation_window"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"interval\":-1}}", 400,
+       "kv_compression.interval"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"threshold\":1.5}}", 400,
+       "kv_compression.threshold"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"max_cache_tokens\":0}}", 400,
+       "kv_compression.max_cache_tokens"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"retio\":4}}", 400, "kv_compression"},
       {C, "{\"prompt\":\"hi\",\"model\":\"gpt-4\"}", 404, "model"},
       {C, "{\"prompt\":\"hi\",\"model\":5}", 400, "model"},
       {C, "{\"prompt\":\"hi\",\"user\":5}", 400, "user"},
@@ -660,6 +691,29 @@ static void test_validation_ok(void) {
   CHECK(r->ignore_eos);
   CHECK_INT_EQ(r->logprobs, 3);
   CHECK(gp.logprobs && gp.top_logprobs == 3 && !gp.stream && !gp.echo);
+  CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_NONE); /* the server's default */
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+
+  /* kv_compression over the server's defaults */
+  r = expect_ok(C,
+                "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\",\"ratio\":8,"
+                "\"layer_budget\":\"zigzag\",\"protected_window\":16,\"observation_window\":8,"
+                "\"interval\":0,\"sinks\":2,\"threshold\":0.01}}",
+                &gp);
+  CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_DBUDGET);
+  CHECK_NEAR(r->kvc.plan.ratio, 8, 0);
+  CHECK_INT_EQ(r->kvc.plan.layer_budget, KV_LAYER_ZIGZAG);
+  CHECK_INT_EQ(r->kvc.plan.protected_window, 16);
+  CHECK_INT_EQ(r->kvc.observation_window, 8);
+  CHECK_INT_EQ(r->kvc.interval, 0);
+  CHECK_INT_EQ(r->kvc.plan.sinks, 2);
+  CHECK_NEAR(r->kvc.plan.dbudget_threshold, 0.01, 1e-7);
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
+  CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
+  CHECK_INT_EQ(r->kvc.observation_window, 32);
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
 
@@ -1614,7 +1668,8 @@ static int load_model(void) {
   free(tmpl);
   free(bos_s);
   free(eos_s);
-  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN};
+  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN, {{0}, 0, 0, 0}};
+  sched_kv_compression_default(&g_api.kvc);
   return 0;
 }
 
