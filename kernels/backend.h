@@ -66,10 +66,13 @@ typedef struct k_kv_arena {
  *       sequence. Per query head g, s_g[k] = Σ_q p[q][k]² is max-pooled
  *       along the head's slot order (width obs_pool, stride 1, same
  *       padding) and Σ_g s_g[k] is added into score[]. Where obs_mass is
- *       given it receives, per KV head, Σ_g maxpool(Σ_q p[q][k]) (attention
- *       mass, for per-layer budgets); where obs_last is given it receives,
- *       per query head, p[last row][k]² (for the dynamic-budget stop). Both
- *       are indexed by the head's logical slot (the table order). */
+ *       given, Σ_g maxpool(Σ_q p[q][k]) (attention mass, for per-layer
+ *       budgets) is added into it per KV head; where obs_last is given it
+ *       receives, per query head, p[last row][k]² (for the dynamic-budget
+ *       stop). Both are indexed by the head's logical slot (the table
+ *       order). A window longer than one call's rows is observed call by
+ *       call: causal attention gives each query the same probabilities
+ *       whatever the chunking, so only the pooling is per call. */
 typedef struct k_seq_kv {
   const int32_t *blocks; /* [n_layers][n_kv_heads][stride] block tables */
   const int32_t *ctx;    /* [n_layers][n_kv_heads] slots in use, this step's new ones included */

@@ -33,7 +33,7 @@ typedef struct sched_kv_compression {
   int32_t interval;
 } sched_kv_compression_t;
 
-/* Defaults: policy none, window 32, pool 7, interval 32. */
+/* Defaults: policy none, window 0 (the whole prompt), pool 7, interval 32. */
 void sched_kv_compression_default(sched_kv_compression_t *k);
 
 typedef struct sched_request {

@@ -1,9 +1,9 @@
 /* When a sequence's KV cache is compressed, and what the attention kernels
  * observe for it (see engine-internal.h and ALGORITHMS.md):
  *
- *  - the chunk that ends a prompt scores the prompt's KVs from its last
- *    observation_window queries (and, for the per-layer and dynamic
- *    budgets, keeps the attention mass and the last query's p^2);
+ *  - the chunks holding the prompt's last observation_window queries (0:
+ *    the whole prompt) score the prompt's KVs (and, for the per-layer and
+ *    dynamic budgets, keep the attention mass and the last query's p^2);
  *  - right after that chunk the sequence is compressed to its budget;
  *  - on decode steps the kernels add every query's p^2 to the scores, and
  *    every `interval` decode steps the sequence is compressed again;
@@ -25,7 +25,7 @@ const double sched_kvc_bounds[SCHED_KVC_N_BOUNDS] = {0.0001, 0.0003, 0.001, 0.00
 void sched_kv_compression_default(sched_kv_compression_t *k) {
   kv_compress_params_default(&k->plan);
   k->plan.policy = KV_POLICY_NONE;
-  k->observation_window = 32;
+  k->observation_window = 0;
   k->pool = 7;
   k->interval = 32;
 }
@@ -65,26 +65,31 @@ int64_t sched__kvc_held(const sched__seq_t *s) {
 int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   *v = kv_seq_view(&s->kv);
   if (!sched__kvc_enabled(s)) return 0;
-  if (s->n_computed == 0) s->prefill_compressed = false; /* (re)computing from the start */
+  if (s->n_computed == 0) { /* (re)computing from the start */
+    s->prefill_compressed = false;
+    sched__kvc_seq_free(s);
+  }
   if (!wants_scores(s) || !k->be->host_memory) return 0;
   const sched_kv_compression_t *c = &s->req->kvc;
   if (s->prefill_compressed) {
     v->n_obs = -1; /* decode: p^2 of every step */
     return 0;
   }
-  if (s->n_computed + s->chunk != s->n_tokens) return 0; /* not the prompt's last chunk */
-  int32_t w = c->observation_window;
-  v->n_obs = w <= 0 || w > s->chunk ? s->chunk : w;
+  /* the prompt's last observation_window tokens (0: all of it), chunk by chunk */
+  int32_t w = c->observation_window, end = s->n_computed + s->chunk;
+  int32_t wstart = w <= 0 || w >= s->n_tokens ? 0 : s->n_tokens - w;
+  if (end <= wstart) return 0;
+  v->n_obs = end - (s->n_computed > wstart ? s->n_computed : wstart);
   size_t per_head = (size_t)s->kv.max_blocks * (size_t)s->kv.block_size;
   size_t lh = (size_t)k->n_layers * (size_t)k->n_kv_heads;
   if (c->plan.layer_budget == KV_LAYER_ZIGZAG && c->plan.policy == KV_POLICY_KVCOMPRESS &&
-      !s->obs_mass && !(s->obs_mass = malloc(lh * per_head * sizeof(float))))
+      !s->obs_mass && !(s->obs_mass = calloc(lh * per_head, sizeof(float))))
     return -ENOMEM;
-  if (c->plan.policy == KV_POLICY_DBUDGET && !s->obs_last &&
+  if (c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
       !(s->obs_last = malloc(lh * (size_t)k->group * per_head * sizeof(float))))
     return -ENOMEM;
   v->obs_mass = s->obs_mass;
-  v->obs_last = s->obs_last;
+  v->obs_last = end == s->n_tokens ? s->obs_last : NULL;
   return 0;
 }
 

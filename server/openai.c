@@ -480,7 +480,7 @@ static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_c
   if (rc) k->plan.max_cache_tokens = (int32_t)v;
   if ((rc = opt_int(o, "protected_window", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
   if (rc) k->plan.protected_window = (int32_t)v;
-  if ((rc = opt_int(o, "observation_window", 1, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if ((rc = opt_int(o, "observation_window", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
   if (rc) k->observation_window = (int32_t)v;
   if ((rc = opt_int(o, "interval", 0, INT32_MAX, &v, e)) < 0) return kvc_fail(e);
   if (rc) k->interval = (int32_t)v;

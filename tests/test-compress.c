@@ -4,8 +4,10 @@
  * pressure, the StreamingLLM and random baselines, the compaction moves run
  * on a fake arena, and a randomized run checking the invariants. */
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 
 #include "paged/compress.h"
@@ -1168,6 +1170,118 @@ static void test_timing(void) {
   fx_destroy(&f);
 }
 
+/* ---- through the backend ---------------------------------------------------
+ * A sequence prefilled on the CPU backend, compressed (plan, kv_move,
+ * apply), then queried: each head's attention equals dense attention, in
+ * double, over exactly the KVs that survived, taken from a copy of the cache
+ * made before compaction. */
+static void test_attention_after_compaction(void) {
+  enum { L = 2, H = 2, G = 2, D = 32, B = 16, N = 150, NB = 64 };
+  k_backend_t *be = NULL;
+  CHECK_INT_EQ(k_cpu_backend_new(&be, 2), 0);
+  k_kv_arena_t a;
+  CHECK_INT_EQ(kv_arena_init(&a, be, NB, B, D), 0);
+  kv_pool_t pool;
+  CHECK_INT_EQ(kv_pool_init(&pool, NB), 0);
+  kv_pool_shuffle(&pool, 99);
+  kv_seq_t seq;
+  CHECK_INT_EQ(kv_seq_init(&seq, L, H, B, 256), 0);
+  CHECK_INT_EQ(kv_seq_append(&seq, &pool, N), 0);
+  uint64_t rng = 2024;
+  /* the original cache: per head, K, V, score of position t (slot t) */
+  float *k0 = malloc(sizeof(float) * L * H * N * D), *v0 = malloc(sizeof(float) * L * H * N * D);
+  float *sc0 = malloc(sizeof(float) * L * H * N);
+  CHECK(k0 && v0 && sc0);
+  for (int32_t i = 0; i < L * H; i++)
+    for (int32_t t = 0; t < N; t++) {
+      int32_t sl = kv_seq_slot(&seq, i / H, i % H, t);
+      for (int32_t d = 0; d < D; d++) {
+        k0[((int64_t)i * N + t) * D + d] = a.k[(int64_t)sl * D + d] = rng_float(&rng) * 2 - 1;
+        v0[((int64_t)i * N + t) * D + d] = a.v[(int64_t)sl * D + d] = rng_float(&rng) * 2 - 1;
+      }
+      a.pos[sl] = t;
+      a.score[sl] = sc0[i * N + t] = rng_float(&rng);
+    }
+  kv_compress_params_t prm;
+  kv_compress_params_default(&prm);
+  prm.ratio = 3;
+  prm.min_tokens = 16;
+  prm.protected_window = 8;
+  kv_compress_plan_t pl;
+  kv_compress_plan_init(&pl);
+  kv_compress_input_t in = {.seq = &seq, .score = a.score, .pos = a.pos, .n_tokens = N,
+                            .last_pos = N - 1, .group = G};
+  CHECK_INT_EQ(kv_compress_plan(&pl, &prm, &in), 0);
+  CHECK(pl.blocks_freed > 0);
+  CHECK_INT_EQ(be->ops->kv_move(be, &a, pl.src, pl.dst, pl.n_moves), 0);
+  int32_t used = kv_pool_used_count(&pool);
+  kv_compress_apply(&pl, &seq, &pool);
+  CHECK_INT_EQ(used - kv_pool_used_count(&pool), pl.blocks_freed);
+
+  /* survivors: the positions each head still holds, each once, every
+   * evicted one scoring no more than every evictable survivor */
+  bool *alive = calloc((size_t)L * H * N, 1);
+  CHECK(alive);
+  for (int32_t i = 0; i < L * H; i++) {
+    int32_t c = kv_seq_ctx(&seq, i / H, i % H);
+    CHECK_INT_EQ(c, N - pl.evict[i]);
+    for (int32_t j = 0; j < c; j++) {
+      int32_t sl = kv_seq_slot(&seq, i / H, i % H, j), p = a.pos[sl];
+      CHECK(p >= 0 && p < N && !alive[i * N + p]);
+      alive[i * N + p] = true;
+      CHECK_NEAR(a.score[sl], sc0[i * N + p], 0);
+      for (int32_t d = 0; d < D; d++) CHECK_NEAR(a.k[(int64_t)sl * D + d], k0[((int64_t)i * N + p) * D + d], 0);
+    }
+    float max_evicted = -1, min_kept = 2;
+    for (int32_t p = prm.sinks; p < N - prm.protected_window; p++) {
+      if (alive[i * N + p]) min_kept = sc0[i * N + p] < min_kept ? sc0[i * N + p] : min_kept;
+      else max_evicted = sc0[i * N + p] > max_evicted ? sc0[i * N + p] : max_evicted;
+    }
+    CHECK(max_evicted <= min_kept);
+  }
+
+  /* one query row at position N - 1, both layers */
+  float q[H * G * D], out[H * G * D];
+  for (int32_t t = 0; t < H * G * D; t++) q[t] = (rng_float(&rng) * 2 - 1) * 3;
+  const int32_t q_start[2] = {0, 1}, q_pos[1] = {N - 1};
+  k_seq_kv_t view = kv_seq_view(&seq);
+  for (int32_t l = 0; l < L; l++) {
+    k_attn_args_t args = {.n_seqs = 1, .layer = l, .n_q_heads = H * G, .n_kv_heads = H,
+                          .head_dim = D, .scale = 0.25f, .obs_pool = 1, .q = q, .out = out,
+                          .q_start = q_start, .q_pos = q_pos, .seqs = &view};
+    CHECK_INT_EQ(be->ops->attention(be, &a, &args), 0);
+    for (int32_t qh = 0; qh < H * G; qh++) {
+      int32_t i = l * H + qh / G;
+      double w[N], mx = -1e300, sum = 0;
+      for (int32_t p = 0; p < N; p++) {
+        if (!alive[i * N + p]) continue;
+        double dot = 0;
+        for (int32_t d = 0; d < D; d++) dot += (double)q[qh * D + d] * k0[((int64_t)i * N + p) * D + d];
+        w[p] = dot * 0.25;
+        mx = w[p] > mx ? w[p] : mx;
+      }
+      for (int32_t p = 0; p < N; p++)
+        if (alive[i * N + p]) sum += (w[p] = exp(w[p] - mx));
+      for (int32_t d = 0; d < D; d++) {
+        double want = 0;
+        for (int32_t p = 0; p < N; p++)
+          if (alive[i * N + p]) want += w[p] / sum * v0[((int64_t)i * N + p) * D + d];
+        CHECK_NEAR(out[qh * D + d], want, 1e-5);
+      }
+    }
+  }
+  free(alive);
+  free(k0);
+  free(v0);
+  free(sc0);
+  kv_compress_plan_destroy(&pl);
+  kv_seq_destroy(&seq, &pool);
+  CHECK_INT_EQ(kv_pool_free_count(&pool), NB);
+  kv_pool_destroy(&pool);
+  kv_arena_destroy(&a, be);
+  k_backend_free(be);
+}
+
 int main(void) {
   RUN(test_params_default);
   RUN(test_budget_tokens);
@@ -1186,6 +1300,7 @@ int main(void) {
   RUN(test_random);
   RUN(test_invalid);
   RUN(test_randomized);
+  RUN(test_attention_after_compaction);
   RUN(test_timing);
   fprintf(stderr, "all compress tests passed\n");
   return 0;

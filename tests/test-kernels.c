@@ -603,7 +603,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     if (c->seqs[s].n_obs > 0) {
       views[s].obs_mass = xmalloc((size_t)H * cap * sizeof(float));
       views[s].obs_last = xmalloc((size_t)QH * cap * sizeof(float));
-      fill_nan(views[s].obs_mass, (size_t)H * cap);
+      for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f; /* added to */
       fill_nan(views[s].obs_last, (size_t)QH * cap);
     }
   }
@@ -648,10 +648,24 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   memcpy(score2, a.score, (size_t)n_slots * sizeof *score2);
   memcpy(a.score, score0, (size_t)n_slots * sizeof *score0);
+  float **mass2 = xmalloc((size_t)S * sizeof *mass2);
+  for (int32_t s = 0; s < S; s++) { /* obs_mass is added to: start the second run afresh */
+    mass2[s] = NULL;
+    if (!views[s].obs_mass) continue;
+    mass2[s] = xmalloc((size_t)H * cap * sizeof(float));
+    memcpy(mass2[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
+    for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f;
+  }
   args.out = out1;
   CHECK_INT_EQ(g_be1->ops->attention(g_be1, &a, &args), 0);
   if (memcmp(score2, a.score, (size_t)n_slots * sizeof *score2) != 0)
     FAIL_AT("%s: scores differ between 1 and 2 threads", c->name);
+  for (int32_t s = 0; s < S; s++) {
+    if (mass2[s] && memcmp(mass2[s], views[s].obs_mass, (size_t)H * cap * sizeof(float)))
+      FAIL_AT("%s: attention mass differs between 1 and 2 threads", c->name);
+    free(mass2[s]);
+  }
+  free(mass2);
 
   /* dense reference over the visible keys of the same head */
   double *sc = xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
@@ -731,7 +745,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
           ref_add[(int64_t)i * cap + t] += mq;
           mass += mm;
         }
-        check_close("obs_mass", (size_t)t, views[s].obs_mass[h * cap + t], mass, 1e-5);
+        check_close("obs_mass", (size_t)t, views[s].obs_mass[h * cap + t], 0.5 + mass, 1e-5);
         for (int32_t g = 0; g < G; g++)
           check_close("obs_last", (size_t)t, views[s].obs_last[(h * G + g) * cap + t],
                       ref_last[((int64_t)s * QH + h * G + g) * cap + t], 1e-5);
@@ -838,6 +852,14 @@ static void test_attention_shapes(void) {
   attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false, 1};
   memset(&st, 0, sizeof st);
   run_attention(&c3, &st);
+
+  /* long windows, split into parts that run in parallel: the whole prompt
+   * (prefix 0) and a window inside a chunk after cached keys */
+  static const seq_spec_t longw[] = {{0, 300, {0, 0}, 300}, {40, 300, {-1, 25}, 260},
+                                     {12, 1, {5, 12}, -1}};
+  attn_case_t c5 = {"long", 6, 2, 64, 16, 3, longw, 1.5f, 450, false, 7};
+  memset(&st, 0, sizeof st);
+  run_attention(&c5, &st);
 
   /* block size 1: every slot its own block */
   static const seq_spec_t tiny[] = {{10, 3, {4, 10}, 3}, {2, 2, {1, 0}, -1}};

@@ -586,7 +586,7 @@ static void test_validation_errors(void) {
        "kv_compression.layer_budget"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"protected_window\":1000000000}}", 400,
        "kv_compression.protected_window"},
-      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"observation_window\":0}}", 400,
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"observation_window\":-1}}", 400,
        "kv_compression.observation_window"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"observation_window\":99999}}", 400,
        "kv_compression.observation_window"},
@@ -713,7 +713,7 @@ static void test_validation_ok(void) {
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
   CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
-  CHECK_INT_EQ(r->kvc.observation_window, 32);
+  CHECK_INT_EQ(r->kvc.observation_window, 0);
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
 

@@ -23,6 +23,7 @@ typedef struct cpu {
   k_pool_t *pool;         /* owns */
   k__scratch_t mm_scratch; /* matmul's dequantised weight bands */
   k__scratch_t *att_scratch; /* owns: [threads] attention's probabilities for scores */
+  k__scratch_t att_acc;      /* score sums of windows split into parts */
   int32_t threads;
 } cpu_t;
 
@@ -52,6 +53,7 @@ static void cpu_destroy(k_backend_t *be) {
     for (int32_t i = 0; c->att_scratch && i < c->threads; i++)
       k__scratch_destroy(&c->att_scratch[i]);
     free(c->att_scratch);
+    k__scratch_destroy(&c->att_acc);
   }
   free(c);
 }
@@ -313,7 +315,13 @@ typedef struct att_job {
   const int32_t *task_seq; /* [n_tasks] */
   const int32_t *task_row; /* [n_tasks] first query row */
   const int32_t *task_end; /* [n_tasks] one past the last query row */
-  bool scored_tasks;       /* some task carries compression scores */
+  const int32_t *task_part; /* [n_tasks] part of the scored rows, -1 for a plain tile */
+  /* scored windows split into parts, per sequence: parts, sums' row length,
+   * offset in acc; and the sequences split */
+  const int32_t *n_parts, *acc_ld;
+  const int64_t *acc_off;
+  float *acc;
+  const int32_t *split_seq;
   int rc;                  /* first failure of a scored task (scratch) */
 } att_job_t;
 
@@ -435,26 +443,24 @@ static void max_pool(float *y, const float *x, int32_t n, int32_t w) {
   }
 }
 
-/* A task that also yields compression scores (k_seq_kv_t.n_obs): all its
- * rows against head h, tile by tile, with the probabilities of every tile
- * folded into per-query-head sums before the next. */
-static int att_scored(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int32_t r1,
-                      int32_t thread) {
+/* Scored rows (k_seq_kv_t.n_obs) of a sequence against head h: tile by
+ * tile, each tile's probabilities folded into per-query-head sums sq[g][k]
+ * (of p^2) and mass[g][k] (of p), [G][ld] each, zeroed here. A long window
+ * is split into parts that run in parallel, each with its own sums, added
+ * up by att_finish. */
+static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int32_t r1,
+                          int32_t thread, float *sq, float *mass, int64_t ld) {
   const k_kv_arena_t *kv = j->kv;
   const k_attn_args_t *a = j->a;
   const k_seq_kv_t *q = &a->seqs[s];
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
   const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
-  const int32_t *table = k_seq_table(q, a->layer, H, h);
-  const bool window = q->n_obs > 0;
-  const int64_t ld = ctx > 0 ? ctx : 1;
-  /* lg [ATT_QT*G][ld], sq [G][ld], mass [G][ld], tmp [ld] */
-  size_t need = ((size_t)ATT_QT * G + 2 * (size_t)G + 1) * (size_t)ld * sizeof(float);
+  const int32_t last_row = a->q_start[s + 1] - 1;
   k__scratch_t *sc = &j->scratch[thread];
-  if (k__scratch_reserve(sc, need)) return -ENOMEM;
-  float *lg = sc->p, *sq = lg + (int64_t)ATT_QT * G * ld, *mass = sq + (int64_t)G * ld,
-        *tmp = mass + (int64_t)G * ld;
-  memset(sq, 0, (size_t)(2 * G) * (size_t)ld * sizeof(float));
+  if (k__scratch_reserve(sc, (size_t)ATT_QT * G * (size_t)ld * sizeof(float))) return -ENOMEM;
+  float *lg = sc->p;
+  memset(sq, 0, (size_t)G * (size_t)ld * sizeof(float));
+  memset(mass, 0, (size_t)G * (size_t)ld * sizeof(float));
   float mm[ATT_QT * ATT_MAX_G], ll[ATT_QT * ATT_MAX_G];
   for (int32_t t0 = r0; t0 < r1; t0 += ATT_QT) {
     int32_t t1 = t0 + ATT_QT < r1 ? t0 + ATT_QT : r1;
@@ -469,13 +475,26 @@ static int att_scored(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int3
         sg[k] += p * p;
         mg[k] += p;
       }
-      if (window && q->obs_last && t0 + i / G == r1 - 1) {
+      if (q->n_obs > 0 && q->obs_last && t0 + i / G == last_row) {
         float *o = q->obs_last + ((int64_t)a->layer * a->n_q_heads + (int64_t)h * G + g) *
                                      ((int64_t)q->stride * B);
         for (int32_t k = 0; k < ctx; k++) o[k] = row[k] * row[k];
       }
     }
   }
+  return 0;
+}
+
+/* Pool (prefill windows) and add the sums into the scores and the mass. */
+static void att_finish(const att_job_t *j, int32_t s, int32_t h, float *sq, float *mass,
+                       int64_t ld, float *tmp) {
+  const k_kv_arena_t *kv = j->kv;
+  const k_attn_args_t *a = j->a;
+  const k_seq_kv_t *q = &a->seqs[s];
+  const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
+  const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
+  const int32_t *table = k_seq_table(q, a->layer, H, h);
+  const bool window = q->n_obs > 0;
   if (window && a->obs_pool > 1) {
     for (int32_t g = 0; g < G; g++) {
       max_pool(tmp, sq + g * ld, ctx, a->obs_pool);
@@ -494,23 +513,64 @@ static int att_scored(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int3
       ms += mass[g * ld + k];
     }
     kv->score[(int64_t)table[k / B] * B + k % B] += add;
-    if (om) om[k] = ms;
+    if (om) om[k] += ms;
   }
-  return 0;
+}
+
+/* Part p of sequence s's scored rows, head h: its sums in the job's
+ * accumulator ([H][parts][2][G][ld] per sequence). */
+static float *att_part_sums(const att_job_t *j, int32_t s, int32_t h, int32_t p) {
+  const int32_t G = j->a->n_q_heads / j->a->n_kv_heads;
+  return j->acc + j->acc_off[s] + ((int64_t)h * j->n_parts[s] + p) * 2 * G * j->acc_ld[s];
 }
 
 static void att_task(void *arg, int64_t ti, int32_t thread) {
   att_job_t *j = arg;
-  const int32_t H = j->a->n_kv_heads;
+  const int32_t H = j->a->n_kv_heads, G = j->a->n_q_heads / H;
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
-  int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H];
-  if (r1 - r0 <= ATT_QT && !(j->scored_tasks && j->a->seqs[s].n_obs &&
-                            r1 == j->a->q_start[s + 1])) {
+  int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H], part = j->task_part[ti / H];
+  if (part < 0) {
     att_tile(j->kv, j->a, s, h, r0, r1, NULL, 0, NULL, NULL);
     return;
   }
-  int rc = att_scored(j, s, h, r0, r1, thread);
+  int rc;
+  if (j->n_parts[s] > 1) { /* sums only; att_finish_task adds the parts up */
+    float *sq = att_part_sums(j, s, h, part);
+    rc = att_accumulate(j, s, h, r0, r1, thread, sq, sq + (int64_t)G * j->acc_ld[s],
+                        j->acc_ld[s]);
+  } else {
+    const int32_t ctx = k_seq_ctx(&j->a->seqs[s], j->a->layer, H, h);
+    const int64_t ld = ctx > 0 ? ctx : 1;
+    /* lg [ATT_QT*G][ld] (att_accumulate's), then sq, mass [G][ld], tmp [ld] */
+    k__scratch_t *sc = &j->scratch[thread];
+    size_t lgn = (size_t)ATT_QT * G * (size_t)ld;
+    rc = k__scratch_reserve(sc, (lgn + (2 * (size_t)G + 1) * (size_t)ld) * sizeof(float));
+    if (!rc) {
+      float *sq = (float *)sc->p + lgn, *mass = sq + (int64_t)G * ld, *tmp = mass + (int64_t)G * ld;
+      rc = att_accumulate(j, s, h, r0, r1, thread, sq, mass, ld);
+      if (!rc) att_finish(j, s, h, sq, mass, ld, tmp);
+    }
+  }
   if (rc) __atomic_store_n(&j->rc, rc, __ATOMIC_RELAXED);
+}
+
+/* Task i of the second pass: (sequence, head) i of the split windows. */
+static void att_finish_task(void *arg, int64_t ti, int32_t thread) {
+  att_job_t *j = arg;
+  const int32_t H = j->a->n_kv_heads, G = j->a->n_q_heads / H;
+  int32_t s = j->split_seq[ti / H], h = (int32_t)(ti % H);
+  const int64_t ld = j->acc_ld[s];
+  float *sq0 = att_part_sums(j, s, h, 0);
+  for (int32_t p = 1; p < j->n_parts[s]; p++) {
+    const float *sp = att_part_sums(j, s, h, p);
+    for (int64_t k = 0; k < 2 * G * ld; k++) sq0[k] += sp[k];
+  }
+  k__scratch_t *sc = &j->scratch[thread];
+  if (k__scratch_reserve(sc, (size_t)ld * sizeof(float))) {
+    __atomic_store_n(&j->rc, -ENOMEM, __ATOMIC_RELAXED);
+    return;
+  }
+  att_finish(j, s, h, sq0, sq0 + G * ld, ld, sc->p);
 }
 
 #ifdef GG_EMU
@@ -607,53 +667,106 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
 }
 #endif
 
+#ifdef GG_EMU
+/* Whether any sequence asks for scores (the GGML emulation has none). */
+static bool scored_any(const k_attn_args_t *a) {
+  for (int32_t s = 0; s < a->n_seqs; s++)
+    if (a->seqs[s].n_obs) return true;
+  return false;
+}
+#endif
+
+/* Rows of a scored window per parallel part, at least; parts at most. */
+#define ATT_PART_ROWS 128
+#define ATT_MAX_PARTS 8
+
 static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a) {
   cpu_t *c = be->impl;
-  int32_t G = a->n_q_heads / a->n_kv_heads;
-  if (a->n_q_heads % a->n_kv_heads || G > ATT_MAX_G || a->head_dim > ATT_MAX_D ||
+  const int32_t H = a->n_kv_heads, G = a->n_q_heads / (H > 0 ? H : 1), S = a->n_seqs;
+  if (H <= 0 || a->n_q_heads % H || G > ATT_MAX_G || a->head_dim > ATT_MAX_D ||
       kv->block_size > ATT_MAX_B || a->head_dim != kv->head_dim)
     return -EINVAL;
   /* Tasks: tiles of ATT_QT rows; the scored rows of a sequence (all of a
-   * decode's, the observation window of a prefill) form one task. */
-  int64_t n_tasks = 0;
-  bool scored = false;
-  for (int32_t s = 0; s < a->n_seqs; s++) {
-    int32_t rows = a->q_start[s + 1] - a->q_start[s], n_obs = a->seqs[s].n_obs;
-    int32_t obs = n_obs < 0 || n_obs > rows ? rows : n_obs;
-    scored |= obs > 0;
-    n_tasks += (rows - obs + ATT_QT - 1) / ATT_QT + (obs > 0);
+   * decode's, the observation window of a prefill) form one task, or
+   * several parts with separate sums when the window is long. */
+  int32_t *per_seq = malloc((size_t)(S > 0 ? S : 1) * 4 * sizeof(int32_t));
+  int64_t *acc_off = malloc((size_t)(S > 0 ? S : 1) * sizeof(int64_t));
+  if (!per_seq || !acc_off) {
+    free(per_seq);
+    free(acc_off);
+    return -ENOMEM;
   }
-  int32_t stack[3][256];
-  int32_t *ts = stack[0], *tr = stack[1], *te = stack[2];
-  if (n_tasks > 256) {
-    ts = malloc((size_t)n_tasks * 3 * sizeof *ts);
-    if (!ts) return -ENOMEM;
+  int32_t *n_parts = per_seq, *acc_ld = per_seq + S, *split_seq = per_seq + 2 * S,
+          *obs_rows = per_seq + 3 * S;
+  int64_t n_tasks = 0, acc_n = 0;
+  int32_t n_split = 0;
+  for (int32_t s = 0; s < S; s++) {
+    int32_t rows = a->q_start[s + 1] - a->q_start[s], n_obs = a->seqs[s].n_obs;
+    int32_t obs = obs_rows[s] = n_obs < 0 || n_obs > rows ? rows : n_obs;
+    /* the split depends on the rows only, so the scores do not depend on
+     * the thread count */
+    int32_t np = obs / ATT_PART_ROWS < ATT_MAX_PARTS ? obs / ATT_PART_ROWS : ATT_MAX_PARTS;
+    n_parts[s] = obs > 0 ? (np > 1 ? np : 1) : 0;
+    acc_off[s] = -1;
+    acc_ld[s] = 0;
+    if (n_parts[s] > 1) {
+      int32_t ld = 1;
+      for (int32_t h = 0; h < H; h++) {
+        int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
+        ld = ctx > ld ? ctx : ld;
+      }
+      acc_ld[s] = ld;
+      acc_off[s] = acc_n;
+      acc_n += (int64_t)H * n_parts[s] * 2 * G * ld;
+      split_seq[n_split++] = s;
+    }
+    n_tasks += (rows - obs + ATT_QT - 1) / ATT_QT + n_parts[s];
+  }
+  int rc = acc_n ? k__scratch_reserve(&c->att_acc, (size_t)acc_n * sizeof(float)) : 0;
+  int32_t stack[4][256];
+  int32_t *ts = stack[0], *tr = stack[1], *te = stack[2], *tp = stack[3];
+  if (!rc && n_tasks > 256) {
+    ts = malloc((size_t)n_tasks * 4 * sizeof *ts);
+    if (!ts) rc = -ENOMEM;
     tr = ts + n_tasks;
     te = tr + n_tasks;
+    tp = te + n_tasks;
+  }
+  if (rc) {
+    free(per_seq);
+    free(acc_off);
+    return rc;
   }
   int64_t k = 0;
-  for (int32_t s = 0; s < a->n_seqs; s++) {
-    int32_t q0 = a->q_start[s], q1 = a->q_start[s + 1], n_obs = a->seqs[s].n_obs;
-    int32_t obs = n_obs < 0 || n_obs > q1 - q0 ? q1 - q0 : n_obs;
+  for (int32_t s = 0; s < S; s++) {
+    int32_t q0 = a->q_start[s], q1 = a->q_start[s + 1], obs = obs_rows[s];
     for (int32_t r = q0; r < q1 - obs; r += ATT_QT, k++) {
       ts[k] = s;
       tr[k] = r;
       te[k] = r + ATT_QT < q1 - obs ? r + ATT_QT : q1 - obs;
+      tp[k] = -1;
     }
-    if (obs > 0) {
+    /* parts of whole tiles, as even as that allows */
+    int32_t tiles = (obs + ATT_QT - 1) / ATT_QT;
+    for (int32_t p = 0; p < n_parts[s]; p++, k++) {
       ts[k] = s;
-      tr[k] = q1 - obs;
-      te[k++] = q1;
+      tr[k] = q1 - obs + (int32_t)((int64_t)tiles * p / n_parts[s]) * ATT_QT;
+      te[k] = p + 1 == n_parts[s] ? q1 : q1 - obs + (int32_t)((int64_t)tiles * (p + 1) / n_parts[s]) * ATT_QT;
+      tp[k] = p;
     }
   }
-  att_job_t j = {kv, a, c->att_scratch, ts, tr, te, scored, 0};
+  att_job_t j = {kv, a, c->att_scratch, ts, tr, te, tp, n_parts, acc_ld, acc_off,
+                 c->att_acc.p, split_seq, 0};
 #ifdef GG_EMU
-  if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0 && !scored)
-    k_pool_run(c->pool, n_tasks * a->n_kv_heads, att_task_gg, &j);
+  if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0 && acc_n == 0 && !scored_any(a))
+    k_pool_run(c->pool, n_tasks * H, att_task_gg, &j);
   else
 #endif
-    k_pool_run(c->pool, n_tasks * a->n_kv_heads, att_task, &j);
+    k_pool_run(c->pool, n_tasks * H, att_task, &j);
+  if (n_split && !j.rc) k_pool_run(c->pool, (int64_t)n_split * H, att_finish_task, &j);
   if (ts != stack[0]) free(ts);
+  free(per_seq);
+  free(acc_off);
   return j.rc;
 }
 
