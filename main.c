@@ -20,15 +20,15 @@
 #include "server/server.h"
 #include "scheduler/single.h"
 
-#define PRESSD_VERSION "0.1.0"
+#include "cli.h"
 
-static double now_s(void) {
+double cli_now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static int die(const char *msg) {
+int cli_die(const char *msg) {
   fprintf(stderr, "pressd: %s\n", msg);
   return 1;
 }
@@ -58,15 +58,8 @@ static char *read_file(const char *path, char *err, size_t errlen) {
   return buf;
 }
 
-typedef struct loaded {
-  model_gguf_t gguf;
-  model_tok_t *tok;
-  model_weights_t w;
-  k_backend_t *be;
-  char *chat_template; /* owns: the model's template text; NULL when it has none */
-} loaded_t;
 
-static void loaded_destroy(loaded_t *m) {
+void cli_loaded_destroy(loaded_t *m) {
   model_weights_destroy(&m->w);
   k_backend_free(m->be);
   model_tok_free(m->tok);
@@ -129,7 +122,7 @@ static int load_dummy(loaded_t *m, const cfg_options_t *o, char *err, size_t err
  * *.safetensors, tokenizer.json, tokenizer_config.json). With --load-format
  * dummy the weights come from load_dummy and --model supplies only the
  * tokenizer and chat template. */
-static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
+int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
   memset(m, 0, sizeof *m);
   const char *fmt = o->load_format;
   bool dummy = !strcmp(fmt, "dummy");
@@ -198,7 +191,7 @@ static int load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t err
 
 /* The chat template: --chat-template NAME, else the model's own. -ENOENT
  * when the model has none and no name was given. */
-static int load_chat(const loaded_t *m, const cfg_options_t *o, model_chat_t *chat, char *err,
+int cli_load_chat(const loaded_t *m, const cfg_options_t *o, model_chat_t *chat, char *err,
                      size_t errlen) {
   int32_t bos = model_tok_bos(m->tok), eos = model_tok_eos(m->tok);
   size_t n;
@@ -216,7 +209,7 @@ static int load_chat(const loaded_t *m, const cfg_options_t *o, model_chat_t *ch
 static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *user, char **out,
                        char *err, size_t errlen) {
   model_chat_t chat;
-  int rc = load_chat(m, o, &chat, err, errlen);
+  int rc = cli_load_chat(m, o, &chat, err, errlen);
   if (rc) return rc;
   model_chat_msg_t msg = {"user", user};
   rc = model_chat_render(&chat, &msg, 1, true, out, err, errlen);
@@ -273,6 +266,7 @@ static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, 
   k->plan.dbudget_threshold = (float)o->kv_dbudget_threshold;
   k->observation_window = (int32_t)o->observation_window;
   k->interval = (int32_t)o->kv_compression_interval;
+  k->plan.per_query = !strcmp(o->kv_score, "mean");
   kv_policy_t p = k->plan.policy;
   if ((p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_STREAMING || p == KV_POLICY_RANDOM) &&
       k->plan.ratio == 0 && k->plan.max_cache_tokens == 0) {
@@ -286,19 +280,19 @@ static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, 
 
 static int cmd_serve(cfg_options_t *o) {
   char err[512];
-  double t0 = now_s();
+  double t0 = cli_now_s();
   signal(SIGPIPE, SIG_IGN);
   loaded_t m;
-  int rc = load_model(&m, o, err, sizeof err);
+  int rc = cli_load_model(&m, o, err, sizeof err);
   if (rc) {
-    loaded_destroy(&m);
-    return die(err);
+    cli_loaded_destroy(&m);
+    return cli_die(err);
   }
   const model_config_t *c = &m.w.cfg;
   int32_t max_len = o->max_model_len > 0 ? (int32_t)o->max_model_len : c->n_ctx_train;
   model_chat_t chat = {0};
   bool have_chat = false;
-  rc = load_chat(&m, o, &chat, err, sizeof err);
+  rc = cli_load_chat(&m, o, &chat, err, sizeof err);
   if (rc == 0) have_chat = true;
   else if (rc != -ENOENT) goto fail_model;
   else fprintf(stderr, "pressd: warning: %s; /v1/chat/completions will answer 400\n", err);
@@ -328,7 +322,7 @@ static int cmd_serve(cfg_options_t *o) {
           "pressd: KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
           "max-model-len %d: %.2f\n",
           o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
-          now_s() - t0, cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
+          cli_now_s() - t0, cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
           cap.max_concurrency);
 
   srv_config_t sc;
@@ -378,24 +372,49 @@ static int cmd_serve(cfg_options_t *o) {
 fail_chat:
   if (have_chat) model_chat_destroy(&chat);
 fail_model:
-  loaded_destroy(&m);
-  if (rc) return die(err);
+  cli_loaded_destroy(&m);
+  if (rc) return cli_die(err);
+  return 0;
+}
+
+int cli_tokenize(const loaded_t *m, const char *text, int32_t **out, size_t *n, char *err,
+                 size_t errlen) {
+  size_t n_ids = 0, len = strlen(text), cap = len + 2, off = 0;
+  int32_t *ids = malloc(cap * sizeof *ids);
+  if (ids && model_tok_add_bos(m->tok) && model_tok_bos(m->tok) >= 0) ids[off++] = model_tok_bos(m->tok);
+  int rc = ids ? model_tok_encode(m->tok, text, len, true, ids + off, cap - off, &n_ids) : -ENOMEM;
+  if (rc == -ENOSPC) { /* more ids than bytes: grow to the count the tokenizer asked for */
+    int32_t *more = realloc(ids, (n_ids + off) * sizeof *ids);
+    if (more) {
+      ids = more;
+      rc = model_tok_encode(m->tok, text, len, true, ids + off, n_ids, &n_ids);
+    } else {
+      rc = -ENOMEM;
+    }
+  }
+  if (rc && rc != -EINVAL) { /* -EINVAL: ill-formed UTF-8, tokenized as U+FFFD */
+    snprintf(err, errlen, "cannot tokenize the prompt: %s", strerror(-rc));
+    free(ids);
+    return rc;
+  }
+  *out = ids;
+  *n = n_ids + off;
   return 0;
 }
 
 static int cmd_generate(cfg_options_t *o) {
   char err[512];
-  double t0 = now_s();
-  if (!o->prompt && !o->prompt_file) return die("--prompt or --prompt-file is required");
+  double t0 = cli_now_s();
+  if (!o->prompt && !o->prompt_file) return cli_die("--prompt or --prompt-file is required");
   char *text = o->prompt_file ? read_file(o->prompt_file, err, sizeof err) : strdup(o->prompt);
-  if (!text) return die(err);
+  if (!text) return cli_die(err);
 
   loaded_t m;
-  int rc = load_model(&m, o, err, sizeof err);
+  int rc = cli_load_model(&m, o, err, sizeof err);
   if (rc) {
-    loaded_destroy(&m);
+    cli_loaded_destroy(&m);
     free(text);
-    return die(err);
+    return cli_die(err);
   }
   if (o->chat) {
     char *wrapped = NULL;
@@ -406,26 +425,9 @@ static int cmd_generate(cfg_options_t *o) {
   const model_config_t *c = &m.w.cfg;
   int32_t max_len = o->max_model_len > 0 ? (int32_t)o->max_model_len : c->n_ctx_train;
 
-  /* tokens: [BOS] prompt (ill-formed UTF-8 becomes U+FFFD tokens, as in llama.cpp) */
-  size_t n_prompt = 0, len = strlen(text), cap = len + 2, off = 0;
-  int32_t *ids = malloc(cap * sizeof *ids);
-  if (ids && model_tok_add_bos(m.tok) && model_tok_bos(m.tok) >= 0) ids[off++] = model_tok_bos(m.tok);
-  rc = ids ? model_tok_encode(m.tok, text, len, true, ids + off, cap - off, &n_prompt) : -ENOMEM;
-  if (rc == -ENOSPC) { /* more ids than bytes: grow to the count the tokenizer asked for */
-    int32_t *more = realloc(ids, (n_prompt + off) * sizeof *ids);
-    if (more) {
-      ids = more;
-      rc = model_tok_encode(m.tok, text, len, true, ids + off, n_prompt, &n_prompt);
-    } else {
-      rc = -ENOMEM;
-    }
-  }
-  if (rc && rc != -EINVAL) {
-    snprintf(err, sizeof err, "cannot tokenize the prompt: %s", strerror(-rc));
-    free(ids);
-    goto fail;
-  }
-  n_prompt += off;
+  size_t n_prompt = 0;
+  int32_t *ids = NULL;
+  if ((rc = cli_tokenize(&m, text, &ids, &n_prompt, err, sizeof err))) goto fail;
   if (n_prompt == 0) {
     rc = -EINVAL;
     snprintf(err, sizeof err, "the prompt is empty");
@@ -471,13 +473,13 @@ static int cmd_generate(cfg_options_t *o) {
     goto fail;
   }
   sched_sampler_prompt(&smp, ids, n_prompt);
-  double t_load = now_s() - t0;
+  double t_load = cli_now_s() - t0;
 
-  double t1 = now_s();
+  double t1 = cli_now_s();
   rc = sched_single_feed(&run, ids, (int32_t)n_prompt, false, logits);
-  double t_prefill = now_s() - t1;
+  double t_prefill = cli_now_s() - t1;
   int32_t gen = 0;
-  double t2 = now_s();
+  double t2 = cli_now_s();
   model_detok_t dt;
   model_detok_init(&dt);
   char piece[256];
@@ -495,7 +497,7 @@ static int cmd_generate(cfg_options_t *o) {
   size_t k = model_detok_flush(&dt, piece, sizeof piece);
   fwrite(piece, 1, k, stdout);
   fputc('\n', stdout);
-  double t_decode = now_s() - t2;
+  double t_decode = cli_now_s() - t2;
   if (rc) snprintf(err, sizeof err, "generation failed: %s", strerror(-rc));
 
   if (o->stats && !rc) {
@@ -516,8 +518,8 @@ static int cmd_generate(cfg_options_t *o) {
   free(ids);
 fail:
   free(text);
-  loaded_destroy(&m);
-  if (rc) return die(err);
+  cli_loaded_destroy(&m);
+  if (rc) return cli_die(err);
   return 0;
 }
 
@@ -527,6 +529,7 @@ static void usage(FILE *f) {
           "usage:\n"
           "  pressd serve --model PATH [options]                    OpenAI-compatible HTTP server\n"
           "  pressd generate --model PATH --prompt TEXT [options]   run one prompt\n"
+          "  pressd eval-kv --model PATH < jobs.jsonl              KV compression quality (JSON lines)\n"
           "  pressd COMMAND --help                                  options of a command\n"
           "  pressd --version\n",
           PRESSD_VERSION);
@@ -545,7 +548,7 @@ int main(int argc, char **argv) {
     usage(stdout);
     return 0;
   }
-  if (strcmp(argv[1], "generate") && strcmp(argv[1], "serve")) {
+  if (strcmp(argv[1], "generate") && strcmp(argv[1], "serve") && strcmp(argv[1], "eval-kv")) {
     fprintf(stderr, "pressd: unknown command '%s' (see pressd --help)\n", argv[1]);
     return 2;
   }
@@ -563,7 +566,9 @@ int main(int argc, char **argv) {
     cfg_destroy(&o);
     return 2;
   }
-  rc = !strcmp(argv[1], "serve") ? cmd_serve(&o) : cmd_generate(&o);
+  rc = !strcmp(argv[1], "serve")     ? cmd_serve(&o)
+       : !strcmp(argv[1], "eval-kv") ? cli_eval_kv(&o)
+                                     : cmd_generate(&o);
   cfg_destroy(&o);
   return rc;
 }

@@ -41,6 +41,7 @@ typedef struct cfg_options {
   int64_t kv_compression_interval;
   int64_t kv_sinks;
   double kv_dbudget_threshold;
+  char *kv_score;             /* sum | mean */
   /* generate */
   char *prompt;
   char *prompt_file;

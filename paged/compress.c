@@ -59,6 +59,7 @@ void kv_compress_params_default(kv_compress_params_t *p) {
   p->zigzag_tau = 0.9f;
   p->zigzag_bound = 0.2f;
   p->seed = 0;
+  p->per_query = false;
 }
 
 void kv_compress_plan_init(kv_compress_plan_t *pl) { memset(pl, 0, sizeof *pl); }
@@ -163,6 +164,8 @@ static void rank_head(plan_ctx_t *c, const kv_compress_params_t *prm,
       if (by == RANK_SCORE) {
         float f = in->score[slot];
         if (!(f < INFINITY)) continue; /* +inf, NaN: never evicted */
+        if (prm->per_query && prm->policy == KV_POLICY_KVCOMPRESS) /* old KVs were seen by more queries */
+          f /= (float)((int64_t)in->last_pos + 1 - (p > in->obs_start ? p : in->obs_start));
         key = float_key(f);
       } else if (by == RANK_POS) {
         key = (uint32_t)p ^ 0x80000000u;

@@ -59,10 +59,15 @@ typedef struct kv_compress_params {
   float zigzag_tau;          /* mass fraction for MBA (0.9) */
   float zigzag_bound;        /* B_bound = zigzag_bound * B_avg (0.2) */
   uint64_t seed;             /* KV_POLICY_RANDOM */
+  /* KV_POLICY_KVCOMPRESS: rank by score per observing query instead of the
+   * raw sum (KV-Compress's definition). A KV at position p was scored by the
+   * queries at positions max(p, obs_start) .. last_pos (the observation
+   * window, then every decode step), so raw sums favour old KVs. */
+  bool per_query;
 } kv_compress_params_t;
 
 /* Defaults: kvcompress, global, ratio 0, min_tokens 128, protected 32,
- * sinks 4, threshold 0.05, tau 0.9, bound 0.2, seed 0. */
+ * sinks 4, threshold 0.05, tau 0.9, bound 0.2, seed 0, raw sums. */
 void kv_compress_params_default(kv_compress_params_t *p);
 
 /* What one sequence needs for a plan. score/pos are the arena's per-slot
@@ -80,6 +85,7 @@ typedef struct kv_compress_input {
   const float *obs_mass;     /* NULL unless zigzag */
   const float *obs_last;     /* NULL unless dbudget */
   int32_t min_free_blocks;   /* free at least this many (memory pressure), 0: none */
+  int32_t obs_start;         /* first position of the observation window (per_query) */
 } kv_compress_input_t;
 
 /* A plan. Owns its arrays; reusable across calls (grows as needed). */

@@ -28,6 +28,7 @@ void sched_kv_compression_default(sched_kv_compression_t *k) {
   k->observation_window = 0;
   k->pool = 7;
   k->interval = 32;
+  k->plan.per_query = true;
 }
 
 void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
@@ -118,6 +119,7 @@ int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free) 
       .obs_mass = s->obs_mass,
       .obs_last = s->obs_last,
       .min_free_blocks = min_free,
+      .obs_start = s->obs_window > 0 && s->obs_window < s->n_prompt ? s->n_prompt - s->obs_window : 0,
   };
   double t0 = now_s();
   int32_t freed = 0;

@@ -440,17 +440,16 @@ static int kvc_enum(const cJSON *o, const char *key, const char *const *names, i
 
 /* The request's "kv_compression" object over the server's defaults:
  * {"method", "ratio", "max_cache_tokens", "layer_budget", "protected_window",
- *  "observation_window", "interval", "sinks", "threshold"}. */
-static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_compression_t *k,
-                          srv_error_t *e) {
-  *k = ctx->kvc;
-  const cJSON *o = get(doc, "kv_compression");
+ *  "observation_window", "interval", "sinks", "threshold", "score"}. */
+static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t ctx_len,
+                     sched_kv_compression_t *k, srv_error_t *e) {
+  *k = *def;
   if (!o) return 0;
   if (!cJSON_IsObject(o))
     return srv__error(e, 400, "kv_compression", "'kv_compression' must be an object");
   static const char *const known[] = {"method", "ratio", "max_cache_tokens", "layer_budget",
                                       "protected_window", "observation_window", "interval",
-                                      "sinks", "threshold"};
+                                      "sinks", "threshold", "score"};
   for (const cJSON *f = o->child; f; f = f->next) {
     size_t i = 0;
     while (i < sizeof known / sizeof *known && strcmp(f->string, known[i])) i++;
@@ -460,14 +459,16 @@ static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_c
   }
   static const char *const methods[] = {"none", "kvcompress", "dbudget", "streaming", "random"};
   static const char *const layers[] = {"global", "uniform", "zigzag"};
-  int m = -1, lb = -1, rc;
+  static const char *const scores[] = {"sum", "mean"};
+  int m = -1, lb = -1, sc = -1, rc;
   int64_t v = 0;
   double d = 0;
-  const int64_t ctx_len = ctx->max_model_len;
   if (kvc_enum(o, "method", methods, 5, &m, e) < 0) return kvc_fail(e);
   if (m >= 0) k->plan.policy = (kv_policy_t)m; /* the enum follows the list */
   if (kvc_enum(o, "layer_budget", layers, 3, &lb, e) < 0) return kvc_fail(e);
   if (lb >= 0) k->plan.layer_budget = (kv_layer_budget_t)lb;
+  if (kvc_enum(o, "score", scores, 2, &sc, e) < 0) return kvc_fail(e);
+  if (sc >= 0) k->plan.per_query = sc == 1;
   if ((rc = opt_number(o, "ratio", &d, e)) < 0) return kvc_fail(e);
   if (rc) {
     if (!(d >= 1.0 && d <= 1e6))
@@ -501,6 +502,20 @@ static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_c
     return srv__error(e, 400, "kv_compression.ratio",
                       "'%s' needs 'ratio' or 'max_cache_tokens'", methods[m]);
   return 0;
+}
+
+static int kv_compression(const srv_api_ctx_t *ctx, const cJSON *doc, sched_kv_compression_t *k,
+                          srv_error_t *e) {
+  return kvc_parse(get(doc, "kv_compression"), &ctx->kvc, ctx->max_model_len, k, e);
+}
+
+int srv_parse_kv_compression(const cJSON *o, const sched_kv_compression_t *def,
+                             int32_t max_model_len, sched_kv_compression_t *out, char *err,
+                             size_t errlen) {
+  srv_error_t e;
+  if (!kvc_parse(cJSON_IsNull(o) ? NULL : o, def, max_model_len, out, &e)) return 0;
+  snprintf(err, errlen, "%s: %s", e.param, e.message);
+  return -EINVAL;
 }
 
 void srv__gen_params_destroy(srv_gen_params_t *gp) {

@@ -86,4 +86,11 @@ void srv_server_free(srv_server_t *s);
  * that srv_server_new() fills (NULL until then: the call is then a no-op). */
 void srv_server_notify(void *ctx);
 
+/* A "kv_compression" object (as in a request body) over def. -EINVAL with
+ * the offending field and why in err. */
+struct cJSON;
+int srv_parse_kv_compression(const struct cJSON *o, const sched_kv_compression_t *def,
+                             int32_t max_model_len, sched_kv_compression_t *out, char *err,
+                             size_t errlen);
+
 #endif

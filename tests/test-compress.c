@@ -338,6 +338,43 @@ static void test_global_exact(void) {
   fx_destroy(&f);
 }
 
+/* per_query: a KV's score is divided by the queries that saw it
+ * (last_pos + 1 - max(pos, obs_start)), so an old KV with a large sum can
+ * rank below a young one with a smaller sum; raw sums keep the old one. */
+static void test_per_query(void) {
+  enum { L = 1, H = 1, B = 4, N = 16 };
+  for (int pq = 0; pq < 2; pq++) {
+    fx_t f;
+    fx_init(&f, L, H, B, N, 0);
+    fx_fill(&f, N, NULL);
+    /* positions 0..15, last 15: seen by 16 - p queries (obs_start 0) */
+    for (int32_t j = 0; j < N; j++) fx_set_score(&f, 0, j, 1.0f);
+    fx_set_score(&f, 0, 1, 1.8f); /* 1.8 / 15 = 0.12 per query, below 8's 1 / 8 */
+    fx_set_score(&f, 0, 9, 2.0f); /* 2 / 7 = 0.29 */
+    kv_compress_params_t p;
+    kv_compress_params_default(&p);
+    p.max_cache_tokens = 8; /* 2 of 4 blocks go: 8 KVs */
+    p.min_tokens = 0;
+    p.sinks = 0;
+    p.protected_window = 0;
+    p.per_query = pq;
+    kv_compress_input_t in = fx_input(&f, N, N - 1);
+    kv_compress_plan_t pl;
+    kv_compress_plan_init(&pl);
+    CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+    CHECK_INT_EQ(pl.evict[0], 8);
+    fx_run(&f, &pl);
+    for (int32_t j = 0; j < N; j++) {
+      if (pq) /* per query, 1 / (16 - p) and 0.12 for 1: the oldest eight go, 1 among them */
+        CHECK(fx_gone(&f, 0, j) == (j < 8));
+      else /* raw sums: 1 and 9 stay; the 1.0 ties go in slot order */
+        CHECK(fx_gone(&f, 0, j) == (j == 0 || (j >= 2 && j <= 8)));
+    }
+    kv_compress_plan_destroy(&pl);
+    fx_destroy(&f);
+  }
+}
+
 /* The global order, block by block: as the budget shrinks, each head gives
  * up a growing prefix of its cost list, one block at a time. */
 static void test_global_monotone(void) {
@@ -1286,6 +1323,7 @@ int main(void) {
   RUN(test_params_default);
   RUN(test_budget_tokens);
   RUN(test_global_exact);
+  RUN(test_per_query);
   RUN(test_global_monotone);
   RUN(test_global_ties);
   RUN(test_protected);

@@ -597,6 +597,8 @@ static void test_validation_errors(void) {
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"max_cache_tokens\":0}}", 400,
        "kv_compression.max_cache_tokens"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"retio\":4}}", 400, "kv_compression"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"score\":\"max\"}}", 400,
+       "kv_compression.score"},
       {C, "{\"prompt\":\"hi\",\"model\":\"gpt-4\"}", 404, "model"},
       {C, "{\"prompt\":\"hi\",\"model\":5}", 400, "model"},
       {C, "{\"prompt\":\"hi\",\"user\":5}", 400, "user"},
@@ -714,6 +716,11 @@ static void test_validation_ok(void) {
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
   CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
   CHECK_INT_EQ(r->kvc.observation_window, 0);
+  CHECK(r->kvc.plan.per_query);
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"score\":\"sum\"}}", &gp);
+  CHECK(!r->kvc.plan.per_query);
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
 

@@ -260,9 +260,68 @@ def main():
         diff = [i for i in range(len(prompts)) if alone[i] != together[i]]
         check(not diff, f"prompts whose batched output differs: {diff}")
 
+    # ---- KV compression ----
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+    def passkey_prompt(key, n=40, depth=0.5):
+        parts = [filler] * n
+        parts.insert(int(depth * n), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+        return ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. " + "".join(parts) + "What is the pass key? The pass key is")
+
+    def kv_compression_passkey():
+        p = passkey_prompt(68231)
+        full = cl.completions.create(model=NAME, prompt=p, max_tokens=7, temperature=0)
+        check("68231" in full.choices[0].text, f"full cache lost the key: {full.choices[0].text!r}")
+        check(getattr(full.usage, "kv_tokens_evicted", None) is None, full.usage)
+        for kvc in [{"ratio": 4}, {"method": "kvcompress", "ratio": 4, "layer_budget": "zigzag"},
+                    {"method": "dbudget"}]:
+            r = cl.completions.create(model=NAME, prompt=p, max_tokens=7, temperature=0,
+                                      extra_body={"kv_compression": kvc})
+            u = r.usage.model_dump()
+            check("68231" in r.choices[0].text, f"{kvc}: {r.choices[0].text!r} {u}")
+            check(u.get("kv_tokens_evicted", 0) > 0, f"{kvc}: nothing evicted: {u}")
+            kept, n = u["kv_tokens_kept"], u["prompt_tokens"] + u["completion_tokens"]
+            if "ratio" in kvc:  # the budget: about 1/4 of the prompt, whole blocks
+                check(n / 4 - 32 <= kept <= n / 4 + 40, f"{kvc}: kept {kept} of {n}")
+            check(kept + u["kv_tokens_evicted"] in (n - 1, n), f"{kvc}: {u}")
+        # streaming with usage: the same fields in the final chunk
+        chunks = list(cl.completions.create(model=NAME, prompt=p, max_tokens=7, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"kv_compression": {"ratio": 4}}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        check("68231" in text, text)
+        check(chunks[-1].usage.model_dump().get("kv_tokens_evicted", 0) > 0, chunks[-1].usage)
+        check(srv.metric("pressd:kv_blocks_freed_total") > 0, "no blocks freed")
+        check(srv.metric("pressd:kv_compression_seconds_count") >= 4, "compressions not counted")
+        check(srv.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
+
+    def kv_compression_bad_requests():
+        for kvc, param in [({"ratio": 0.5}, "kv_compression.ratio"),
+                           ({"ratio": "4"}, "kv_compression.ratio"),
+                           ({"method": "zip"}, "kv_compression.method"),
+                           ({"method": "kvcompress"}, "kv_compression.ratio"),
+                           ({"protected_window": 10**6}, "kv_compression.protected_window"),
+                           ({"observation_window": 5000}, "kv_compression.observation_window"),
+                           ({"layer_budget": 3}, "kv_compression.layer_budget"),
+                           ({"retio": 4}, "kv_compression"),
+                           ("4x", "kv_compression")]:
+            try:
+                cl.completions.create(model=NAME, prompt="hi", max_tokens=2,
+                                      extra_body={"kv_compression": kvc})
+                raise AssertionError(f"{kvc} accepted")
+            except openai.BadRequestError as e:
+                body = e.body if isinstance(e.body, dict) else {}
+                check(body.get("param") == param, f"{kvc}: {body}")
+        r = cl.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={"kv_compression": {"ratio": 2}})
+        check(r.usage.completion_tokens >= 1, r.usage)
+
+
     for fn in [models_list, completion_greedy_matches_cli, completion_token_prompt_and_stream,
                chat_and_stream, stop_strings, seeded_sampling_reproducible, bad_requests,
-               concurrent_streams_with_disconnects, batched_equals_alone]:
+               concurrent_streams_with_disconnects, batched_equals_alone, kv_compression_passkey,
+               kv_compression_bad_requests]:
         case(fn)
     rc = srv.stop()
     if rc != 0:
@@ -287,6 +346,7 @@ def main():
 
     # A KV pool for about two max-length sequences: 12 concurrent requests
     # force preemption by recompute; outputs stay those of an unpreempted run.
+
     small = Server("--max-num-seqs", "12")
     tiny = Server("--kv-cache-memory", "48M", "--max-model-len", "512")
 
@@ -313,7 +373,51 @@ def main():
     case(preemption_keeps_outputs)
     small.stop()
     tiny.stop()
-    print(f"openai e2e: {11 - len(failures)} of 11 cases ok")
+
+    # A pool that holds two of these sequences uncompressed: compressed 4x on
+    # admission, eight run at once; every request completes and every block
+    # comes back.
+    packed = Server("--kv-cache-memory", "60M", "--max-model-len", "1024", "--kv-compression",
+                    "kvcompress", "--kv-compression-ratio", "4", "--kv-compression-interval", "16")
+
+    def kv_compression_packs_more():
+        pc = packed.client()
+        ps = [passkey_prompt(10000 + 7 * i, n=28, depth=i / 8) for i in range(8)]
+        out = [None] * len(ps)
+        peak = [0]
+        done = threading.Event()
+
+        def worker(i):
+            out[i] = pc.completions.create(model=NAME, prompt=ps[i], max_tokens=48, temperature=0,
+                                           extra_body={"ignore_eos": True})
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], packed.metric("vllm:num_requests_running"))
+                time.sleep(0.2)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
+        w = threading.Thread(target=watch)
+        w.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        done.set()
+        w.join()
+        for i, r in enumerate(out):
+            check(r is not None and r.usage.completion_tokens == 48, f"request {i}: {r}")
+            check(r.usage.model_dump().get("kv_tokens_evicted", 0) > 0, r.usage)
+        check(peak[0] > 2, f"peak running {peak[0]}: compression bought no room")
+        check(packed.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
+        check(packed.metric("pressd:kv_blocks_freed_total") > 0, "no blocks freed")
+
+    case(kv_compression_packs_more)
+    packed.stop()
+    n_cases = 14
+    if failures:  # what the daemons said, for the failures above
+        for name, s in (("main", srv), ("packed", packed)):
+            print(f"--- {name} server log (tail):\n" + "".join(s.log[-15:]))
+    print(f"openai e2e: {n_cases - len(failures)} of {n_cases} cases ok")
     return 1 if failures else 0
 
 

@@ -1,0 +1,40 @@
+/* What the pressd commands share: the loaded model and its loaders. */
+#ifndef PRESSD_CLI_H
+#define PRESSD_CLI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config/options.h"
+#include "model/chat.h"
+#include "model/gguf.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+
+#define PRESSD_VERSION "0.1.0"
+
+typedef struct loaded {
+  model_gguf_t gguf;
+  model_tok_t *tok;
+  model_weights_t w;
+  k_backend_t *be;
+  char *chat_template; /* owns: the model's template text; NULL when it has none */
+} loaded_t;
+
+double cli_now_s(void);
+/* Prints "pressd: msg" and returns 1 (the exit status). */
+int cli_die(const char *msg);
+/* The model, tokenizer and backend the options name. */
+int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen);
+void cli_loaded_destroy(loaded_t *m);
+/* The chat template: --chat-template, else the model's; -ENOENT when none. */
+int cli_load_chat(const loaded_t *m, const cfg_options_t *o, model_chat_t *chat, char *err,
+                  size_t errlen);
+/* [BOS] + the tokens of text (ill-formed UTF-8 becomes U+FFFD tokens). */
+int cli_tokenize(const loaded_t *m, const char *text, int32_t **ids, size_t *n, char *err,
+                 size_t errlen);
+
+/* pressd eval-kv (eval.c) */
+int cli_eval_kv(cfg_options_t *o);
+
+#endif

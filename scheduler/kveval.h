@@ -1,0 +1,45 @@
+/* KV compression on one sequence, for quality evaluation (`pressd eval-kv`):
+ * prefill a context once, keeping its scores and observations, then for
+ * each setting restore that cache, compress it as the engine would after the
+ * prefill, and measure: the log-likelihood of tokens that follow, or a
+ * greedy continuation (decode scores and periodic compression as the engine
+ * does them). Host-memory backends only (the cache is snapshotted in place). */
+#ifndef PRESSD_SCHED_KVEVAL_H
+#define PRESSD_SCHED_KVEVAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+#include "model/weights.h"
+#include "scheduler/engine.h"
+
+typedef struct sched_kveval sched_kveval_t;
+
+/* Room for max_len tokens, forward chunks of chunk tokens. */
+int sched_kveval_new(sched_kveval_t **out, const model_weights_t *w, k_backend_t *be,
+                     int32_t max_len, int32_t chunk, char *err, size_t errlen);
+void sched_kveval_free(sched_kveval_t *ev); /* NULL-safe */
+
+/* Prefill ids (scores over the whole prompt, attention mass, last-query
+ * probabilities) and snapshot the cache. -E2BIG past max_len. */
+int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n);
+
+/* Back to the snapshot, then compress with k (policy none: not at all).
+ * kept/evicted: KV entries, all heads. */
+int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
+                          int64_t *evicted);
+
+/* -sum log p(ids[i] | cache, ids[<i]) over i in [0, n): ids[0] is scored
+ * with the prefill's last logits, the rest by feeding ids[0..n-1). */
+int sched_kveval_nll(sched_kveval_t *ev, const int32_t *ids, int32_t n, double *nll_sum);
+
+/* Greedy decode of n tokens after the (compressed) cache, with decode
+ * scores and a compression every k->interval tokens. */
+int sched_kveval_greedy(sched_kveval_t *ev, const sched_kv_compression_t *k, int32_t n,
+                        int32_t *out);
+
+/* KV entries per token (layers * KV heads), to turn entries into tokens. */
+int32_t sched_kveval_heads(const sched_kveval_t *ev);
+
+#endif
