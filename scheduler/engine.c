@@ -513,9 +513,11 @@ static void *engine_main(void *arg) {
       notify(e);
       break;
     }
-    __atomic_store_n(&e->step_start_ns, mono_ns(), __ATOMIC_RELAXED);
+    int64_t t0 = mono_ns();
+    __atomic_store_n(&e->step_start_ns, t0, __ATOMIC_RELAXED);
     step(e);
     __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
+    e->st.busy_seconds += (double)(mono_ns() - t0) * 1e-9;
     flush_stage(e);
     notify(e);
   }

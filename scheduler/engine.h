@@ -119,6 +119,7 @@ typedef struct sched_stats {
    * is between steps or idle), and whether the engine thread has ended. */
   double step_seconds;
   bool stopped;
+  double busy_seconds; /* time spent in steps, in all */
   /* KV compression: blocks freed, compressions run, their durations
    * (histogram over SCHED_KVC_BOUNDS, plus the sum), memory-pressure
    * compressions, and plans where pressure overrode the dynamic budget. */

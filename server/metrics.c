@@ -148,6 +148,10 @@ void srv__metrics_format(srv_buf_t *b, const srv_metrics_t *m, const sched_stats
           (unsigned long long)(st->kv_blocks_used > 0 ? st->kv_blocks_used : 0));
   counter(b, "pressd:engine_steps_total", "Engine steps run.", model,
           (unsigned long long)st->steps);
+  meta(b, "pressd:engine_busy_seconds_total", "counter", "Time the engine spent in steps.");
+  srv__buf_adds(b, "pressd:engine_busy_seconds_total");
+  label(b, model);
+  srv__buf_printf(b, " %.6f\n", st->busy_seconds);
 
   /* KV compression */
   counter(b, "pressd:kv_blocks_freed_total", "KV blocks freed by compression.", model,
