@@ -454,12 +454,64 @@ def run_cases(tmp):
             problem = "--stats: last stderr line is not a JSON object: %r" % last_line(err)
     record("generate --stats prints a JSON line", problem)
 
+    # --- eval-kv: JSON jobs on stdin, one result line per config ---------------
+    run_eval_kv_cases()
+
     # --- corrupted headers (truncated copies: must always fail cleanly) -------
     fuzz_truncated(tmp, hdr, head[:2 << 20])
     # --- corrupted headers of full-size copies (may load; must not crash) -----
     fuzz_full(tmp, hdr)
     # --- safetensors directories and --load-format dummy ---------------------
     run_load_format_cases(tmp, real_template)
+
+
+def run_eval_kv_cases():
+    import json
+    jobs = [
+        {"id": "ok", "prompt": "The quick brown fox jumps over the lazy dog. " * 30,
+         "mode": "ppl", "eval_tokens": 16,
+         "configs": [{"method": "none"}, {"ratio": 2, "protected_window": 8},
+                     {"method": "streaming", "ratio": 2, "protected_window": 8}]},
+        {"id": "gen", "messages": [{"role": "user", "content": "Count: one, two, three"}],
+         "mode": "generate", "max_tokens": 4, "configs": [{"method": "none"}, {"method": "dbudget"}]},
+        {"id": "bad-mode", "prompt": "x", "mode": "sing", "configs": [{}]},
+        {"id": "bad-config", "prompt": "hello there", "mode": "generate", "max_tokens": 2,
+         "configs": [{"ratio": 0.5}]},
+        {"id": "too-long", "prompt_tokens": [1] * 600, "mode": "generate", "max_tokens": 2,
+         "configs": [{}]},
+    ]
+    stdin = "\n".join(json.dumps(j) for j in jobs) + "\nnot json\n"
+    try:
+        p = subprocess.run([BIN, "eval-kv", "--model", MODEL, "--max-model-len", "512"],
+                           input=stdin.encode(), capture_output=True, timeout=300)
+        rc, out, err = p.returncode, p.stdout.decode(), p.stderr.decode()
+    except subprocess.TimeoutExpired:
+        rc, out, err = None, "", ""
+    problem = None
+    try:
+        rows = [json.loads(l) for l in out.splitlines() if l.strip()]
+        by = {}
+        for r in rows:
+            by.setdefault(r.get("id"), []).append(r)
+        ok = by.get("ok", [])
+        if rc != 1:  # some jobs were bad: exit 1, the good ones still answered
+            problem = "%s (want exit 1 after bad jobs)" % describe_rc(rc)
+        elif SANITIZER.search(err):
+            problem = "sanitizer/crash report on stderr"
+        elif len(ok) != 3 or any("ppl" not in r or not r["ppl"] > 1 for r in ok):
+            problem = "ppl job: %r" % ok
+        elif ok[0]["kv_tokens_evicted"] != 0 or ok[1]["kv_tokens_evicted"] <= 0:
+            problem = "eviction counts: %r" % ok
+        elif len(by.get("gen", [])) != 2 or any(len(r.get("tokens", [])) != 4 for r in by["gen"]):
+            problem = "generate job: %r" % by.get("gen")
+        elif not all("error" in by.get(k, [{}])[0] for k in ("bad-mode", "bad-config", "too-long")):
+            problem = "bad jobs not reported as errors: %r" % rows
+        elif not any(r.get("id") is None and "error" in r for r in rows):
+            problem = "a line that is not JSON was not reported"
+    except (ValueError, KeyError, TypeError) as e:
+        problem = "output is not JSON lines (%s): %r" % (e, out[:300])
+    record("eval-kv: results per config, bad jobs reported, others go on", problem,
+           "%d result lines" % len(out.splitlines()))
 
 
 def flip_region(rng, hdr):
