@@ -64,9 +64,10 @@ static const opt_t opts[] = {
      "memory pressure only)"},
     {"kv-sinks", OPT_INT, O(kv_sinks), "4", 0, 1 << 24, NULL,
      "first tokens never evicted (attention sinks)"},
-    {"kv-score", OPT_STR, O(kv_score), "mean", 0, 0, "sum|mean",
+    {"kv-score", OPT_STR, O(kv_score), "sum", 0, 0, "sum|mean",
      "kvcompress ranking: each KV's squared attention summed over the queries that saw it "
-     "(KV-Compress), or averaged over them (old KVs are not favoured for being seen more)"},
+     "(KV-Compress), or averaged over them (old KVs not favoured for being seen more: better "
+     "perplexity on running text, worse long-range retrieval)"},
     {"kv-dbudget-threshold", OPT_FLOAT, O(kv_dbudget_threshold), "0.05", 1e-6, 0.999999, NULL,
      "dbudget: largest relative change of the last prompt token's attention allowed"},
     {"host", OPT_STR, O(host), "127.0.0.1", 0, 0, NULL, "serve: address to listen on (IPv4 or IPv6)"},

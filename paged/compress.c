@@ -79,7 +79,9 @@ static bool has_budget(const kv_compress_params_t *p) {
 
 int32_t kv_compress_budget_tokens(const kv_compress_params_t *p, int32_t n, int32_t block_size) {
   if (p->max_cache_tokens > 0) return p->max_cache_tokens;
-  if (!(p->ratio >= 1.0) || block_size <= 0) return n;
+  /* ratio 1 keeps everything (the reference's formula would drop a block
+   * of every head) */
+  if (!(p->ratio > 1.0) || block_size <= 0) return n;
   int64_t t = (int64_t)floor((double)n / p->ratio) - 1;
   int64_t blocks = t >= 0 ? t / block_size : -((-t + block_size - 1) / block_size);
   int64_t tok = blocks * block_size;

@@ -112,7 +112,7 @@ void kv_compress_plan_destroy(kv_compress_plan_t *pl); /* NULL-safe */
 
 /* Token budget (average per head) of a sequence of n tokens:
  * max_cache_tokens if set, else max(min_tokens, floor((floor(n / r) - 1) / B) * B),
- * or n when neither is set (no ratio: no limit). */
+ * or n when neither is set (no ratio: no limit) or r is 1 (keep everything). */
 int32_t kv_compress_budget_tokens(const kv_compress_params_t *p, int32_t n, int32_t block_size);
 
 /* Plan the compression of one sequence. Returns 0 (a plan with nothing to do

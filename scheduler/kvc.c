@@ -28,7 +28,7 @@ void sched_kv_compression_default(sched_kv_compression_t *k) {
   k->observation_window = 0;
   k->pool = 7;
   k->interval = 32;
-  k->plan.per_query = true;
+  k->plan.per_query = false;
 }
 
 void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,

@@ -231,10 +231,11 @@ static void test_budget_tokens(void) {
   kv_compress_params_default(&p);
   CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1000, 16), 1000); /* no ratio: no limit */
   CHECK_INT_EQ(kv_compress_budget_tokens(&p, 0, 16), 0);
-  p.ratio = 1;
-  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1000, 16), 992); /* floor(999/16)*16 */
-  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1024, 16), 1008);
-  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1025, 16), 1024);
+  p.ratio = 1; /* keeps everything */
+  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1000, 16), 1000);
+  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1024, 16), 1024);
+  p.ratio = 1.25; /* floor((floor(1000 / 1.25) - 1) / 16) * 16 */
+  CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1000, 16), 784);
   p.ratio = 2;
   CHECK_INT_EQ(kv_compress_budget_tokens(&p, 1000, 16), 496); /* floor(499/16)*16 */
   p.ratio = 4;

@@ -716,11 +716,11 @@ static void test_validation_ok(void) {
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
   CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
   CHECK_INT_EQ(r->kvc.observation_window, 0);
-  CHECK(r->kvc.plan.per_query);
+  CHECK(!r->kvc.plan.per_query); /* KV-Compress's sums */
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
-  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"score\":\"sum\"}}", &gp);
-  CHECK(!r->kvc.plan.per_query);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"score\":\"mean\"}}", &gp);
+  CHECK(r->kvc.plan.per_query);
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
 

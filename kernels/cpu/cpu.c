@@ -344,13 +344,15 @@ static inline float exp_nonpos(float x) {
 }
 
 /* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h. Where lg
- * is given, it receives every query vector's scaled logits over the head's
- * logical slots ([nq][ld], -inf where masked), and m, l their final
- * softmax maximum and denominator, so probabilities come without a second
- * pass over K. */
+ * is given, it receives every query vector's exponentials over the head's
+ * logical slots as the online softmax computed them ([nq][ld]: exp(x - m_b)
+ * with m_b the running maximum at block b, 0 where masked), bm the m_b
+ * ([nq][ldb]), and m, l the final maximum and denominator: the probability
+ * of slot k in block b is lg[k] * exp(m_b - m) / l, with no second pass over
+ * K and one exponential per block. */
 static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
-                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *m_out,
-                     float *l_out) {
+                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb,
+                     float *m_out, float *l_out) {
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / a->n_kv_heads, D = a->head_dim,
                 B = kv->block_size;
   int32_t nq = (r1 - r0) * G; /* query vectors in this tile */
@@ -385,8 +387,10 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
       for (int32_t d = 0; d < D; d++) kt[d][t] = t < n ? kb[(int64_t)t * D + d] : 0.0f;
     for (int32_t i = 0; i < nq; i++) {
       if (pmin > qpos[i]) { /* nothing visible in this block */
-        if (lg)
-          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = -INFINITY;
+        if (lg) {
+          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
+          bm[i * ldb + b0 / B] = -INFINITY;
+        }
         continue;
       }
       for (int32_t t = 0; t < B; t++) sc[t] = 0.0f;
@@ -399,7 +403,6 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
         if (t >= n || pb[t] > qpos[i]) sc[t] = -INFINITY;
         bmax = sc[t] > bmax ? sc[t] : bmax;
       }
-      if (lg) memcpy(lg + i * ld + b0, sc, (size_t)n * sizeof(float));
       float mnew = bmax > m[i] ? bmax : m[i];
       float corr = exp_nonpos(m[i] - mnew); /* 0 when m was -inf */
       float psum = 0.0f;
@@ -408,6 +411,10 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
         psum += sc[t];
       }
       l[i] = l[i] * corr + psum;
+      if (lg) {
+        memcpy(lg + i * ld + b0, sc, (size_t)n * sizeof(float));
+        bm[i * ldb + b0 / B] = mnew;
+      }
       float *ac = acc[i];
       if (corr != 1.0f)
         for (int32_t d = 0; d < D; d++) ac[d] *= corr;
@@ -456,24 +463,33 @@ static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, 
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
   const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
   const int32_t last_row = a->q_start[s + 1] - 1;
+  const int64_t ldb = (ld + B - 1) / B;
+  const bool want_mass = q->n_obs > 0 && q->obs_mass;
   k__scratch_t *sc = &j->scratch[thread];
-  if (k__scratch_reserve(sc, (size_t)ATT_QT * G * (size_t)ld * sizeof(float))) return -ENOMEM;
-  float *lg = sc->p;
+  if (k__scratch_reserve(sc, (size_t)ATT_QT * G * (size_t)(ld + ldb) * sizeof(float)))
+    return -ENOMEM;
+  float *lg = sc->p, *bm = lg + (int64_t)ATT_QT * G * ld;
   memset(sq, 0, (size_t)G * (size_t)ld * sizeof(float));
   memset(mass, 0, (size_t)G * (size_t)ld * sizeof(float));
   float mm[ATT_QT * ATT_MAX_G], ll[ATT_QT * ATT_MAX_G];
   for (int32_t t0 = r0; t0 < r1; t0 += ATT_QT) {
     int32_t t1 = t0 + ATT_QT < r1 ? t0 + ATT_QT : r1;
-    att_tile(kv, a, s, h, t0, t1, lg, ld, mm, ll);
+    att_tile(kv, a, s, h, t0, t1, lg, ld, bm, ldb, mm, ll);
     for (int32_t i = 0; i < (t1 - t0) * G; i++) {
       int32_t g = i % G;
       float inv = ll[i] > 0 ? 1.0f / ll[i] : 0.0f;
       float *row = lg + i * ld, *sg = sq + g * ld, *mg = mass + g * ld;
-      for (int32_t k = 0; k < ctx; k++) {
-        float p = exp_nonpos(row[k] - mm[i]) * inv;
-        row[k] = p;
-        sg[k] += p * p;
-        mg[k] += p;
+      for (int32_t b0 = 0; b0 < ctx; b0 += B) {
+        float f = exp_nonpos(bm[i * ldb + b0 / B] - mm[i]) * inv; /* block's rescale */
+        int32_t n = ctx - b0 < B ? ctx - b0 : B;
+        float *rb = row + b0, *sb = sg + b0;
+        for (int32_t k = 0; k < n; k++) {
+          float p = rb[k] * f;
+          rb[k] = p;
+          sb[k] += p * p;
+        }
+        if (want_mass)
+          for (int32_t k = 0; k < n; k++) mg[b0 + k] += rb[k];
       }
       if (q->n_obs > 0 && q->obs_last && t0 + i / G == last_row) {
         float *o = q->obs_last + ((int64_t)a->layer * a->n_q_heads + (int64_t)h * G + g) *
@@ -495,25 +511,27 @@ static void att_finish(const att_job_t *j, int32_t s, int32_t h, float *sq, floa
   const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
   const int32_t *table = k_seq_table(q, a->layer, H, h);
   const bool window = q->n_obs > 0;
+  float *om = window && q->obs_mass
+                  ? q->obs_mass + ((int64_t)a->layer * H + h) * ((int64_t)q->stride * B)
+                  : NULL;
   if (window && a->obs_pool > 1) {
     for (int32_t g = 0; g < G; g++) {
       max_pool(tmp, sq + g * ld, ctx, a->obs_pool);
       memcpy(sq + g * ld, tmp, (size_t)ctx * sizeof(float));
+      if (!om) continue;
       max_pool(tmp, mass + g * ld, ctx, a->obs_pool);
       memcpy(mass + g * ld, tmp, (size_t)ctx * sizeof(float));
     }
   }
-  float *om = window && q->obs_mass
-                  ? q->obs_mass + ((int64_t)a->layer * H + h) * ((int64_t)q->stride * B)
-                  : NULL;
   for (int32_t k = 0; k < ctx; k++) {
-    float add = 0.0f, ms = 0.0f;
-    for (int32_t g = 0; g < G; g++) {
-      add += sq[g * ld + k];
-      ms += mass[g * ld + k];
-    }
+    float add = 0.0f;
+    for (int32_t g = 0; g < G; g++) add += sq[g * ld + k];
     kv->score[(int64_t)table[k / B] * B + k % B] += add;
-    if (om) om[k] += ms;
+  }
+  for (int32_t k = 0; om && k < ctx; k++) {
+    float ms = 0.0f;
+    for (int32_t g = 0; g < G; g++) ms += mass[g * ld + k];
+    om[k] += ms;
   }
 }
 
@@ -530,7 +548,7 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
   int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H], part = j->task_part[ti / H];
   if (part < 0) {
-    att_tile(j->kv, j->a, s, h, r0, r1, NULL, 0, NULL, NULL);
+    att_tile(j->kv, j->a, s, h, r0, r1, NULL, 0, NULL, 0, NULL, NULL);
     return;
   }
   int rc;
@@ -541,9 +559,10 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
   } else {
     const int32_t ctx = k_seq_ctx(&j->a->seqs[s], j->a->layer, H, h);
     const int64_t ld = ctx > 0 ? ctx : 1;
-    /* lg [ATT_QT*G][ld] (att_accumulate's), then sq, mass [G][ld], tmp [ld] */
+    /* then sq, mass [G][ld], tmp [ld] */
     k__scratch_t *sc = &j->scratch[thread];
-    size_t lgn = (size_t)ATT_QT * G * (size_t)ld;
+    /* att_accumulate's lg and bm first */
+    size_t lgn = (size_t)ATT_QT * G * (size_t)(ld + (ld + j->kv->block_size - 1) / j->kv->block_size);
     rc = k__scratch_reserve(sc, (lgn + (2 * (size_t)G + 1) * (size_t)ld) * sizeof(float));
     if (!rc) {
       float *sq = (float *)sc->p + lgn, *mass = sq + (int64_t)G * ld, *tmp = mass + (int64_t)G * ld;
