@@ -514,8 +514,17 @@ static int64_t blocks_freed_now(const plan_ctx_t *c) {
 
 static int32_t clamp32(int64_t x) { return x > INT32_MAX ? INT32_MAX : (int32_t)x; }
 
-int kv_compress_plan(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
+int kv_compress_plan(kv_compress_plan_t *pl, const kv_compress_params_t *prm_in,
                      const kv_compress_input_t *in) {
+  /* ratio 1 keeps everything, whatever the policy (a per-head budget of n
+   * tokens would still take the heads' partly filled last blocks) */
+  kv_compress_params_t keep_all;
+  const kv_compress_params_t *prm = prm_in;
+  if (prm_in && prm_in->ratio == 1.0 && prm_in->max_cache_tokens <= 0) {
+    keep_all = *prm_in;
+    keep_all.policy = KV_POLICY_NONE;
+    prm = &keep_all;
+  }
   pl->n_heads_total = 0;
   pl->n_moves = 0;
   pl->blocks_freed = 0;

@@ -376,6 +376,37 @@ static void test_per_query(void) {
   }
 }
 
+/* Ratio 1 keeps every KV, whatever the policy: ctx 10 per head would
+ * otherwise give up its hanging blocks to the global budget. */
+static void test_ratio_one(void) {
+  const kv_policy_t pols[] = {KV_POLICY_KVCOMPRESS, KV_POLICY_STREAMING, KV_POLICY_RANDOM};
+  for (int k = 0; k < 3; k++) {
+    fx_t f;
+    fx_init(&f, 2, 3, 4, 40, 5);
+    fx_fill(&f, 30, NULL);
+    for (int32_t i = 0; i < 6; i++)
+      for (int32_t j = 0; j < 30; j++) fx_set_score(&f, i, j, (float)((i * 7 + j * 13) % 11));
+    kv_compress_params_t p;
+    kv_compress_params_default(&p);
+    p.policy = pols[k];
+    p.ratio = 1;
+    p.min_tokens = 0;
+    p.protected_window = 0;
+    p.sinks = 0;
+    kv_compress_input_t in = fx_input(&f, 30, 29);
+    kv_compress_plan_t pl;
+    kv_compress_plan_init(&pl);
+    CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+    CHECK_INT_EQ(pl.tokens_evicted, 0);
+    CHECK_INT_EQ(pl.blocks_freed, 0);
+    p.ratio = 1.5; /* a real budget does take blocks */
+    CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+    CHECK(pl.blocks_freed > 0);
+    kv_compress_plan_destroy(&pl);
+    fx_destroy(&f);
+  }
+}
+
 /* The global order, block by block: as the budget shrinks, each head gives
  * up a growing prefix of its cost list, one block at a time. */
 static void test_global_monotone(void) {
@@ -1325,6 +1356,7 @@ int main(void) {
   RUN(test_budget_tokens);
   RUN(test_global_exact);
   RUN(test_per_query);
+  RUN(test_ratio_one);
   RUN(test_global_monotone);
   RUN(test_global_ties);
   RUN(test_protected);

@@ -64,13 +64,15 @@ def kv_bytes_for(seqs, tokens, layers=30, kv_heads=3, head_dim=64):
     return blocks * BLOCK * (2 * head_dim * 4 + 4 + 4)
 
 
-def serve(args, ratio, port, log):
+def serve(args, ratio, port, log, interval=None):
     cmd = [args.pressd, "serve", "--model", args.model, "--port", str(port),
            "--threads", str(args.threads), "--max-model-len", str(args.max_model_len),
            "--kv-cache-memory", str(args.kv_bytes)]
     if ratio > 1:
         cmd += ["--kv-compression", "kvcompress", "--kv-compression-ratio", str(ratio),
                 "--kv-layer-budget", args.layer_budget]
+        if interval is not None:
+            cmd += ["--kv-compression-interval", str(interval)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -86,15 +88,15 @@ def serve(args, ratio, port, log):
     raise RuntimeError("pressd did not start")
 
 
-def run_one(args, ratio, tmp):
+def run_one(args, ratio, tmp, interval=None, num_prompts=None):
     port = free_port()
-    with open(os.path.join(tmp, f"pressd-{ratio}.log"), "w") as log:
-        proc, base, cmd = serve(args, ratio, port, log)
+    with open(os.path.join(tmp, f"pressd-{ratio}-{interval}.log"), "w") as log:
+        proc, base, cmd = serve(args, ratio, port, log, interval)
         try:
             out = os.path.join(tmp, f"bench-{ratio}.json")
             bench = [sys.executable, BENCH, "--base-url", base, "--dataset", "random",
                      "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                     "--num-prompts", str(args.num_prompts), "--request-rate", "inf",
+                     "--num-prompts", str(num_prompts or args.num_prompts), "--request-rate", "inf",
                      "--seed", "7", "--result-json", out, "--quiet",
                      "--label", f"cpu-long ratio {ratio}"]
             t0 = time.time()
@@ -114,6 +116,7 @@ def run_one(args, ratio, tmp):
     comp = m.get("pressd:kv_compression_seconds_sum", 0.0)
     return {
         "ratio": ratio,
+        "interval": interval,
         "command": cmd,
         "wall_seconds": wall,
         "summary": s,
@@ -168,6 +171,11 @@ def main():
                     help="the pool holds this many full sequences uncompressed [4]")
     ap.add_argument("--layer-budget", default="global", choices=("global", "uniform", "zigzag"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--interval-sweep", default="",
+                    help="then, at --interval-ratio, these --kv-compression-interval values "
+                         "(comma list; with --interval-prompts prompts)")
+    ap.add_argument("--interval-ratio", type=float, default=8)
+    ap.add_argument("--interval-prompts", type=int, default=16)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per ratio [3600]")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
@@ -183,6 +191,10 @@ def main():
         x = runs[-1]
         print(f"  {x['summary']['total_token_throughput']:.1f} tok/s, peak running {x['peak_running']}, "
               f"{x['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+    sweep = []
+    for iv in [int(x) for x in args.interval_sweep.split(",") if x]:
+        print(f"cpu-long: ratio {args.interval_ratio}, interval {iv} ...", file=sys.stderr, flush=True)
+        sweep.append(run_one(args, args.interval_ratio, tmp, iv, args.interval_prompts))
     base = runs[0] if runs[0]["ratio"] == 1 else None
     for x in runs:
         if base:
@@ -199,6 +211,7 @@ def main():
         "machine": {"name": machine, "cpu": cpu_model(), "cores": os.cpu_count()},
         "parameters": {k: v for k, v in vars(args).items()},
         "runs": runs,
+        "interval_sweep": sweep,
     }
     note = plot(runs, stem + ".png")
     if note:
@@ -216,6 +229,14 @@ def main():
         print(f"| {x['ratio']} | {s['total_token_throughput']:.1f} | {s['output_throughput']:.1f} | "
               f"{x['peak_running']} | {vs} | {cf * 100 if cf is not None else 0:.2f}% | "
               f"{(s['ttft_ms']['median'] or 0) / 1000:.2f} | {s['tpot_ms']['median'] or 0:.1f} |")
+    if sweep:
+        print(f"\ninterval sweep at ratio {args.interval_ratio}, {args.interval_prompts} prompts:")
+        print("| interval | total tok/s | peak running | compressions | compression / engine time |")
+        print("|---|---|---|---|---|")
+        for x in sweep:
+            cf = x["compression_fraction_of_engine"] or 0
+            print(f"| {x['interval']} | {x['summary']['total_token_throughput']:.1f} | {x['peak_running']} | "
+                  f"{x['kv_compressions']:.0f} | {cf * 100:.2f}% |")
     print(f"results: {stem}.json")
     return 0
 
