@@ -68,7 +68,7 @@ static const opt_t opts[] = {
      "kvcompress ranking: each KV's squared attention summed over the queries that saw it "
      "(KV-Compress), or averaged over them (old KVs not favoured for being seen more: better "
      "perplexity on running text, worse long-range retrieval)"},
-    {"kv-dbudget-threshold", OPT_FLOAT, O(kv_dbudget_threshold), "0.05", 1e-6, 0.999999, NULL,
+    {"kv-dbudget-threshold", OPT_FLOAT, O(kv_dbudget_threshold), "0.01", 1e-6, 0.999999, NULL,
      "dbudget: largest relative change of the last prompt token's attention allowed"},
     {"host", OPT_STR, O(host), "127.0.0.1", 0, 0, NULL, "serve: address to listen on (IPv4 or IPv6)"},
     {"port", OPT_INT, O(port), "8000", 0, 65535, NULL, "serve: TCP port"},

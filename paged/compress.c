@@ -55,7 +55,7 @@ void kv_compress_params_default(kv_compress_params_t *p) {
   p->min_tokens = 128;
   p->protected_window = 32;
   p->sinks = 4;
-  p->dbudget_threshold = 0.05f;
+  p->dbudget_threshold = 0.01f;
   p->zigzag_tau = 0.9f;
   p->zigzag_bound = 0.2f;
   p->seed = 0;

@@ -55,7 +55,7 @@ typedef struct kv_compress_params {
   int32_t min_tokens;        /* floor of the ratio budget (reference: 128) */
   int32_t protected_window;  /* newest positions kept */
   int32_t sinks;             /* first positions kept */
-  float dbudget_threshold;   /* T of DBudgetKV (e.g. 0.05) */
+  float dbudget_threshold;   /* T of DBudgetKV (0.01) */
   float zigzag_tau;          /* mass fraction for MBA (0.9) */
   float zigzag_bound;        /* B_bound = zigzag_bound * B_avg (0.2) */
   uint64_t seed;             /* KV_POLICY_RANDOM */
@@ -67,7 +67,7 @@ typedef struct kv_compress_params {
 } kv_compress_params_t;
 
 /* Defaults: kvcompress, global, ratio 0, min_tokens 128, protected 32,
- * sinks 4, threshold 0.05, tau 0.9, bound 0.2, seed 0, raw sums. */
+ * sinks 4, threshold 0.01, tau 0.9, bound 0.2, seed 0, raw sums. */
 void kv_compress_params_default(kv_compress_params_t *p);
 
 /* What one sequence needs for a plan. score/pos are the arena's per-slot

@@ -215,7 +215,7 @@ static void test_params_default(void) {
   CHECK_INT_EQ(p.min_tokens, 128);
   CHECK_INT_EQ(p.protected_window, 32);
   CHECK_INT_EQ(p.sinks, 4);
-  CHECK_NEAR(p.dbudget_threshold, 0.05, 1e-7);
+  CHECK_NEAR(p.dbudget_threshold, 0.01, 1e-7);
   CHECK_NEAR(p.zigzag_tau, 0.9, 1e-7);
   CHECK_NEAR(p.zigzag_bound, 0.2, 1e-7);
   CHECK_INT_EQ(p.seed, 0);
@@ -728,6 +728,7 @@ static void dfx_params(kv_compress_params_t *p, kv_compress_input_t *in, dfx_t *
   p->policy = KV_POLICY_DBUDGET;
   p->protected_window = 4;
   p->sinks = 0;
+  p->dbudget_threshold = 0.05f;
   *in = fx_input(&d->f, 16, 15);
   in->group = 2;
   in->obs_last = d->a2;
