@@ -8,7 +8,9 @@
  *    "configs": [{kv_compression object as in a request}, ...]}
  * The context (the prompt, less the scored tokens) is prefilled once; each
  * config restores it, compresses it as the server would after a prefill,
- * and writes one JSON line on stdout:
+ * and writes one JSON line on stdout (the prefill scores the whole prompt
+ * with the server's default pooling, so a config's observation_window does
+ * not apply here):
  *   {"id", "config", "n_context", "kv_tokens_kept", "kv_tokens_evicted",
  *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text", "seconds"}
  * A bad job is reported on stderr and as {"id", "error"}; the others go on. */

@@ -80,6 +80,7 @@ typedef struct k_seq_kv {
   int32_t n_obs;
   float *obs_mass;       /* NULL or backend memory [n_layers][n_kv_heads][stride * block_size] */
   float *obs_last;       /* NULL or backend memory [n_layers][n_q_heads][stride * block_size] */
+  int32_t obs_pool;      /* max-pool width of prefill scores (odd; <= 1: none) */
 } k_seq_kv_t;
 
 /* One attention call covers one layer of a batch of sequences. Sequence s
@@ -93,7 +94,6 @@ typedef struct k_attn_args {
   int32_t layer;
   int32_t n_q_heads, n_kv_heads, head_dim;
   float scale;             /* 1/sqrt(head_dim) usually */
-  int32_t obs_pool;        /* max-pool width of prefill scores (odd; 1 = none) */
   const float *q;          /* [n_tokens][n_q_heads][head_dim] */
   float *out;              /* [n_tokens][n_q_heads][head_dim] */
   const int32_t *q_start;  /* [n_seqs + 1] */

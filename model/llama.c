@@ -92,7 +92,6 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
       .q_start = b->q_start,
       .q_pos = m->d_pos,
       .seqs = b->seqs,
-      .obs_pool = b->obs_pool > 0 ? b->obs_pool : 1,
   };
   for (int32_t l = 0; l < L; l++) {
     const model_layer_t *ly = &w->layers[l];

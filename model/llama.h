@@ -18,7 +18,6 @@ typedef struct model_batch {
   const int32_t *pos;          /* [n_tokens] position of each token */
   const int32_t *q_start;      /* [n_seqs + 1] token row offsets */
   const k_seq_kv_t *seqs;      /* [n_seqs] each sequence's KV, new slots appended */
-  int32_t obs_pool;            /* max-pool width of prefill scores (see k_seq_kv_t) */
   int32_t n_logits;            /* rows that need logits */
   const int32_t *logit_rows;   /* [n_logits] token rows, ascending */
 } model_batch_t;

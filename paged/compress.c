@@ -618,3 +618,13 @@ void kv_compress_apply(const kv_compress_plan_t *pl, kv_seq_t *seq, kv_pool_t *p
     seq->ctx[i] = ctx;
   }
 }
+
+int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
+                    const kv_compress_input_t *in, k_backend_t *be, const k_kv_arena_t *arena,
+                    kv_seq_t *seq, kv_pool_t *pool) {
+  if (in->seq != seq) return -EINVAL;
+  int rc = kv_compress_plan(pl, prm, in);
+  if (!rc && pl->n_moves) rc = be->ops->kv_move(be, arena, pl->src, pl->dst, pl->n_moves);
+  if (!rc) kv_compress_apply(pl, seq, pool);
+  return rc;
+}

@@ -129,4 +129,11 @@ int kv_compress_plan(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
  * blocks to the pool. */
 void kv_compress_apply(const kv_compress_plan_t *pl, kv_seq_t *seq, kv_pool_t *pool);
 
+/* The whole compression of in->seq (which seq must be): plan, the backend's
+ * kv_move over the arena, apply. 0, or the first error with the sequence
+ * untouched. */
+int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
+                    const kv_compress_input_t *in, k_backend_t *be, const k_kv_arena_t *arena,
+                    kv_seq_t *seq, kv_pool_t *pool);
+
 #endif

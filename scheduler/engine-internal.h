@@ -118,6 +118,9 @@ void sched__running_remove(sched__sched_t *sc, sched__seq_t *s);
 void sched__running_compact(sched__sched_t *sc, void (*done)(void *ctx, sched__seq_t *s),
                             void *ctx);
 
+/* Monotonic clock, nanoseconds. */
+int64_t sched__now_ns(void);
+
 /* ---- KV compression (kvc.c) ---------------------------------------------
  * When a sequence's KV is compressed and what the kernels must observe for
  * it. The plan (paged/compress) reads scores and positions in host memory:

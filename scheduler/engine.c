@@ -111,7 +111,7 @@ void sched_event_clear(sched_event_t *ev) {
   ev->text_len = 0;
 }
 
-static int64_t mono_ns(void) {
+int64_t sched__now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
@@ -166,7 +166,7 @@ static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
 /* The picker's hook before a first admission: the sampler. */
 static int seq_prepare(void *ctx, sched__seq_t *s) {
   sched_engine_t *e = ctx;
-  s->t_admitted_ns = mono_ns();
+  s->t_admitted_ns = sched__now_ns();
   int rc = sched_sampler_init(&s->smp, &s->req->sample, e->n_vocab);
   if (rc) return rc;
   sched_sampler_prompt(&s->smp, s->req->prompt, (size_t)s->req->n_prompt);
@@ -255,7 +255,7 @@ static sched_event_t *stage_push(sched_engine_t *e, sched__seq_t *s) {
   sched_event_t *ev = &e->stage[e->n_stage++];
   memset(ev, 0, sizeof *ev);
   if (!s->queue_reported) { /* the first event carries the time in the queue */
-    int64_t end = s->t_admitted_ns ? s->t_admitted_ns : mono_ns();
+    int64_t end = s->t_admitted_ns ? s->t_admitted_ns : sched__now_ns();
     ev->queue_seconds = s->t_queued_ns ? (double)(end - s->t_queued_ns) * 1e-9 : 0.0;
     s->queue_reported = true;
   }
@@ -264,11 +264,6 @@ static sched_event_t *stage_push(sched_engine_t *e, sched__seq_t *s) {
   ev->text = empty_text;
   ev->prompt_tokens = s->n_prompt;
   ev->completion_tokens = s->n_gen;
-  if (sched__kvc_enabled(s)) {
-    int64_t heads = (int64_t)s->kv.n_layers * s->kv.n_heads;
-    ev->kv_tokens_kept = (int32_t)((sched__kvc_held(s) + heads / 2) / heads);
-    ev->kv_tokens_evicted = (int32_t)((s->kv_evicted + heads / 2) / heads);
-  }
   return ev;
 }
 
@@ -282,9 +277,16 @@ static void event_set_text(sched_event_t *ev, const char *p, size_t n) {
   ev->text_len = n;
 }
 
-static void event_finish(sched_engine_t *e, sched_event_t *ev, sched_finish_t fin,
-                         const char *msg) {
+/* The last event of s: the finish reason and, when it compresses, its KV
+ * usage (on this event only: the count walks every head). */
+static void event_finish(sched_engine_t *e, const sched__seq_t *s, sched_event_t *ev,
+                         sched_finish_t fin, const char *msg) {
   ev->finish = fin;
+  if (sched__kvc_enabled(s)) {
+    int64_t heads = (int64_t)s->kv.n_layers * s->kv.n_heads;
+    ev->kv_tokens_kept = (int32_t)((sched__kvc_held(s) + heads / 2) / heads);
+    ev->kv_tokens_evicted = (int32_t)((s->kv_evicted + heads / 2) / heads);
+  }
   if (msg) snprintf(ev->message, sizeof ev->message, "%s", msg);
   e->st.requests_finished++;
 }
@@ -296,7 +298,7 @@ static void event_finish(sched_engine_t *e, sched_event_t *ev, sched_finish_t fi
 static void finish_now(sched_engine_t *e, sched__seq_t *s, sched_finish_t fin, const char *msg) {
   if (s->run_idx >= 0) sched__running_remove(&e->sc, s);
   else if (s->prev || s->next || e->sc.waiting.head == s) sched__queue_remove(&e->sc.waiting, s);
-  event_finish(e, stage_push(e, s), fin, msg);
+  event_finish(e, s, stage_push(e, s), fin, msg);
   hash_remove(e, s);
   seq_free(e, s, true);
 }
@@ -387,7 +389,7 @@ static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row) {
   sched_finish_t fin = stopped || eog ? SCHED_FINISH_STOP : len ? SCHED_FINISH_LENGTH
                                                                 : SCHED_FINISH_NONE;
   if (fin != SCHED_FINISH_NONE) {
-    event_finish(e, ev, fin, NULL);
+    event_finish(e, s, ev, fin, NULL);
     s->finished = true;
   }
 }
@@ -461,7 +463,7 @@ static void step(sched_engine_t *e) {
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     if (rc) {
-      event_finish(e, stage_push(e, s), SCHED_FINISH_ERROR, "the model failed to run");
+      event_finish(e, s, stage_push(e, s), SCHED_FINISH_ERROR, "the model failed to run");
       s->finished = true;
       continue;
     }
@@ -503,7 +505,7 @@ static void *engine_main(void *arg) {
       next = s->next;
       sched__queue_push_back(&e->sc.waiting, s);
       hash_insert(e, s);
-      s->t_queued_ns = mono_ns();
+      s->t_queued_ns = sched__now_ns();
       if ((s->kvc_counted = sched__kvc_enabled(s))) e->n_kvc_live++;
     }
     for (size_t i = 0; i < n_ab; i++) abort_id(e, ab[i]);
@@ -513,11 +515,11 @@ static void *engine_main(void *arg) {
       notify(e);
       break;
     }
-    int64_t t0 = mono_ns();
+    int64_t t0 = sched__now_ns();
     __atomic_store_n(&e->step_start_ns, t0, __ATOMIC_RELAXED);
     step(e);
     __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
-    e->st.busy_seconds += (double)(mono_ns() - t0) * 1e-9;
+    e->st.busy_seconds += (double)(sched__now_ns() - t0) * 1e-9;
     flush_stage(e);
     notify(e);
   }
@@ -734,7 +736,7 @@ void sched_engine_stats(sched_engine_t *e, sched_stats_t *out) {
   int64_t t0 = __atomic_load_n(&e->step_start_ns, __ATOMIC_RELAXED);
   pthread_mutex_lock(&e->mu);
   *out = e->pub;
-  out->step_seconds = t0 ? (double)(mono_ns() - t0) * 1e-9 : 0.0;
+  out->step_seconds = t0 ? (double)(sched__now_ns() - t0) * 1e-9 : 0.0;
   out->stopped = __atomic_load_n(&e->thread_done, __ATOMIC_ACQUIRE);
   out->waiting = e->n_waiting + e->n_inbox;
   pthread_mutex_unlock(&e->mu);

@@ -15,7 +15,6 @@
  * blocks back. */
 #include <errno.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "scheduler/engine-internal.h"
 
@@ -89,15 +88,10 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   if (c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
       !(s->obs_last = malloc(lh * (size_t)k->group * per_head * sizeof(float))))
     return -ENOMEM;
+  v->obs_pool = c->pool;
   v->obs_mass = s->obs_mass;
   v->obs_last = end == s->n_tokens ? s->obs_last : NULL;
   return 0;
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free) {
@@ -121,22 +115,17 @@ int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free) 
       .min_free_blocks = min_free,
       .obs_start = s->obs_window > 0 && s->obs_window < s->n_prompt ? s->n_prompt - s->obs_window : 0,
   };
-  double t0 = now_s();
+  int64_t t0 = sched__now_ns();
   int32_t freed = 0;
-  int rc = kv_compress_plan(&k->plan, &prm, &in);
-  if (!rc && k->plan.n_moves)
-    rc = k->be->ops->kv_move(k->be, k->arena, k->plan.src, k->plan.dst, k->plan.n_moves);
-  if (!rc) {
-    int32_t before = kv_pool_free_count(k->pool);
-    kv_compress_apply(&k->plan, &s->kv, k->pool);
-    freed = kv_pool_free_count(k->pool) - before;
+  if (!kv_compress_run(&k->plan, &prm, &in, k->be, k->arena, &s->kv, k->pool)) {
+    freed = k->plan.blocks_freed;
     s->kv_evicted += k->plan.tokens_evicted;
     if (k->plan.pressure_overrode) k->st->kv_budget_overrides++;
   }
   /* the prefill's observations served their one plan */
   sched__kvc_seq_free(s);
   s->since_compress = 0;
-  double dt = now_s() - t0;
+  double dt = (double)(sched__now_ns() - t0) * 1e-9;
   int b = 0;
   while (b < SCHED_KVC_N_BOUNDS && dt > sched_kvc_bounds[b]) b++;
   k->st->kv_compress_hist[b]++;

@@ -25,6 +25,7 @@ struct sched_kveval {
   model_t model;
   kv_compress_plan_t plan;
   int32_t chunk, max_len, n_past, group;
+  int32_t obs_pool; /* the server's default pooling of prefill scores */
   int32_t *pos, *rows;   /* [chunk] */
   float *logits;         /* [chunk][n_vocab] */
   float *last;           /* [n_vocab] the last logits */
@@ -59,6 +60,9 @@ int sched_kveval_new(sched_kveval_t **out, const model_weights_t *w, k_backend_t
   ev->chunk = chunk;
   ev->max_len = max_len;
   ev->group = c->n_heads / c->n_kv_heads;
+  sched_kv_compression_t dflt;
+  sched_kv_compression_default(&dflt);
+  ev->obs_pool = dflt.pool;
   int32_t per_head = (max_len + BLOCK - 1) / BLOCK;
   int32_t n_blocks = per_head * c->n_layers * c->n_kv_heads;
   size_t slots = (size_t)per_head * BLOCK, lh = heads_of(ev);
@@ -184,6 +188,7 @@ static int feed(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t n_obs
     k_seq_kv_t view = kv_seq_view(&ev->seq);
     if (n_obs > 0) {
       view.n_obs = m;
+      view.obs_pool = ev->obs_pool;
       view.obs_mass = ev->obs_mass;
       view.obs_last = ev->obs_last;
     } else {
@@ -198,7 +203,6 @@ static int feed(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t n_obs
         .pos = ev->pos,
         .q_start = q_start,
         .seqs = &view,
-        .obs_pool = 7,
         .n_logits = all ? m : (last_chunk ? 1 : 0),
         .logit_rows = all ? ev->rows : &ev->rows[m - 1],
     };
@@ -243,11 +247,7 @@ static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool wi
       .obs_last = with_obs ? ev->obs_last : NULL,
       .obs_start = 0, /* the whole prompt is observed */
   };
-  int rc = kv_compress_plan(&ev->plan, prm, &in);
-  if (!rc && ev->plan.n_moves)
-    rc = ev->be->ops->kv_move(ev->be, &ev->arena, ev->plan.src, ev->plan.dst, ev->plan.n_moves);
-  if (!rc) kv_compress_apply(&ev->plan, &ev->seq, &ev->pool);
-  return rc;
+  return kv_compress_run(&ev->plan, prm, &in, ev->be, &ev->arena, &ev->seq, &ev->pool);
 }
 
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,

@@ -15,14 +15,7 @@
 #include "paged/seq.h"
 #include "tests/test.h"
 
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
-static int32_t rng_int(uint64_t *s, int32_t n) { return (int32_t)(rng_next(s) % (uint64_t)n); }
 static float rng_float(uint64_t *s) { return (float)(rng_next(s) >> 40) / (float)(1 << 24); }
 
 static int32_t cdiv(int32_t a, int32_t b) { return (a + b - 1) / b; }
@@ -1317,7 +1310,7 @@ static void test_attention_after_compaction(void) {
   k_seq_kv_t view = kv_seq_view(&seq);
   for (int32_t l = 0; l < L; l++) {
     k_attn_args_t args = {.n_seqs = 1, .layer = l, .n_q_heads = H * G, .n_kv_heads = H,
-                          .head_dim = D, .scale = 0.25f, .obs_pool = 1, .q = q, .out = out,
+                          .head_dim = D, .scale = 0.25f, .q = q, .out = out,
                           .q_start = q_start, .q_pos = q_pos, .seqs = &view};
     CHECK_INT_EQ(be->ops->attention(be, &a, &args), 0);
     for (int32_t qh = 0; qh < H * G; qh++) {

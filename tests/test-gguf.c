@@ -954,12 +954,6 @@ static void test_bad_tensors(void) {
 
 /* ---- random damage ------------------------------------------------------- */
 
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 static void test_random_mutations(void) {
   wbuf_t w;

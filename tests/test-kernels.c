@@ -13,16 +13,9 @@
 static k_backend_t *g_be;  /* 2 threads */
 static k_backend_t *g_be1; /* 1 thread */
 
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 static float rng_unit(uint64_t *s) { /* uniform in [-1, 1) */
   return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
 }
-static int32_t rng_int(uint64_t *s, int32_t n) { return (int32_t)(rng_next(s) % (uint64_t)n); }
 
 static void *xmalloc(size_t n) {
   void *p = malloc(n ? n : 1);
@@ -415,7 +408,8 @@ static void test_kv_write(void) {
   const int32_t ctx0[L * H] = {9, 6, 5, 7};
   const int32_t tab1[L * H * STRIDE] = {6, -1, -1, 7, -1, -1, 8, -1, -1, 10, -1, -1};
   const int32_t ctx1[L * H] = {3, 3, 3, 3};
-  k_seq_kv_t seqs[2] = {{tab0, ctx0, STRIDE, 0, NULL, NULL}, {tab1, ctx1, STRIDE, 0, NULL, NULL}};
+  k_seq_kv_t seqs[2] = {{tab0, ctx0, STRIDE, 0, NULL, NULL, 1},
+                           {tab1, ctx1, STRIDE, 0, NULL, NULL, 1}};
   k_attn_args_t args = {.n_seqs = 2, .layer = 1, .n_kv_heads = H, .head_dim = D,
                         .q_start = q_start, .q_pos = q_pos, .seqs = seqs};
   CHECK_INT_EQ(g_be->ops->kv_write(g_be, &a, k, v, &args), 0);
@@ -599,7 +593,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   k_seq_kv_t *views = xmalloc((size_t)S * sizeof *views);
   for (int32_t s = 0; s < S; s++) {
     views[s] = (k_seq_kv_t){tables + (int64_t)s * H * max_blocks, ctx + s * H, max_blocks,
-                            c->seqs[s].n_obs, NULL, NULL};
+                            c->seqs[s].n_obs, NULL, NULL, c->obs_pool > 0 ? c->obs_pool : 1};
     if (c->seqs[s].n_obs > 0) {
       views[s].obs_mass = xmalloc((size_t)H * cap * sizeof(float));
       views[s].obs_last = xmalloc((size_t)QH * cap * sizeof(float));
@@ -643,7 +637,6 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
       .q_start = q_start,
       .q_pos = q_pos,
       .seqs = views,
-      .obs_pool = c->obs_pool > 0 ? c->obs_pool : 1,
   };
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   memcpy(score2, a.score, (size_t)n_slots * sizeof *score2);
@@ -728,7 +721,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     }
 
   /* scores: the window's sums max-pooled per query head, then summed */
-  const int32_t w = args.obs_pool / 2;
+  const int32_t w = (c->obs_pool > 0 ? c->obs_pool : 1) / 2;
   for (int32_t s = 0; s < S; s++) {
     if (c->seqs[s].n_obs <= 0) continue;
     for (int32_t h = 0; h < H; h++) {
@@ -902,7 +895,7 @@ static void test_attention_single_key(void) {
   float q[2 * D], out[2 * D];
   for (int d = 0; d < 2 * D; d++) q[d] = rng_unit(&rng) * 5.0f;
   const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, ctx[1] = {40};
-  k_seq_kv_t view = {table, ctx, 3, 0, NULL, NULL};
+  k_seq_kv_t view = {table, ctx, 3, 0, NULL, NULL, 1};
   k_attn_args_t args = {.n_seqs = 1, .n_q_heads = 2, .n_kv_heads = 1, .head_dim = D,
                         .scale = 0.125f, .q = q, .out = out, .q_start = q_start,
                         .q_pos = q_pos, .seqs = &view};
@@ -937,7 +930,7 @@ static void test_attention_bad_args(void) {
   arena_new(&a, 2, 16, 64);
   float q[64] = {0}, out[64];
   const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, table[1] = {0}, ctx[1] = {1};
-  k_seq_kv_t view = {table, ctx, 1, 0, NULL, NULL};
+  k_seq_kv_t view = {table, ctx, 1, 0, NULL, NULL, 1};
   k_attn_args_t args = {.n_seqs = 1, .n_q_heads = 1, .n_kv_heads = 1, .head_dim = 64,
                         .scale = 0.125f, .q = q, .out = out, .q_start = q_start,
                         .q_pos = q_pos, .seqs = &view};

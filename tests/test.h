@@ -4,6 +4,7 @@
 #define PRESSD_TEST_H
 
 #include <inttypes.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,5 +79,15 @@ static inline const char *test_model_path(void) {
   fclose(f);
   return p;
 }
+
+/* splitmix64: a seeded stream of 64-bit values, the same on every machine. */
+static inline uint64_t rng_next(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+/* Uniform in [0, n). */
+static inline int32_t rng_int(uint64_t *s, int32_t n) { return (int32_t)(rng_next(s) % (uint64_t)n); }
 
 #endif

@@ -514,12 +514,12 @@ static void att_finish(const att_job_t *j, int32_t s, int32_t h, float *sq, floa
   float *om = window && q->obs_mass
                   ? q->obs_mass + ((int64_t)a->layer * H + h) * ((int64_t)q->stride * B)
                   : NULL;
-  if (window && a->obs_pool > 1) {
+  if (window && q->obs_pool > 1) {
     for (int32_t g = 0; g < G; g++) {
-      max_pool(tmp, sq + g * ld, ctx, a->obs_pool);
+      max_pool(tmp, sq + g * ld, ctx, q->obs_pool);
       memcpy(sq + g * ld, tmp, (size_t)ctx * sizeof(float));
       if (!om) continue;
-      max_pool(tmp, mass + g * ld, ctx, a->obs_pool);
+      max_pool(tmp, mass + g * ld, ctx, q->obs_pool);
       memcpy(mass + g * ld, tmp, (size_t)ctx * sizeof(float));
     }
   }
