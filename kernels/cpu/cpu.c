@@ -24,6 +24,7 @@ typedef struct cpu {
   k__scratch_t mm_scratch; /* matmul's dequantised weight bands */
   k__scratch_t *att_scratch; /* owns: [threads] attention's probabilities for scores */
   k__scratch_t att_acc;      /* score sums of windows split into parts */
+  k__scratch_t att_seq;      /* attention's per-sequence task plan */
   int32_t threads;
 } cpu_t;
 
@@ -54,6 +55,7 @@ static void cpu_destroy(k_backend_t *be) {
       k__scratch_destroy(&c->att_scratch[i]);
     free(c->att_scratch);
     k__scratch_destroy(&c->att_acc);
+    k__scratch_destroy(&c->att_seq);
   }
   free(c);
 }
@@ -708,13 +710,11 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
   /* Tasks: tiles of ATT_QT rows; the scored rows of a sequence (all of a
    * decode's, the observation window of a prefill) form one task, or
    * several parts with separate sums when the window is long. */
-  int32_t *per_seq = malloc((size_t)(S > 0 ? S : 1) * 4 * sizeof(int32_t));
-  int64_t *acc_off = malloc((size_t)(S > 0 ? S : 1) * sizeof(int64_t));
-  if (!per_seq || !acc_off) {
-    free(per_seq);
-    free(acc_off);
+  size_t ns = (size_t)(S > 0 ? S : 1);
+  if (k__scratch_reserve(&c->att_seq, ns * (sizeof(int64_t) + 4 * sizeof(int32_t))))
     return -ENOMEM;
-  }
+  int64_t *acc_off = c->att_seq.p;
+  int32_t *per_seq = (int32_t *)(acc_off + ns);
   int32_t *n_parts = per_seq, *acc_ld = per_seq + S, *split_seq = per_seq + 2 * S,
           *obs_rows = per_seq + 3 * S;
   int64_t n_tasks = 0, acc_n = 0;
@@ -752,8 +752,6 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
     tp = te + n_tasks;
   }
   if (rc) {
-    free(per_seq);
-    free(acc_off);
     return rc;
   }
   int64_t k = 0;
@@ -784,8 +782,6 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
     k_pool_run(c->pool, n_tasks * H, att_task, &j);
   if (n_split && !j.rc) k_pool_run(c->pool, (int64_t)n_split * H, att_finish_task, &j);
   if (ts != stack[0]) free(ts);
-  free(per_seq);
-  free(acc_off);
   return j.rc;
 }
 
