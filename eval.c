@@ -5,6 +5,8 @@
  *    "prompt_tokens": [ids], "mode": "ppl" | "generate",
  *    "eval_tokens": N (ppl: the prompt's last N tokens are scored),
  *    "max_tokens": N (generate: greedy tokens),
+ *    "teacher_forced": true (generate: also the argmax at each position
+ *      after the first config's tokens, "forced_tokens"),
  *    "configs": [{kv_compression object as in a request}, ...]}
  * The context (the prompt, less the scored tokens) is prefilled once; each
  * config restores it, compresses it as the server would after a prefill,
@@ -12,7 +14,8 @@
  * with the server's default pooling, so a config's observation_window does
  * not apply here):
  *   {"id", "config", "n_context", "kv_tokens_kept", "kv_tokens_evicted",
- *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text", "seconds"}
+ *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text",
+ *    ["forced_tokens"], "seconds"}
  * A bad job is reported on stderr and as {"id", "error"}; the others go on. */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -28,7 +31,7 @@
 typedef struct job {
   int32_t *ids; /* owns */
   size_t n;
-  bool ppl;
+  bool ppl, forced;
   int32_t eval_tokens, max_tokens;
 } job_t;
 
@@ -140,6 +143,7 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
   const cJSON *mt = cJSON_GetObjectItemCaseSensitive(j, "max_tokens");
   jb.eval_tokens = cJSON_IsNumber(et) ? (int32_t)et->valuedouble : 0;
   jb.max_tokens = cJSON_IsNumber(mt) ? (int32_t)mt->valuedouble : 0;
+  jb.forced = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "teacher_forced"));
   if (jb.ppl ? jb.eval_tokens < 1 : jb.max_tokens < 1)
     return job_error(id, jb.ppl ? "eval_tokens must be at least 1" : "max_tokens must be at least 1");
   int rc = job_tokens(m, o, j, &jb, err, sizeof err);
@@ -174,7 +178,10 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
   }
   double t_prefill = cli_now_s() - t0;
   int32_t heads = sched_kveval_heads(*ev);
-  int32_t *out = malloc((size_t)(jb.max_tokens > 0 ? jb.max_tokens : 1) * sizeof *out);
+  /* out, then the first config's tokens (teacher forcing) */
+  int32_t *out = malloc((size_t)(jb.max_tokens > 0 ? jb.max_tokens : 1) * 2 * sizeof *out);
+  int32_t *ref = out ? out + (jb.max_tokens > 0 ? jb.max_tokens : 1) : NULL;
+  bool have_ref = false;
   const cJSON *cfg;
   cJSON_ArrayForEach(cfg, configs) {
     double t1 = cli_now_s();
@@ -197,9 +204,13 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
         cJSON_AddNumberToObject(extra, "n_eval", jb.eval_tokens);
         cJSON_AddNumberToObject(extra, "ppl", exp(nll / jb.eval_tokens));
       }
-    } else if (!out || (rc = sched_kveval_greedy(*ev, &k, jb.max_tokens, out))) {
+    } else if (!out || (rc = sched_kveval_greedy(*ev, &k, jb.max_tokens, NULL, out))) {
       job_error(id, "the generation failed");
     } else {
+      if (jb.forced && !have_ref) {
+        memcpy(ref, out, (size_t)jb.max_tokens * sizeof *out);
+        have_ref = true;
+      }
       cJSON *arr = cJSON_CreateIntArray(out, jb.max_tokens);
       cJSON_AddItemToObject(extra, "tokens", arr);
       size_t tl = model_tok_decode(m->tok, out, (size_t)jb.max_tokens, false, NULL, 0);
@@ -208,6 +219,13 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
         model_tok_decode(m->tok, out, (size_t)jb.max_tokens, false, text, tl + 1);
         cJSON_AddStringToObject(extra, "text", text);
         free(text);
+      }
+      if (jb.forced) { /* again from the compressed cache, fed the reference */
+        if ((rc = sched_kveval_compress(*ev, &k, NULL, NULL)) ||
+            (rc = sched_kveval_greedy(*ev, &k, jb.max_tokens, ref, out)))
+          job_error(id, "the teacher-forced generation failed");
+        else
+          cJSON_AddItemToObject(extra, "forced_tokens", cJSON_CreateIntArray(out, jb.max_tokens));
       }
     }
     if (!rc) emit(id, cfg, n_ctx, kept, evicted, heads, extra, cli_now_s() - t1);

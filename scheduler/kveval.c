@@ -257,8 +257,8 @@ int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, i
   for (size_t i = 0; i < heads_of(ev); i++) before += ev->seq.ctx[i];
   int rc = k->plan.policy == KV_POLICY_NONE ? 0 : compress(ev, &k->plan, true);
   for (size_t i = 0; i < heads_of(ev); i++) after += ev->seq.ctx[i];
-  *kept = after;
-  *evicted = before - after;
+  if (kept) *kept = after;
+  if (evicted) *evicted = before - after;
   return rc;
 }
 
@@ -282,7 +282,7 @@ static int32_t argmax(const float *l, int32_t n) {
 }
 
 int sched_kveval_greedy(sched_kveval_t *ev, const sched_kv_compression_t *k, int32_t n,
-                        int32_t *out) {
+                        const int32_t *force, int32_t *out) {
   if (ev->n_past + n > ev->max_len) return -E2BIG;
   const int32_t V = ev->w->cfg.n_vocab;
   const bool scored = k->plan.policy == KV_POLICY_KVCOMPRESS || k->plan.policy == KV_POLICY_DBUDGET;
@@ -293,7 +293,7 @@ int sched_kveval_greedy(sched_kveval_t *ev, const sched_kv_compression_t *k, int
   for (int32_t i = 0; i < n; i++) {
     out[i] = argmax(ev->last, V);
     if (i + 1 == n) break;
-    int rc = feed(ev, &out[i], 1, scored ? -1 : 0, false, NULL, NULL);
+    int rc = feed(ev, force ? &force[i] : &out[i], 1, scored ? -1 : 0, false, NULL, NULL);
     if (rc) return rc;
     if (later.policy != KV_POLICY_NONE && k->interval > 0 && (i + 1) % k->interval == 0 &&
         (rc = compress(ev, &later, false)))

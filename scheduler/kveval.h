@@ -26,7 +26,7 @@ void sched_kveval_free(sched_kveval_t *ev); /* NULL-safe */
 int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n);
 
 /* Back to the snapshot, then compress with k (policy none: not at all).
- * kept/evicted: KV entries, all heads. */
+ * kept/evicted (where not NULL): KV entries, all heads. */
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
                           int64_t *evicted);
 
@@ -35,9 +35,11 @@ int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, i
 int sched_kveval_nll(sched_kveval_t *ev, const int32_t *ids, int32_t n, double *nll_sum);
 
 /* Greedy decode of n tokens after the (compressed) cache, with decode
- * scores and a compression every k->interval tokens. */
+ * scores and a compression every k->interval tokens: out[i] is the argmax
+ * after out[<i], or, teacher-forced when force is given, after force[<i]
+ * (so one early disagreement does not change every later position). */
 int sched_kveval_greedy(sched_kveval_t *ev, const sched_kv_compression_t *k, int32_t n,
-                        int32_t *out);
+                        const int32_t *force, int32_t *out);
 
 /* KV entries per token (layers * KV heads), to turn entries into tokens. */
 int32_t sched_kveval_heads(const sched_kveval_t *ev);
