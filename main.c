@@ -531,6 +531,8 @@ static void usage(FILE *f) {
           "  pressd generate --model PATH --prompt TEXT [options]   run one prompt\n"
           "  pressd eval-kv --model PATH < jobs.jsonl              KV compression quality (JSON lines)\n"
           "  pressd COMMAND --help                                  options of a command\n"
+          "  pressd COMMAND --config FILE [options]                 options from a JSON file\n"
+          "  pressd COMMAND --print-config [options]                the options as such a file\n"
           "  pressd --version\n",
           PRESSD_VERSION);
 }
@@ -554,10 +556,11 @@ int main(int argc, char **argv) {
   }
   cfg_options_t o;
   cfg_defaults(&o);
-  char err[256];
+  char err[512]; /* room for a config file's path and key */
   int rc = cfg_parse_args(&o, argc - 2, argv + 2, err, sizeof err);
-  if (rc == 1) {
-    cfg_print_help(stdout, argv[1]);
+  if (rc == CFG_HELP || rc == CFG_VERSION) {
+    if (rc == CFG_HELP) cfg_print_help(stdout, argv[1]);
+    else printf("pressd %s\n", PRESSD_VERSION);
     cfg_destroy(&o);
     return 0;
   }
@@ -565,6 +568,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "pressd: %s\n", err);
     cfg_destroy(&o);
     return 2;
+  }
+  if (o.print_config) {
+    rc = cfg_print_config(stdout, &o);
+    cfg_destroy(&o);
+    if (rc) fprintf(stderr, "pressd: --print-config: cannot write the output\n");
+    return rc ? 1 : 0;
   }
   rc = !strcmp(argv[1], "serve")     ? cmd_serve(&o)
        : !strcmp(argv[1], "eval-kv") ? cli_eval_kv(&o)

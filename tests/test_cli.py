@@ -418,6 +418,9 @@ def run_cases(tmp):
         write("tiny-missing.gguf", tiny_model("missing", real_template))),
         ["ffn_up", "missing", "not found"])
 
+    # --- --config files, --print-config, COMMAND --version ---------------------
+    run_config_cases(tmp, tiny_ok)
+
     # --- the real model --------------------------------------------------------
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)
     expect_error("prompt longer than --max-model-len",
@@ -463,6 +466,103 @@ def run_cases(tmp):
     fuzz_full(tmp, hdr)
     # --- safetensors directories and --load-format dummy ---------------------
     run_load_format_cases(tmp, real_template)
+
+
+EXAMPLE_CONFIG = os.path.join(ROOT, "config", "pressd.example.json")
+EXAMPLE_MODEL = "/var/lib/pressd/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_config_cases(tmp, model):
+    import json
+
+    def write_config(name, obj):
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj))
+        return path
+
+    def gen_tokens(args):
+        """(tokens generated per --stats, None) or (None, problem)."""
+        rc, out, err = run(args, timeout=60)
+        if rc != 0:
+            return None, "%s: %s" % (describe_rc(rc), last_line(err))
+        lines = [l for l in err.splitlines() if l.strip()]
+        try:
+            return json.loads(lines[-1])["gen_tokens"], None
+        except (IndexError, ValueError, KeyError, TypeError):
+            return None, "--stats line missing: %r" % last_line(err)
+
+    # The file drives generate: max-tokens and the flags come from it
+    # (ignore_eos in snake case), the command line overrides it wherever
+    # --config stands.
+    cfg = write_config("generate.json", {
+        "#": "a comment", "# max-tokens": "also a comment", "max-tokens": 3,
+        "ignore_eos": True, "stats": True, "max-model-len": 64, "prompt": "the cat",
+        "temperature": None})
+    for name, args, want in [
+            ("--config sets max-tokens", ["--config", cfg], 3),
+            ("--max-tokens before --config overrides the file",
+             ["--max-tokens", "5", "--config", cfg], 5),
+            ("--max-tokens after --config overrides the file",
+             ["--config=" + cfg, "--max-tokens=2"], 2)]:
+        n, problem = gen_tokens(["generate", "--model", model] + args)
+        if problem is None and n != want:
+            problem = "generated %s tokens, want %d" % (n, want)
+        record(name, problem)
+
+    expect_error("--config with an unknown key", ["generate", "--config", write_config(
+        "unknown.json", {"max-token": 3}), "--model", model], ["'max-token'"], rcs=(2,))
+    expect_error("--config with a bad value", ["generate", "--config", write_config(
+        "badvalue.json", {"max_tokens": "lots"}), "--model", model], ["'max_tokens'"], rcs=(2,))
+    expect_error("--config with invalid JSON", ["generate", "--config", write_config(
+        "syntax.json", '{\n"max-tokens": 3\n"chat": true}'), "--model", model],
+        ["line 3"], rcs=(2,))
+    expect_error("--config with a missing file", ["generate", "--config",
+                                                  os.path.join(tmp, "none.json")],
+                 ["none.json"], rcs=(2,))
+
+    # The example file is --print-config's output for the defaults and one
+    # model path, byte for byte.
+    rc, out, err = run(["serve", "--print-config", "--model", EXAMPLE_MODEL], timeout=30)
+    problem = None
+    if rc != 0:
+        problem = "%s: %s" % (describe_rc(rc), last_line(err))
+    else:
+        with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
+            example = f.read()
+        if out != example:
+            problem = ("config/pressd.example.json differs from the output of pressd serve "
+                       "--print-config --model %s (regenerate it)" % EXAMPLE_MODEL)
+    record("config/pressd.example.json is --print-config's output", problem)
+
+    # What --print-config prints, --config reads back unchanged.
+    rc, out, err = run(["generate", "--config", cfg, "--model", model, "--max-tokens", "7",
+                        "--print-config"], timeout=30)
+    problem = None
+    if rc != 0:
+        problem = "%s: %s" % (describe_rc(rc), last_line(err))
+    else:
+        printed = json.loads(out)
+        if printed.get("max-tokens") != 7 or printed.get("ignore-eos") is not True:
+            problem = "printed options are not the effective ones: %r" % {
+                k: printed.get(k) for k in ("max-tokens", "ignore-eos")}
+        else:
+            rc2, out2, err2 = run(["generate", "--config", write_config("printed.json", out),
+                                   "--print-config"], timeout=30)
+            if rc2 != 0:
+                problem = "reading it back: %s: %s" % (describe_rc(rc2), last_line(err2))
+            elif out2 != out:
+                problem = "printed again, the options differ"
+    record("--print-config output reads back with --config", problem)
+
+    for command in ("serve", "generate"):
+        rc, out, err = run([command, "--version"], timeout=30)
+        problem = None
+        if rc != 0:
+            problem = describe_rc(rc)
+        elif not re.search(r"^pressd \d+\.\d+", out):
+            problem = "no version on stdout: %r" % (out + err)[:200]
+        record("pressd %s --version prints the version" % command, problem, out.strip())
 
 
 def run_eval_kv_cases():
