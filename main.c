@@ -21,6 +21,8 @@
 #include "scheduler/single.h"
 
 #include "cli.h"
+#include "config/log.h"
+#include "config/notify.h"
 
 double cli_now_s(void) {
   struct timespec ts;
@@ -221,12 +223,111 @@ static int chat_prompt(const loaded_t *m, const cfg_options_t *o, const char *us
 
 static srv_server_t *volatile g_srv;
 static volatile sig_atomic_t g_signals;
+static int64_t g_shutdown_ms = 30000;
 
+/* SIGTERM, SIGINT: drain (new requests 503, running ones get
+ * --shutdown-timeout), a second one stops now. SIGHUP: reopen the log. */
 static void on_signal(int sig) {
+  if (sig == SIGHUP) {
+    log_reopen();
+    return;
+  }
   srv_server_t *s = g_srv;
   if (!s) return;
-  if (g_signals++ == 0 && sig == SIGTERM) srv_server_shutdown(s, 30000); /* drain, then stop */
-  else srv_server_stop(s); /* SIGINT, or a second signal: stop now */
+  if (g_signals++ == 0) {
+    notify_send("STOPPING=1\nSTATUS=draining: finishing the running requests");
+    srv_server_shutdown(s, g_shutdown_ms);
+  } else {
+    srv_server_stop(s);
+  }
+}
+
+/* The engine thread's sign of life for systemd's watchdog: a hung engine
+ * stops it, and systemd restarts the service. */
+static void on_engine_alive(void *ctx) { notify_send("WATCHDOG=1"); }
+
+/* One token through the engine before READY=1: the first step pays for
+ * page faults, thread start-up and buffers sized lazily, and a backend that
+ * cannot run fails here instead of on the first request. */
+static int warm_up(sched_engine_t *eng, const model_tok_t *tok, char *err, size_t errlen) {
+  sched_request_t *r = sched_request_new();
+  int32_t *ids = malloc(sizeof *ids);
+  if (!r || !ids) {
+    sched_request_free(r);
+    free(ids);
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  int32_t bos = model_tok_bos(tok);
+  ids[0] = bos >= 0 ? bos : 0;
+  r->id = UINT64_MAX;
+  r->prompt = ids;
+  r->n_prompt = 1;
+  r->max_tokens = 1;
+  r->ignore_eos = true;
+  int rc = sched_engine_submit(eng, r);
+  if (rc) {
+    sched_request_free(r);
+    snprintf(err, errlen, "warm-up: the engine refused a request: %s", strerror(-rc));
+    return rc;
+  }
+  double t0 = cli_now_s();
+  for (;;) {
+    sched_event_t ev;
+    if (sched_engine_poll(eng, &ev, 1) == 1) {
+      sched_finish_t f = ev.finish;
+      if (f == SCHED_FINISH_ERROR)
+        snprintf(err, errlen, "warm-up: the engine failed: %s", ev.message);
+      sched_event_clear(&ev);
+      if (f == SCHED_FINISH_NONE) continue;
+      return f == SCHED_FINISH_ERROR ? -EIO : 0;
+    }
+    if (cli_now_s() - t0 > 600) {
+      snprintf(err, errlen, "warm-up: no result from the engine in 600 s");
+      return -ETIMEDOUT;
+    }
+    nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+  }
+}
+
+/* --api-key-file: one key per line; blank lines and '#' comments skipped,
+ * spaces around a key trimmed. */
+static int read_keys(const char *path, char ***keys, int *n, char *err, size_t errlen) {
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    snprintf(err, errlen, "--api-key-file %s: %s", path, strerror(errno));
+    return -errno;
+  }
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t len;
+  int rc = 0;
+  while (!rc && (len = getline(&line, &cap, f)) >= 0) {
+    char *p = line, *e = line + len;
+    while (p < e && (*p == ' ' || *p == '\t')) p++;
+    while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t')) e--;
+    if (p == e || *p == '#') continue;
+    char **k = realloc(*keys, (size_t)(*n + 1) * sizeof *k);
+    if (!k || !(k[*n] = strndup(p, (size_t)(e - p)))) {
+      if (k) *keys = k;
+      rc = -ENOMEM;
+      snprintf(err, errlen, "out of memory");
+      break;
+    }
+    *keys = k;
+    (*n)++;
+  }
+  if (!rc && ferror(f)) {
+    rc = -EIO;
+    snprintf(err, errlen, "--api-key-file %s: read error", path);
+  }
+  if (!rc && *n == 0) {
+    rc = -EINVAL;
+    snprintf(err, errlen, "--api-key-file %s: no key in it", path);
+  }
+  free(line);
+  fclose(f);
+  return rc;
 }
 
 /* The name /v1/models reports: --served-model-name, else the file name
@@ -282,11 +383,27 @@ static int cmd_serve(cfg_options_t *o) {
   char err[512];
   double t0 = cli_now_s();
   signal(SIGPIPE, SIG_IGN);
+  int rc;
+  log_level_t level = LOG_INFO;
+  log_level_parse(o->log_level, &level); /* validated with the options */
+  log_set_level(level);
+  if (o->log_file && (rc = log_open(o->log_file))) {
+    fprintf(stderr, "pressd: --log-file %s: %s\n", o->log_file, strerror(-rc));
+    return 1;
+  }
+  char **keys = NULL;
+  int n_keys = 0;
+  if (o->api_key_file && (rc = read_keys(o->api_key_file, &keys, &n_keys, err, sizeof err))) {
+    for (int i = 0; i < n_keys; i++) free(keys[i]);
+    free(keys);
+    return cli_die(err);
+  }
+  notify_status("loading %s", o->model ? o->model : "the model");
   loaded_t m;
-  int rc = cli_load_model(&m, o, err, sizeof err);
+  rc = cli_load_model(&m, o, err, sizeof err);
   if (rc) {
     cli_loaded_destroy(&m);
-    return cli_die(err);
+    goto fail_keys;
   }
   const model_config_t *c = &m.w.cfg;
   int32_t max_len = o->max_model_len > 0 ? (int32_t)o->max_model_len : c->n_ctx_train;
@@ -295,7 +412,7 @@ static int cmd_serve(cfg_options_t *o) {
   rc = cli_load_chat(&m, o, &chat, err, sizeof err);
   if (rc == 0) have_chat = true;
   else if (rc != -ENOENT) goto fail_model;
-  else fprintf(stderr, "pressd: warning: %s; /v1/chat/completions will answer 400\n", err);
+  else log_warn("%s; /v1/chat/completions will answer 400", err);
 
   int64_t kv_bytes = o->kv_cache_memory;
   if (kv_bytes <= 0) /* room for four sequences of max_model_len */
@@ -305,6 +422,7 @@ static int cmd_serve(cfg_options_t *o) {
   sched_engine_t *eng = NULL;
   sched_kv_compression_t kvc;
   if ((rc = kv_compression_of(o, &kvc, err, sizeof err))) goto fail_chat;
+  uint64_t wd_us = notify_watchdog_usec();
   sched_engine_config_t ec = {
       .max_num_seqs = (int32_t)o->max_num_seqs,
       .max_num_batched_tokens = (int32_t)o->max_num_batched_tokens,
@@ -313,25 +431,46 @@ static int cmd_serve(cfg_options_t *o) {
       .kv_cache_memory = kv_bytes,
       .notify = srv_server_notify,
       .notify_ctx = &srv,
+      .alive = wd_us ? on_engine_alive : NULL,
+      .alive_ms = wd_us / 2000 > 0 ? (int32_t)(wd_us / 2000 < 60000 ? wd_us / 2000 : 60000) : 1,
   };
+  notify_status("allocating the KV cache");
   if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
   sched_capacity_t cap;
   sched_engine_capacity(eng, &cap);
-  fprintf(stderr,
-          "pressd: model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s\n"
-          "pressd: KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
-          "max-model-len %d: %.2f\n",
-          o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
-          cli_now_s() - t0, cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
-          cap.max_concurrency);
+  log_info("model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s",
+           o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
+           cli_now_s() - t0);
+  log_info("KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
+           "max-model-len %d: %.2f",
+           cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
+           cap.max_concurrency);
+  if ((rc = sched_engine_start(eng))) {
+    snprintf(err, sizeof err, "cannot start the engine thread: %s", strerror(-rc));
+    sched_engine_free(eng);
+    goto fail_chat;
+  }
+  notify_status("warming up");
+  double tw = cli_now_s();
+  if ((rc = warm_up(eng, m.tok, err, sizeof err))) {
+    sched_engine_free(eng);
+    goto fail_chat;
+  }
+  log_debug("warm-up step: %.3f s", cli_now_s() - tw);
 
   srv_config_t sc;
   srv_config_default(&sc);
   sc.host = o->host;
   sc.port = (int)o->port;
   sc.api_key = o->api_key;
+  sc.api_keys = (const char *const *)keys;
+  sc.n_api_keys = n_keys;
+  sc.metrics_require_key = o->metrics_require_key;
+  sc.max_tokens_limit = (int32_t)o->max_tokens_limit;
   sc.max_request_bytes = (size_t)o->max_request_bytes;
   sc.max_connections = (int)o->max_connections;
+  sc.idle_timeout_ms = (int64_t)(o->idle_timeout * 1000);
+  sc.body_timeout_ms = (int64_t)(o->request_timeout * 1000);
   sc.max_model_len = max_len;
   sc.kv_compression = kvc;
   char *name = model_name_of(o);
@@ -343,37 +482,42 @@ static int cmd_serve(cfg_options_t *o) {
     free(name);
     goto fail_chat;
   }
-  if ((rc = sched_engine_start(eng))) {
-    snprintf(err, sizeof err, "cannot start the engine thread: %s", strerror(-rc));
-    sched_engine_free(eng);
-    srv_server_free(srv);
-    free(name);
-    goto fail_chat;
-  }
   if (strcmp(o->host, "127.0.0.1") && strcmp(o->host, "::1") && strcmp(o->host, "localhost") &&
-      !o->api_key)
-    fprintf(stderr, "pressd: warning: listening on %s without --api-key\n", o->host);
-  fprintf(stderr, "pressd: serving '%s' on http://%s%s%s:%d (Ctrl-C to stop)\n", name,
-          strchr(o->host, ':') ? "[" : "", o->host, strchr(o->host, ':') ? "]" : "",
-          srv_server_port(srv));
+      !o->api_key && !n_keys)
+    log_warn("listening on %s without an API key (--api-key, --api-key-file): anyone who can "
+             "reach it can use it",
+             o->host);
+  log_info("serving '%s' on http://%s%s%s:%d", name, strchr(o->host, ':') ? "[" : "", o->host,
+           strchr(o->host, ':') ? "]" : "", srv_server_port(srv));
+  g_shutdown_ms = (int64_t)(o->shutdown_timeout * 1000);
   g_srv = srv;
   struct sigaction sa = {0};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  notify_send("READY=1\nSTATUS=serving");
   srv_server_run(srv);
   g_srv = NULL;
   sched_engine_free(eng); /* engine first: it may still notify the server */
   srv_server_free(srv);
   free(name);
-  fprintf(stderr, "pressd: stopped\n");
+  log_info("stopped");
   rc = 0;
 fail_chat:
   if (have_chat) model_chat_destroy(&chat);
 fail_model:
   cli_loaded_destroy(&m);
-  if (rc) return cli_die(err);
+fail_keys:
+  for (int i = 0; i < n_keys; i++) free(keys[i]);
+  free(keys);
+  if (rc) {
+    notify_status("failed: %s", err);
+    log_error("%s", err);
+    return 1;
+  }
   return 0;
 }
 

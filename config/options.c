@@ -48,6 +48,9 @@ static const opt_t opts[] = {
      "bytes of KV cache, K/M/G suffixes (0: generate sizes it for its one sequence, serve for four of max-model-len)"},
     {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error|warn|info|debug",
      "log verbosity; info logs one line per request"},
+    {"log-file", OPT_STR, O(log_file), NULL, 0, 0, NULL,
+     "serve: append the log to this file instead of stderr (SIGHUP reopens it, for log "
+     "rotation)"},
     {"kv-compression", OPT_STR, O(kv_compression), "none", 0, 0,
      "none|kvcompress|dbudget|streaming|random",
      "KV cache compression of every request (a request's kv_compression object overrides "
@@ -95,13 +98,14 @@ static const opt_t opts[] = {
      "serve: ceiling on a request's max_tokens (0: max-model-len); larger requests get 400"},
     {"max-connections", OPT_INT, O(max_connections), "1024", 1, 1 << 20, NULL,
      "serve: open connections at most"},
-    {"request-timeout", OPT_FLOAT, O(request_timeout), "600", 0, 1e6, NULL,
-     "serve: a request that has not been fully received within this many seconds of its "
-     "first byte is answered 408 and closed (0: no limit)"},
-    {"idle-timeout", OPT_FLOAT, O(idle_timeout), "120", 0, 1e6, NULL,
+    {"request-timeout", OPT_FLOAT, O(request_timeout), "60", 0, 1e6, NULL,
+     "serve: seconds a request body may take to arrive after its headers (which have 10 s); "
+     "a slower one is answered 408 and closed (0: no limit)"},
+    {"idle-timeout", OPT_FLOAT, O(idle_timeout), "60", 0, 1e6, NULL,
      "serve: keep-alive connections idle this long are closed (0: never)"},
     {"shutdown-timeout", OPT_FLOAT, O(shutdown_timeout), "30", 0, 86400, NULL,
-     "serve: on SIGTERM, seconds running requests may take to finish before they are aborted"},
+     "serve: on SIGTERM or SIGINT, seconds running requests may take to finish before they "
+     "are aborted (a second signal stops at once)"},
     {"prompt", OPT_STR, O(prompt), NULL, 0, 0, NULL, "prompt text"},
     {"prompt-file", OPT_STR, O(prompt_file), NULL, 0, 0, NULL, "read the prompt from a file"},
     {"chat", OPT_BOOL, O(chat), "false", 0, 0, NULL, "wrap the prompt in the chat template"},

@@ -25,6 +25,7 @@ typedef struct cfg_options {
   int64_t kv_cache_memory; /* bytes; 0 = size for one max_model_len sequence */
   /* logging */
   char *log_level;      /* error | warn | info | debug */
+  char *log_file;       /* NULL: stderr */
   /* serve */
   char *host;
   int64_t port;
@@ -37,7 +38,7 @@ typedef struct cfg_options {
   int64_t max_request_bytes;
   int64_t max_tokens_limit; /* ceiling on a request's max_tokens; 0 = max_model_len */
   int64_t max_connections;
-  double request_timeout;  /* s from a request's first byte to its last; 0 = none */
+  double request_timeout;  /* s for a request body after its headers; 0 = none */
   double idle_timeout;     /* s a keep-alive connection may idle; 0 = forever */
   double shutdown_timeout; /* s running requests get after SIGTERM */
   /* KV compression (serve: the default of every request) */

@@ -481,12 +481,36 @@ static void abort_id(sched_engine_t *e, uint64_t id) {
   if (s) finish_now(e, s, SCHED_FINISH_ABORT, NULL);
 }
 
+/* cfg.alive, when alive_ms has passed since the last call. */
+static void tick_alive(sched_engine_t *e, int64_t *last_ns) {
+  int64_t now = sched__now_ns();
+  if (e->cfg.alive && now - *last_ns >= (int64_t)e->cfg.alive_ms * 1000000) {
+    e->cfg.alive(e->cfg.alive_ctx);
+    *last_ns = now;
+  }
+}
+
 static void *engine_main(void *arg) {
   sched_engine_t *e = arg;
+  int64_t alive_ns = 0;
   for (;;) {
+    tick_alive(e, &alive_ns);
     pthread_mutex_lock(&e->mu);
-    while (!e->stopping && !e->in_head && !e->n_aborts && !e->sc.n_running && !e->sc.waiting.n)
-      pthread_cond_wait(&e->cv, &e->mu);
+    while (!e->stopping && !e->in_head && !e->n_aborts && !e->sc.n_running && !e->sc.waiting.n) {
+      if (!e->cfg.alive) {
+        pthread_cond_wait(&e->cv, &e->mu);
+        continue;
+      }
+      struct timespec ts; /* the condition variable's clock is CLOCK_MONOTONIC */
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      int64_t ns = ts.tv_nsec + (int64_t)e->cfg.alive_ms * 1000000;
+      ts.tv_sec += ns / 1000000000;
+      ts.tv_nsec = ns % 1000000000;
+      pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+      pthread_mutex_unlock(&e->mu);
+      tick_alive(e, &alive_ns);
+      pthread_mutex_lock(&e->mu);
+    }
     sched__seq_t *in = e->in_head;
     e->in_head = e->in_tail = NULL;
     e->n_waiting += e->n_inbox;
@@ -553,6 +577,8 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
                 cfg->max_num_batched_tokens, cfg->max_num_seqs);
   if (cfg->max_model_len < 2)
     return fail(err, errlen, -EINVAL, "max_model_len must be >= 2, got %d", cfg->max_model_len);
+  if (cfg->alive && cfg->alive_ms < 1)
+    return fail(err, errlen, -EINVAL, "alive_ms must be >= 1, got %d", cfg->alive_ms);
   if (cfg->max_waiting < 1)
     return fail(err, errlen, -EINVAL, "max_waiting must be >= 1, got %d", cfg->max_waiting);
   const model_config_t *c = &w->cfg;
@@ -582,7 +608,12 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   int rc;
   if ((rc = -pthread_mutex_init(&e->mu, NULL))) goto fail_rc;
   e->mu_ok = true;
-  if ((rc = -pthread_cond_init(&e->cv, NULL))) goto fail_rc;
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  rc = -pthread_cond_init(&e->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  if (rc) goto fail_rc;
   e->cv_ok = true;
   if ((rc = kv_pool_init(&e->pool, (int32_t)n_blocks)) ||
       (rc = kv_arena_init(&e->arena, be, (int32_t)n_blocks, BLOCK_SIZE, c->head_dim))) {

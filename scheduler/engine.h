@@ -102,6 +102,12 @@ typedef struct sched_engine_config {
   int64_t kv_cache_memory;         /* bytes for the KV pool */
   void (*notify)(void *ctx);       /* called from the engine thread after posting events */
   void *notify_ctx;
+  /* Called from the engine thread at least every alive_ms while it runs,
+   * idle or busy (between steps), so that a watchdog hears from the thread
+   * that would hang; NULL: never. */
+  void (*alive)(void *ctx);
+  void *alive_ctx;
+  int32_t alive_ms;
 } sched_engine_config_t;
 
 /* Upper bounds (seconds) of the compression-time histogram buckets. */

@@ -149,6 +149,7 @@ static void finish(srv_req_t *req, const sched_event_t *ev, uint64_t now) {
       .kv_tokens_evicted = ev->kv_tokens_evicted,
   };
   const char *reason = srv__finish_name(ev->finish);
+  req->finish = reason ? reason : ev->finish == SCHED_FINISH_ERROR ? "error" : "abort";
   srv_resp_info_t ri = info_of(req);
   if (!reason) { /* aborted (engine stopping) or failed */
     srv_error_t e;

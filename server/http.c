@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config/log.h"
 #include "server/internal.h"
 
 #define LINGER_MS 2000
@@ -148,14 +149,39 @@ void srv__req_write(srv_req_t *req, const void *p, size_t n) {
   else srv__buf_add(&req->out, p, n);
 }
 
+/* One line per exchange: generations and errors at info (5xx at warn),
+ * the operational routes' successes at debug. Never the body. */
+static void log_exchange(const srv_req_t *req) {
+  log_level_t lv = req->status >= 500 ? LOG_WARN
+                   : req->id || req->status >= 400 ? LOG_INFO
+                                                   : LOG_DEBUG;
+  if (!log_enabled(lv)) return;
+  const char *url = req->url.p ? req->url.p : "";
+  int plen = (int)strcspn(url, "?#");
+  plen = plen > 200 ? 200 : plen;
+  if (!plen) url = "-", plen = 1; /* refused before a request line was read */
+  const char *method = req->method || req->url.len ? llhttp_method_name((llhttp_method_t)req->method)
+                                                   : "-";
+  double ms = req->t_arrival ? (double)(srv__now_ns() - req->t_arrival) * 1e-6 : 0.0;
+  if (req->rid[0])
+    log_msg(lv, "%s %s %.*s %d %s prompt_tokens=%d completion_tokens=%d ttft_ms=%.1f ms=%.1f",
+            req->rid, method, plen, url, req->status, req->finish ? req->finish : "-",
+            req->n_prompt, req->n_gen,
+            req->t_first ? (double)(req->t_first - req->t_arrival) * 1e-6 : 0.0, ms);
+  else
+    log_msg(lv, "%s %.*s %d ms=%.1f", method, plen, url, req->status, ms);
+}
+
 void srv__req_end(srv_req_t *req) {
   req->done = true;
+  log_exchange(req);
   srv_conn_t *c = req->conn;
   if (c && req == c->head) advance(c);
 }
 
 static void respond_head(srv_buf_t *h, srv_req_t *req, int status, const char *content_type,
                          size_t len, const char *extra) {
+  req->status = status;
   srv__buf_printf(h, "HTTP/1.1 %d %s\r\nServer: pressd\r\n", status, srv__status_text(status));
   if (content_type) srv__buf_printf(h, "Content-Type: %s\r\n", content_type);
   srv__buf_printf(h, "Content-Length: %zu\r\nConnection: %s\r\n", len,
@@ -193,6 +219,7 @@ void srv__respond_error(srv_req_t *req, const srv_error_t *e) {
 void srv__respond_stream_head(srv_req_t *req) {
   char hdr[512];
   req->chunked = req->http_minor >= 1;
+  req->status = 200;
   if (!req->chunked) req->keep_alive = false; /* HTTP/1.0: the end of the stream is EOF */
   int n = snprintf(hdr, sizeof hdr,
                    "HTTP/1.1 200 OK\r\nServer: pressd\r\n"
@@ -273,10 +300,26 @@ static void conn_break(srv_conn_t *c) {
   uv_timer_start(&c->timer, on_timer, 0, 0);
 }
 
-void srv__close_all(srv_server_t *s) {
+void srv__close_all(srv_server_t *s, bool graceful) {
   for (srv_conn_t *c = s->conns, *next; c; c = next) {
     next = c->next;
+    if (graceful && c->shutting_down) continue; /* FIN sent: it closes itself soon */
     conn_close(c);
+  }
+}
+
+void srv__abort_running(srv_server_t *s) {
+  for (srv_conn_t *c = s->conns; c; c = c->next)
+    for (srv_req_t *r = c->head; r; r = r->next)
+      if (r->in_engine) s->ops->abort(s->eng, r->id);
+}
+
+static void begin_shutdown(srv_conn_t *c);
+
+void srv__close_idle(srv_server_t *s) {
+  for (srv_conn_t *c = s->conns, *next; c; c = next) {
+    next = c->next;
+    if (!c->closing && !c->cur && !c->head) begin_shutdown(c);
   }
 }
 
@@ -468,7 +511,7 @@ static int on_headers_complete(llhttp_t *p) {
       static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
       conn_write(c, cont, sizeof cont - 1);
     }
-    timer_set(c, T_BODY, c->srv->cfg.idle_timeout_ms);
+    timer_set(c, T_BODY, c->srv->cfg.body_timeout_ms);
   }
   return 0;
 }

@@ -69,10 +69,11 @@ const char *srv__status_text(int status);
 
 /* ---- auth.c ------------------------------------------------------------------ */
 
-/* True when the Authorization header value (may be NULL) is "Bearer <key>"
- * (scheme case-insensitive). The key comparison takes time independent of
- * where the strings differ. */
-bool srv__auth_ok(const char *header, size_t header_len, const char *key);
+/* True when there is no key, or the Authorization header value (may be
+ * NULL) is "Bearer <key>" (scheme case-insensitive) for one of the keys.
+ * Every key is compared, each in time independent of where the strings
+ * differ, so the time tells neither which key nor how much of it matched. */
+bool srv__auth_ok(const char *header, size_t header_len, char *const *keys, int n_keys);
 /* Constant-time equality of two byte strings (time depends on the lengths only). */
 bool srv__ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 
@@ -86,6 +87,7 @@ typedef struct srv_api_ctx {
   const char *model_name;   /* borrows: the served name */
   int32_t max_model_len;
   sched_kv_compression_t kvc; /* the server's KV compression, requests override it */
+  int32_t max_tokens_limit;   /* a request's max_tokens at most; 0: none */
 } srv_api_ctx_t;
 
 /* What the server keeps of a generation request besides the engine request. */
@@ -268,6 +270,8 @@ struct srv_req {
   srv_logprobs_t lp;
   uint64_t t_submit, t_first, t_last;
   int32_t n_prompt, n_gen;
+  int status;         /* the response's HTTP status, once sent */
+  const char *finish; /* static: how a generation ended, for the log */
 };
 
 /* Write response bytes in request order: at once when req is the head of its
@@ -284,10 +288,15 @@ void srv__respond_error(srv_req_t *req, const srv_error_t *e);
 void srv__respond_stream_head(srv_req_t *req);
 void srv__req_free(srv_req_t *req); /* NULL-safe */
 
+/* Aborts every request its connection still waits for (drain timeout). */
+void srv__abort_running(srv_server_t *s);
+/* Closes the connections with nothing parsed or queued (drain). */
+void srv__close_idle(srv_server_t *s);
 /* Accept callback of the listening socket. */
 void srv__on_connection(uv_stream_t *server, int status);
-/* Closes every connection (stop). */
-void srv__close_all(srv_server_t *s);
+/* Closes every connection (stop); graceful: except those already sending
+ * their FIN after their last response, which close themselves. */
+void srv__close_all(srv_server_t *s, bool graceful);
 void srv__http_settings(llhttp_settings_t *st);
 
 /* ---- gen.c: generation requests --------------------------------------------- */
@@ -309,7 +318,9 @@ struct srv_server {
   bool listener_open, wake_open, ctl_open, drain_timer_open, loop_open;
 
   srv_config_t cfg;
-  char *host, *api_key, *model_name; /* owns; cfg's pointers point here */
+  char *host, *model_name; /* owns; cfg's pointers point here */
+  char **keys;              /* owns: the accepted API keys ([n_keys]) */
+  int n_keys;
   int port;
 
   const srv_engine_ops_t *ops;
@@ -336,6 +347,7 @@ struct srv_server {
   atomic_int drain_requested;
   atomic_llong drain_timeout_ms;
   bool draining, stopping;
+  bool drain_aborting; /* the drain timed out: the rest were aborted */
 };
 
 /* Unique 32-hex-digit suffix for response ids. */

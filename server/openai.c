@@ -557,6 +557,11 @@ int srv__parse_generate(const srv_api_ctx_t *ctx, srv_api_t api, const char *bod
   }
   if (rc == 0) rc = opt_int(doc, "max_tokens", 1, INT32_MAX, &max_tokens, e);
   if (rc < 0) goto fail;
+  if (ctx->max_tokens_limit > 0 && max_tokens > ctx->max_tokens_limit) {
+    srv__error(e, 400, mparam, "'%s' is too large: %lld. This server allows at most %d.", mparam,
+               (long long)max_tokens, ctx->max_tokens_limit);
+    goto fail;
+  }
 
   /* the prompt */
   if (api == SRV_API_COMPLETIONS) {
@@ -599,6 +604,8 @@ int srv__parse_generate(const srv_api_ctx_t *ctx, srv_api_t api, const char *bod
   if (max_tokens < 0) { /* vLLM's defaults: 16 for completions, the rest of the context for chat */
     max_tokens = api == SRV_API_COMPLETIONS ? 16 : limit - (int64_t)n_ids;
     if (max_tokens > limit - (int64_t)n_ids) max_tokens = limit - (int64_t)n_ids;
+    if (ctx->max_tokens_limit > 0 && max_tokens > ctx->max_tokens_limit)
+      max_tokens = ctx->max_tokens_limit;
   } else if ((int64_t)n_ids + max_tokens > limit) {
     srv__error(e, 400, mparam,
                "'%s' is too large: %lld. This model's maximum context length is %d tokens and "

@@ -1,6 +1,7 @@
 /* The routing table: exact paths (query string ignored), one method each;
  * an unknown path is a 404, a known path with another method a 405 that
- * lists the allowed method. /v1 and below need the API key when one is set. */
+ * lists the allowed method. /v1 and below need the API key when one is set;
+ * /metrics, /health, /ready and /version too with metrics_require_key. */
 #include <stdio.h>
 #include <string.h>
 
@@ -41,13 +42,23 @@ bool srv__route_needs_auth(const char *path, size_t len) {
   return len >= 3 && memcmp(path, "/v1", 3) == 0 && (len == 3 || path[3] == '/');
 }
 
+/* The operational routes, public unless --metrics-require-key. */
+static bool is_ops_route(const char *path, size_t len) {
+  static const char *const ops[] = {"/metrics", "/health", "/ready", "/version"};
+  for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+    if (strlen(ops[i]) == len && !memcmp(ops[i], path, len)) return true;
+  return false;
+}
+
 void srv__dispatch(srv_req_t *req) {
   srv_server_t *s = req->srv;
   srv_error_t e;
   s->metrics.http_requests++;
   const char *url = req->url.p ? req->url.p : "";
   size_t len = strcspn(url, "?#");
-  if (srv__route_needs_auth(url, len) && !srv__auth_ok(req->auth.p, req->auth.len, s->api_key)) {
+  if (s->draining) req->keep_alive = false; /* the connection closes after this answer */
+  bool auth = srv__route_needs_auth(url, len) || (s->cfg.metrics_require_key && is_ops_route(url, len));
+  if (auth && !srv__auth_ok(req->auth.p, req->auth.len, s->keys, s->n_keys)) {
     srv__error(&e, 401, NULL, "Incorrect or missing API key (Authorization: Bearer <key>)");
     e.code = "invalid_api_key";
     srv__respond_error(req, &e);

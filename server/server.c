@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "config/log.h"
 #include "server/internal.h"
 
 /* ---- the real engine behind the ops --------------------------------------- */
@@ -34,6 +35,7 @@ void srv_config_default(srv_config_t *c) {
   c->max_connections = 1024;
   c->idle_timeout_ms = 60000;
   c->header_timeout_ms = 10000;
+  c->body_timeout_ms = 60000;
   c->max_model_len = 2048;
   sched_kv_compression_default(&c->kv_compression);
 }
@@ -64,8 +66,6 @@ static int set_err(char *err, size_t errlen, int rc, const char *fmt, ...) {
   }
   return rc;
 }
-
-static char *dup_or_null(const char *s) { return s && *s ? strdup(s) : NULL; }
 
 /* ---- engine events --------------------------------------------------------------- */
 
@@ -100,7 +100,7 @@ static void stop_now(srv_server_t *s) {
   s->draining = true;
   close_handle((uv_handle_t *)&s->listener, &s->listener_open);
   close_handle((uv_handle_t *)&s->drain_timer, &s->drain_timer_open);
-  srv__close_all(s); /* aborts what the engine still has */
+  srv__close_all(s, !atomic_load(&s->stop_requested)); /* aborts what the engine still has */
   /* wake and ctl are unreferenced: uv_run returns once the rest closed */
 }
 
@@ -108,7 +108,21 @@ void srv__drain_check(srv_server_t *s) {
   if (s->draining && !s->stopping && s->n_active == 0) stop_now(s);
 }
 
-static void on_drain_timeout(uv_timer_t *t) { stop_now(t->data); }
+/* Seconds the engine gets to end the requests aborted at the drain timeout. */
+#define ABORT_GRACE_MS 5000
+
+static void on_drain_timeout(uv_timer_t *t) {
+  srv_server_t *s = t->data;
+  if (s->drain_aborting || s->n_active == 0) {
+    stop_now(s);
+    return;
+  }
+  s->drain_aborting = true;
+  log_warn("shutdown timeout: aborting %d running request%s", s->n_active,
+           s->n_active == 1 ? "" : "s");
+  srv__abort_running(s); /* each ends with an error as its last event arrives */
+  uv_timer_start(&s->drain_timer, on_drain_timeout, ABORT_GRACE_MS, 0);
+}
 
 static void on_ctl(uv_async_t *a) {
   srv_server_t *s = a->data;
@@ -117,8 +131,10 @@ static void on_ctl(uv_async_t *a) {
     return;
   }
   if (atomic_load(&s->drain_requested) && !s->draining) {
-    s->draining = true;
-    close_handle((uv_handle_t *)&s->listener, &s->listener_open);
+    s->draining = true; /* new requests answer 503; the listener stays for that */
+    log_info("shutting down: %d request%s running, %lld s for them to finish", s->n_active,
+             s->n_active == 1 ? "" : "s", (long long)atomic_load(&s->drain_timeout_ms) / 1000);
+    srv__close_idle(s);
     int64_t ms = (int64_t)atomic_load(&s->drain_timeout_ms);
     if (s->drain_timer_open)
       uv_timer_start(&s->drain_timer, on_drain_timeout, ms > 0 ? (uint64_t)ms : 0, 0);
@@ -191,19 +207,28 @@ int srv__server_new_ops(srv_server_t **out, const srv_config_t *cfg, const srv_e
   int rc;
   s->cfg = *cfg;
   s->host = strdup(cfg->host && *cfg->host ? cfg->host : "127.0.0.1");
-  s->api_key = dup_or_null(cfg->api_key);
   s->model_name = strdup(name);
-  if (!s->host || !s->model_name || (cfg->api_key && *cfg->api_key && !s->api_key)) {
+  int nk = (cfg->api_key && *cfg->api_key) + (cfg->n_api_keys > 0 ? cfg->n_api_keys : 0);
+  s->keys = nk ? calloc((size_t)nk, sizeof *s->keys) : NULL;
+  bool oom = !s->host || !s->model_name || (nk && !s->keys);
+  if (!oom && cfg->api_key && *cfg->api_key) oom = !(s->keys[s->n_keys++] = strdup(cfg->api_key));
+  for (int i = 0; !oom && i < cfg->n_api_keys; i++)
+    if (cfg->api_keys[i] && *cfg->api_keys[i])
+      oom = !(s->keys[s->n_keys++] = strdup(cfg->api_keys[i]));
+  if (oom) {
     rc = set_err(err, errlen, -ENOMEM, "out of memory");
     goto fail;
   }
   s->cfg.host = s->host;
-  s->cfg.api_key = s->api_key;
+  s->cfg.api_key = s->n_keys ? s->keys[0] : NULL;
+  s->cfg.api_keys = NULL; /* the caller's: s->keys has them */
+  s->cfg.n_api_keys = 0;
   s->cfg.served_model_name = s->model_name;
   s->port = cfg->port;
   s->ops = ops;
   s->eng = eng;
-  s->api = (srv_api_ctx_t){tok, chat, s->model_name, cfg->max_model_len, cfg->kv_compression};
+  s->api = (srv_api_ctx_t){tok, chat, s->model_name, cfg->max_model_len, cfg->kv_compression,
+                           cfg->max_tokens_limit};
   s->started = (int64_t)time(NULL);
   if (getrandom(s->rng, sizeof s->rng, 0) != (ssize_t)sizeof s->rng) {
     s->rng[0] = uv_hrtime() | 1;
@@ -281,7 +306,8 @@ void srv_server_free(srv_server_t *s) {
   srv__buf_free(&s->scratch);
   srv__buf_free(&s->frame);
   free(s->host);
-  free(s->api_key);
+  for (int i = 0; i < s->n_keys; i++) free(s->keys[i]);
+  free(s->keys);
   free(s->model_name);
   free(s);
 }

@@ -45,18 +45,23 @@ typedef struct srv_config {
   const char *host;              /* "127.0.0.1"; "0.0.0.0" or "::" for all (IPv4/IPv6) */
   int port;                      /* 8000; 0 picks a free port (srv_server_port) */
   const char *api_key;           /* NULL or "": no auth; else Bearer on /v1 and below */
+  const char *const *api_keys;   /* more accepted keys ([n_api_keys]), e.g. from a file */
+  int n_api_keys;
+  bool metrics_require_key;      /* /metrics, /health, /ready behind the key too */
+  int32_t max_tokens_limit;      /* ceiling on a request's max_tokens (400 past it); 0: none */
   const char *served_model_name; /* NULL: the model_name given to srv_server_new */
   size_t max_request_bytes;      /* request body bound (413 past it) */
   size_t max_header_bytes;       /* request line + headers bound (431 past it) */
   int max_connections;           /* open connections at most (503 past it) */
-  int64_t idle_timeout_ms;       /* keep-alive idle, and body upload deadline (<= 0: none) */
+  int64_t idle_timeout_ms;       /* keep-alive idle (<= 0: none) */
   int64_t header_timeout_ms;     /* from a request's first byte to its last header (<= 0: none) */
+  int64_t body_timeout_ms;       /* from the last header to the end of the body (<= 0: none) */
   int32_t max_model_len;         /* prompt + completion tokens at most (> 0) */
   sched_kv_compression_t kv_compression; /* default for requests (policy none: off) */
 } srv_config_t;
 
 /* 127.0.0.1:8000, 4 MiB bodies, 16 KiB headers, 1024 connections,
- * 60 s idle, 10 s headers, max_model_len 2048. */
+ * 60 s idle, 10 s headers, 60 s body, max_model_len 2048. */
 void srv_config_default(srv_config_t *c);
 
 /* Binds and listens (errors such as EADDRINUSE come back here with a
@@ -74,9 +79,11 @@ int srv_server_run(srv_server_t *s);
 /* Thread-safe and async-signal-safe. Closes the listener and every
  * connection; requests still in the engine are aborted. */
 void srv_server_stop(srv_server_t *s);
-/* Thread-safe and async-signal-safe graceful stop: the listener closes,
- * /health and new generation requests answer 503, requests in flight go on;
- * the server stops when none is left or after timeout_ms (then aborting). */
+/* Thread-safe and async-signal-safe graceful stop: new requests answer 503
+ * (/health too) and their connections close; requests in flight go on. When
+ * none is left the server stops; after timeout_ms the rest are aborted, each
+ * ending with an error (a 503 body, or a final error event on a stream),
+ * and the server stops once the engine let them go (or 5 s later). */
 void srv_server_shutdown(srv_server_t *s, int64_t timeout_ms);
 /* Frees everything; call after srv_server_run() returned (or instead of it)
  * and after the engine was freed. NULL-safe. */

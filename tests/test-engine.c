@@ -423,6 +423,34 @@ static void test_abort(void) {
   sched_engine_free(e);
 }
 
+/* (d') the alive callback: from the engine thread, idle or busy, at about
+ * alive_ms; a stopped thread stops calling. */
+static int g_alive;
+static void on_alive(void *ctx) { __atomic_add_fetch((int *)ctx, 1, __ATOMIC_RELAXED); }
+
+static void test_alive(void) {
+  sched_engine_config_t c = config();
+  c.alive = on_alive;
+  c.alive_ctx = &g_alive;
+  c.alive_ms = 20;
+  sched_engine_t *e = engine(&c, true);
+  nanosleep(&(struct timespec){.tv_nsec = 300000000}, NULL); /* idle 0.3 s */
+  int idle = __atomic_load_n(&g_alive, __ATOMIC_RELAXED);
+  CHECK(idle >= 5 && idle <= 20);
+  spec_t sp = spec_of(2);
+  sp.max_tokens = 40;
+  out_t o;
+  submit(e, 1, &o, &sp);
+  run_until(e, all_done, &(outs_ref_t){&o, 1});
+  CHECK(__atomic_load_n(&g_alive, __ATOMIC_RELAXED) > idle);
+  sched_engine_free(e);
+  int after = __atomic_load_n(&g_alive, __ATOMIC_RELAXED);
+  nanosleep(&(struct timespec){.tv_nsec = 100000000}, NULL);
+  CHECK_INT_EQ(__atomic_load_n(&g_alive, __ATOMIC_RELAXED), after);
+  c.alive_ms = 0;
+  CHECK_INT_EQ(sched_engine_new(&e, &c, &w, be, tok, err, sizeof err), -EINVAL);
+}
+
 /* (e) refused requests. */
 static void test_refused(void) {
   sched_engine_config_t c = config();
@@ -696,6 +724,7 @@ int main(int argc, char **argv) {
   RUN(test_preemption);
   RUN(test_stop_strings);
   RUN(test_abort);
+  RUN(test_alive);
   RUN(test_chunked_prefill);
 
   model_tok_free(tok);

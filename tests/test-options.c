@@ -85,8 +85,9 @@ static void test_new_option_defaults(void) {
   CHECK_NEAR(o.shutdown_timeout, 30, 0);
   CHECK_STR_EQ(o.log_level, "info");
   CHECK_INT_EQ(o.max_tokens_limit, 0);
-  CHECK_NEAR(o.request_timeout, 600, 0);
-  CHECK_NEAR(o.idle_timeout, 120, 0);
+  CHECK_NEAR(o.request_timeout, 60, 0);
+  CHECK_NEAR(o.idle_timeout, 60, 0);
+  CHECK(o.log_file == NULL);
   CHECK(o.config == NULL);
   CHECK(!o.print_config);
   char err[256];
@@ -360,6 +361,7 @@ static const char *const all_options[] = {
     "--max-num-batched-tokens", "1000",
     "--kv-cache-memory", "1.5G",
     "--log-level", "warn",
+    "--log-file", "/var/log/pressd/pressd.log",
     "--kv-compression", "kvcompress",
     "--kv-compression-ratio", "3.3333333333333335",
     "--kv-max-cache-tokens", "77",

@@ -130,11 +130,10 @@ static void test_auth(void) {
   CHECK(!srv__ct_equal("", 0, "a", 1));
   CHECK(srv__ct_equal("", 0, "", 0));
   CHECK(!srv__ct_equal("abcabc", 6, "abc", 3)); /* wrap-around reads must not match */
-  const char *k = "s3cret";
-  CHECK(srv__auth_ok(NULL, 0, NULL)); /* no key configured */
-  CHECK(srv__auth_ok(NULL, 0, ""));
-  CHECK(!srv__auth_ok(NULL, 0, k));
-#define AUTH(h) srv__auth_ok(h, strlen(h), k)
+  char *k[] = {"s3cret"};
+  CHECK(srv__auth_ok(NULL, 0, NULL, 0)); /* no key configured */
+  CHECK(!srv__auth_ok(NULL, 0, k, 1));
+#define AUTH(h) srv__auth_ok(h, strlen(h), k, 1)
   CHECK(AUTH("Bearer s3cret"));
   CHECK(AUTH("bearer s3cret"));
   CHECK(AUTH("Bearer  s3cret "));
@@ -145,6 +144,15 @@ static void test_auth(void) {
   CHECK(!AUTH("Bearer "));
   CHECK(!AUTH(""));
 #undef AUTH
+  char *ks[] = {"first-key", "s3cret", "third"}; /* several keys: any one opens */
+#define AUTH3(h) srv__auth_ok(h, strlen(h), ks, 3)
+  CHECK(AUTH3("Bearer first-key"));
+  CHECK(AUTH3("Bearer s3cret"));
+  CHECK(AUTH3("Bearer third"));
+  CHECK(!AUTH3("Bearer thir"));
+  CHECK(!AUTH3("Bearer first-keys3cret"));
+  CHECK(!AUTH3("Bearer "));
+#undef AUTH3
 }
 
 static cJSON *json_of(const char *s) {
@@ -1675,7 +1683,7 @@ static int load_model(void) {
   free(tmpl);
   free(bos_s);
   free(eos_s);
-  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN, {{0}, 0, 0, 0}};
+  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN, {{0}, 0, 0, 0}, 0};
   sched_kv_compression_default(&g_api.kvc);
   return 0;
 }
