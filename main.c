@@ -431,6 +431,7 @@ static int cmd_serve(cfg_options_t *o) {
       .kv_cache_memory = kv_bytes,
       .notify = srv_server_notify,
       .notify_ctx = &srv,
+      .debug_checks = o->debug_checks,
       .alive = wd_us ? on_engine_alive : NULL,
       .alive_ms = wd_us / 2000 > 0 ? (int32_t)(wd_us / 2000 < 60000 ? wd_us / 2000 : 60000) : 1,
   };

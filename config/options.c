@@ -103,6 +103,9 @@ static const opt_t opts[] = {
      "a slower one is answered 408 and closed (0: no limit)"},
     {"idle-timeout", OPT_FLOAT, O(idle_timeout), "60", 0, 1e6, NULL,
      "serve: keep-alive connections idle this long are closed (0: never)"},
+    {"debug-checks", OPT_BOOL, O(debug_checks), "false", 0, 0, NULL,
+     "serve: check the KV block accounting after every engine step and abort on a mismatch "
+     "(slow; for tests and soak runs)"},
     {"shutdown-timeout", OPT_FLOAT, O(shutdown_timeout), "30", 0, 86400, NULL,
      "serve: on SIGTERM or SIGINT, seconds running requests may take to finish before they "
      "are aborted (a second signal stops at once)"},

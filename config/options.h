@@ -41,6 +41,7 @@ typedef struct cfg_options {
   double request_timeout;  /* s for a request body after its headers; 0 = none */
   double idle_timeout;     /* s a keep-alive connection may idle; 0 = forever */
   double shutdown_timeout; /* s running requests get after SIGTERM */
+  bool debug_checks;       /* check the KV accounting every step */
   /* KV compression (serve: the default of every request) */
   char *kv_compression;       /* none | kvcompress | dbudget | streaming | random */
   double kv_compression_ratio; /* 0: none given */

@@ -481,6 +481,50 @@ static void abort_id(sched_engine_t *e, uint64_t id) {
   if (s) finish_now(e, s, SCHED_FINISH_ABORT, NULL);
 }
 
+static int bad(char *why, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int bad(char *why, size_t len, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, len, fmt, ap);
+  va_end(ap);
+  return -1;
+}
+
+/* The KV accounting after a step: the pool is consistent, and the blocks it
+ * has lent are exactly those the sequences' tables hold, each in one table
+ * once, every head with the blocks its length needs. O(pool + tables). */
+static int check_accounting(const sched_engine_t *e, char *why, size_t len) {
+  if (kv_pool_check(&e->pool)) return bad(why, len, "the block pool is inconsistent");
+  uint8_t *seen = calloc((size_t)e->pool.n_blocks, 1);
+  if (!seen) return 0; /* no memory to check with: not a finding */
+  int64_t held = 0;
+  int rc = 0;
+  const sched__seq_t *q = e->sc.waiting.head;
+  for (int32_t i = 0; !rc && (i < e->sc.n_running || q); i++) {
+    const sched__seq_t *s = i < e->sc.n_running ? e->sc.running[i] : q;
+    if (i >= e->sc.n_running) q = q->next;
+    const kv_seq_t *kv = &s->kv;
+    for (int32_t lh = 0; !rc && lh < kv->n_layers * kv->n_heads; lh++) {
+      int32_t nb = kv->n_blocks[lh], ctx = kv->ctx[lh];
+      if (ctx < 0 || nb < (ctx + kv->block_size - 1) / kv->block_size || nb > kv->max_blocks)
+        rc = bad(why, len, "request %llu head %d: %d slots in %d blocks",
+                 (unsigned long long)(s->req ? s->req->id : 0), lh, ctx, nb);
+      for (int32_t b = 0; !rc && b < nb; b++) {
+        int32_t id = kv->blocks[(int64_t)lh * kv->max_blocks + b];
+        if (id < 0 || id >= e->pool.n_blocks || !e->pool.refs[id] || seen[id]++)
+          rc = bad(why, len, "request %llu head %d: block %d is free, foreign or shared",
+                   (unsigned long long)(s->req ? s->req->id : 0), lh, id);
+      }
+      held += nb;
+    }
+  }
+  if (!rc && held != kv_pool_used_count(&e->pool))
+    rc = bad(why, len, "the pool lent %d blocks, the sequences hold %lld",
+             kv_pool_used_count(&e->pool), (long long)held);
+  free(seen);
+  return rc;
+}
+
 /* cfg.alive, when alive_ms has passed since the last call. */
 static void tick_alive(sched_engine_t *e, int64_t *last_ns) {
   int64_t now = sched__now_ns();
@@ -542,6 +586,12 @@ static void *engine_main(void *arg) {
     int64_t t0 = sched__now_ns();
     __atomic_store_n(&e->step_start_ns, t0, __ATOMIC_RELAXED);
     step(e);
+    char why[200];
+    if (e->cfg.debug_checks && check_accounting(e, why, sizeof why)) {
+      fprintf(stderr, "pressd: KV accounting broken after step %llu: %s\n",
+              (unsigned long long)e->st.steps, why);
+      abort(); /* a checking run wants the core, not a limping daemon */
+    }
     __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
     e->st.busy_seconds += (double)(sched__now_ns() - t0) * 1e-9;
     flush_stage(e);

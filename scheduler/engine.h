@@ -108,6 +108,9 @@ typedef struct sched_engine_config {
   void (*alive)(void *ctx);
   void *alive_ctx;
   int32_t alive_ms;
+  /* After every step, check the KV block accounting (pool against the
+   * sequences' tables) and abort on a mismatch: for tests and soak runs. */
+  bool debug_checks;
 } sched_engine_config_t;
 
 /* Upper bounds (seconds) of the compression-time histogram buckets. */

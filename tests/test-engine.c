@@ -140,6 +140,7 @@ static sched_engine_config_t config(void) {
       .max_waiting = 64,
       .kv_cache_memory = 64ll << 20,
       .notify = on_notify,
+      .debug_checks = true, /* every step's KV accounting, in every test */
   };
 }
 

@@ -362,6 +362,7 @@ static const char *const all_options[] = {
     "--kv-cache-memory", "1.5G",
     "--log-level", "warn",
     "--log-file", "/var/log/pressd/pressd.log",
+    "--debug-checks",
     "--kv-compression", "kvcompress",
     "--kv-compression-ratio", "3.3333333333333335",
     "--kv-max-cache-tokens", "77",
