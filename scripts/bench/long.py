@@ -171,7 +171,16 @@ def main():
     ap.add_argument("--interval-prompts", type=int, default=16)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per ratio [3600]")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only draw the PNG of an earlier result file (next to it); run nothing")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as fh:
+            old = json.load(fh)
+        png = os.path.splitext(args.replot)[0] + ".png"
+        why = plot(old["runs"], png)
+        print(why or png)
+        return 1 if why else 0
     seq_tokens = args.input_len + args.output_len + 10  # the prompt's BOS and rounding slack
     args.max_model_len = seq_tokens + 64
     args.kv_bytes = kv_bytes_for(args.full_seqs, seq_tokens)
