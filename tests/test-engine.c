@@ -219,8 +219,8 @@ static const char *texts[N_PROMPTS] = {
     "Once upon a time, in a small village by the sea, there lived",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "List three colours:",
-    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
-    "Then the dog woke up and said",
+    ("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
+     "Then the dog woke up and said"),
     "Q: What is 12 times 12?\nA:",
     "In 1492, Columbus sailed the ocean blue. Historians today describe his voyages as",
 };
@@ -450,6 +450,51 @@ static void test_alive(void) {
   CHECK_INT_EQ(__atomic_load_n(&g_alive, __ATOMIC_RELAXED), after);
   c.alive_ms = 0;
   CHECK_INT_EQ(sched_engine_new(&e, &c, &w, be, tok, err, sizeof err), -EINVAL);
+}
+
+/* (d'') a backend error (as a device error would be): the requests of the
+ * failed step end with SCHED_FINISH_ERROR and their blocks return; the
+ * engine goes on serving. */
+static const k_ops_t *g_real_ops;
+static int g_fail_in = -1; /* attention calls until one fails; -1 never */
+
+static int failing_attention(k_backend_t *b, const k_kv_arena_t *kv, const k_attn_args_t *a) {
+  if (__atomic_load_n(&g_fail_in, __ATOMIC_RELAXED) >= 0 &&
+      __atomic_sub_fetch(&g_fail_in, 1, __ATOMIC_RELAXED) == -1)
+    return -EIO;
+  return g_real_ops->attention(b, kv, a);
+}
+
+static void test_backend_error(void) {
+  static k_ops_t ops;
+  g_real_ops = be->ops;
+  ops = *be->ops;
+  ops.attention = failing_attention;
+  be->ops = &ops;
+  sched_engine_config_t c = config();
+  sched_engine_t *e = engine(&c, true);
+  spec_t sp = spec_of(2);
+  sp.max_tokens = 60;
+  sp.ignore_eos = true;
+  out_t o[2];
+  submit(e, 1, &o[0], &sp);
+  submit(e, 2, &o[1], &sp);
+  run_until(e, has_events, &o[0]);
+  __atomic_store_n(&g_fail_in, 5, __ATOMIC_RELAXED); /* a few layers into a later step */
+  run_until(e, all_done, &(outs_ref_t){o, 2});
+  CHECK_INT_EQ(o[0].finish, SCHED_FINISH_ERROR);
+  CHECK_INT_EQ(o[1].finish, SCHED_FINISH_ERROR);
+  CHECK(o[0].n < 60 && o[1].n < 60);
+  check_idle(e); /* their blocks are back */
+  out_t d;
+  sp.max_tokens = 10;
+  submit(e, 3, &d, &sp);
+  run_until(e, all_done, &(outs_ref_t){&d, 1});
+  CHECK_INT_EQ(d.finish, SCHED_FINISH_LENGTH);
+  CHECK_INT_EQ(d.n, 10);
+  check_idle(e);
+  sched_engine_free(e);
+  be->ops = g_real_ops;
 }
 
 /* (e) refused requests. */
@@ -726,6 +771,7 @@ int main(int argc, char **argv) {
   RUN(test_stop_strings);
   RUN(test_abort);
   RUN(test_alive);
+  RUN(test_backend_error);
   RUN(test_chunked_prefill);
 
   model_tok_free(tok);

@@ -874,6 +874,9 @@ typedef struct fake {
 } fake_t;
 
 static fake_t g_fake;
+/* Requests with this seed fail after two tokens, as a request in a batch
+ * whose forward pass failed does. */
+#define FAKE_FAIL_SEED 666
 
 /* Text of generated token k: a quote and a non-ASCII char first, then words. */
 static void fake_text(int k, char *buf, size_t cap) {
@@ -921,6 +924,10 @@ static void *fake_thread(void *arg) {
       fake_req_t *q = *pp;
       if (q->aborted) {
         fake_post(f, q, SCHED_FINISH_ABORT, false);
+      } else if (q->r->sample.has_seed && q->r->sample.seed == FAKE_FAIL_SEED && q->emitted == 2) {
+        /* the engine failed this request (e.g. a device error in its batch) */
+        fake_post(f, q, SCHED_FINISH_ERROR, false);
+        snprintf(f->out[f->n_out - 1].message, sizeof f->out[0].message, "the model failed to run");
       } else {
         bool last = q->emitted + 1 >= q->r->max_tokens;
         fake_post(f, q, last ? SCHED_FINISH_LENGTH : SCHED_FINISH_NONE, true);
@@ -1374,6 +1381,41 @@ static void test_http_generate(void) {
   cli_close(&c);
 }
 
+/* A request the engine fails gets a 500 (or, streaming, a final error
+ * event after its tokens); a request beside it is served. */
+static void test_http_engine_error(void) {
+  resp_t r, ok;
+  client_t c;
+  cli_open(&c, g_port);
+  const char *bad = "{\"prompt\":\"Hi\",\"max_tokens\":8,\"seed\":666}";
+  const char *good = "{\"prompt\":\"Hi\",\"max_tokens\":8,\"seed\":1}";
+  char req[1024];
+  snprintf(req, sizeof req,
+           "POST /v1/completions HTTP/1.1\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s"
+           "POST /v1/completions HTTP/1.1\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s",
+           strlen(bad), bad, strlen(good), good);
+  cli_sends(&c, req); /* pipelined: the failure must not take the next one along */
+  CHECK(cli_response(&c, &r, 5000));
+  CHECK_INT_EQ(r.status, 500);
+  cJSON *j = parse(r.body, r.body_len);
+  CHECK_STR_EQ(jstr(jget(j, "error"), "message"), "the model failed to run");
+  cJSON_Delete(j);
+  CHECK(cli_response(&c, &ok, 5000));
+  CHECK_INT_EQ(ok.status, 200);
+  CHECK(strstr(ok.body, "\"finish_reason\":\"length\""));
+  resp_free(&r);
+  resp_free(&ok);
+  cli_close(&c);
+
+  roundtrip("POST", "/v1/completions",
+            "{\"prompt\":\"Hi\",\"max_tokens\":8,\"seed\":666,\"stream\":true}", AUTHZ, &r);
+  CHECK_INT_EQ(r.status, 200);
+  CHECK(strstr(r.body, "\"text\":\"w1 \"")); /* the tokens before the failure */
+  CHECK(strstr(r.body, "data: {\"error\":{\"message\":\"the model failed to run\""));
+  CHECK(strstr(r.body, "data: [DONE]\n\n"));
+  resp_free(&r);
+}
+
 static void test_http_pipelining(void) {
   client_t c;
   cli_open(&c, g_port);
@@ -1639,6 +1681,7 @@ static int http_tests(void) {
 
   RUN(test_http_basic);
   RUN(test_http_generate);
+  RUN(test_http_engine_error);
   RUN(test_http_pipelining);
   RUN(test_http_limits);
   RUN(test_http_timeouts);

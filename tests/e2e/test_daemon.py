@@ -357,6 +357,43 @@ def max_tokens_limit():
             srv.proc.kill()
 
 
+def startup_faults():
+    """Start-up failures: a clear message on stderr and a non-zero exit, no
+    crash: missing or corrupt model, port taken, KV pool too large for the
+    memory, an unwritable --log-file."""
+    def serve(*args):
+        return subprocess.run([BIN, "serve", "--port", "0", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    def expect(name, r, words):
+        check(r.returncode not in (0, None) and r.returncode > 0,
+              f"{name}: exit {r.returncode}")
+        check("Sanitizer" not in r.stderr and "Segmentation" not in r.stderr, f"{name}: crash")
+        low = r.stderr.lower()
+        check(any(w in low for w in words), f"{name}: unclear message {r.stderr[-300:]!r}")
+
+    with tempfile.TemporaryDirectory() as d:
+        expect("missing model", serve("--model", os.path.join(d, "none.gguf")),
+               ["no such file", "cannot open", "not found"])
+        bad = os.path.join(d, "cut.gguf")
+        with open(MODEL, "rb") as src, open(bad, "wb") as dst:
+            dst.write(src.read(300000))
+        expect("corrupt model", serve("--model", bad), ["truncated", "gguf", "corrupt", "past the end"])
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([BIN, "serve", "--model", MODEL, "--port", str(port),
+                            "--kv-cache-memory", "64M", "--max-model-len", "1024"],
+                           capture_output=True, text=True, timeout=120)
+        s.close()
+        expect("port taken", r, ["address already in use", "cannot listen"])
+        expect("KV pool beyond memory", serve("--model", MODEL, "--kv-cache-memory", "4000G"),
+               ["kv cache", "cannot allocate", "memory"])
+        expect("unwritable log file", serve("--model", MODEL, "--log-file", "/proc/pressd.log"),
+               ["log-file"])
+
+
 def install_layout():
     """scripts/install --destdir: binary, unit and configuration in place; the
     unit passes systemd-analyze verify; the installed configuration loads."""
@@ -400,7 +437,7 @@ def main():
         print("model missing: skipping")
         return 77
     for fn in (notify_protocol, graceful_drain, shutdown_timeout_aborts, request_log_and_sighup,
-               api_keys_and_metrics, max_tokens_limit, install_layout):
+               api_keys_and_metrics, max_tokens_limit, startup_faults, install_layout):
         case(fn)
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0
