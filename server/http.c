@@ -319,7 +319,12 @@ static void begin_shutdown(srv_conn_t *c);
 void srv__close_idle(srv_server_t *s) {
   for (srv_conn_t *c = s->conns, *next; c; c = next) {
     next = c->next;
-    if (!c->closing && !c->cur && !c->head) begin_shutdown(c);
+    if (c->closing) continue;
+    /* no further request on it: after the response in progress the
+     * connection sends its FIN behind the last bytes (a plain close at the
+     * stop would drop the writes still queued) */
+    c->no_more = true;
+    if (!c->cur && !c->head) begin_shutdown(c);
   }
 }
 

@@ -290,7 +290,8 @@ void srv__req_free(srv_req_t *req); /* NULL-safe */
 
 /* Aborts every request its connection still waits for (drain timeout). */
 void srv__abort_running(srv_server_t *s);
-/* Closes the connections with nothing parsed or queued (drain). */
+/* Drain: no connection takes another request; those with nothing parsed or
+ * queued shut down now, the others after their response. */
 void srv__close_idle(srv_server_t *s);
 /* Accept callback of the listening socket. */
 void srv__on_connection(uv_stream_t *server, int status);
