@@ -80,17 +80,6 @@ static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_
   return k__cpu_matmul(c->pool, &c->mm_scratch, be->numerics == K_NUMERICS_EXACT, y, x, w, m);
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-  float s = 0;
-  for (int j = 0; j < 16; j++) s += acc[j];
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
-}
-
 typedef struct rms_job {
   float *y;
   const float *x, *g;

@@ -29,8 +29,11 @@
 
 #include "kernels/cpu/cpu-internal.h"
 
-/* GCC cannot see that the tile loops only read the ni/nr entries they wrote. */
+/* GCC cannot see that the tile loops only read the ni/nr entries they wrote
+ * (clang has no such warning, and would warn about the unknown option). */
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #define MM_BAND 16 /* weight rows per task */
 #define MM_TI 4    /* activation rows per tile */
