@@ -6,12 +6,23 @@
  * become the head. Parsing pauses while SRV_MAX_PIPELINE exchanges wait.
  *
  * Limits: request line + headers <= max_header_bytes (431), body <=
- * max_request_bytes (413, from Content-Length before the body is read),
- * headers complete within header_timeout_ms of the first byte and the body
- * within idle_timeout_ms after them (408), idle keep-alive connections close
- * after idle_timeout_ms. A connection that must close (error, Connection:
- * close, HTTP/1.0) is shut down after its last write and drained for a
- * moment, so the client reads the response instead of a reset.
+ * max_request_bytes (413, from Content-Length or a chunk's size before the
+ * data is read; a chunked body's framing counts with its data), headers
+ * complete within header_timeout_ms of the first byte and the body within
+ * body_timeout_ms after them (408), idle keep-alive connections close after
+ * idle_timeout_ms. The limits count bytes on the wire: llhttp reports spans
+ * (method, URL, header names and values, body data), and the bytes between
+ * them (separators, whitespace, chunk sizes and extensions) are counted from
+ * the gaps, so that padding cannot get round them.
+ *
+ * Stricter than llhttp 8: obs-fold and whitespace in a header name are 400
+ * (RFC 9112 5.1, 5.2), a chunk's data must be followed by CRLF, a second
+ * Authorization header is 400, trailers never carry credentials, and an
+ * Upgrade or CONNECT request is answered with Connection: close.
+ *
+ * A connection that must close (error, Connection: close, HTTP/1.0, upgrade)
+ * is shut down after its last write and drained for a moment, so the client
+ * reads the response instead of a reset.
  *
  * Lifetime: a connection is freed in the close callback of its last handle;
  * conn_close() inside llhttp_execute() is deferred until it returns. */
@@ -29,6 +40,7 @@
 
 typedef enum { T_NONE, T_IDLE, T_HEADERS, T_BODY, T_LINGER, T_BROKEN } timer_mode_t;
 typedef enum { H_OTHER, H_AUTH, H_EXPECT } header_kind_t;
+typedef enum { SPAN_NONE, SPAN_FIELD, SPAN_VALUE, SPAN_OTHER } span_kind_t;
 
 struct srv_conn {
   uv_tcp_t tcp;
@@ -47,7 +59,22 @@ struct srv_conn {
   char expect[32];
   size_t expect_len;
   size_t header_bytes;
-  int error_status; /* why a callback stopped the parser */
+  int error_status;        /* why a callback stopped the parser */
+  const char *error_msg;   /* static: its message, NULL for the default one */
+  bool auth_seen;          /* this message had an Authorization header */
+
+  /* wire accounting of the message being parsed (count_gap) */
+  const char *mark;     /* in the buffer being parsed: end of the last span, NULL: none */
+  const char *feed_end; /* end of the buffer being parsed */
+  bool in_message;      /* between message begin and complete */
+  bool in_body;         /* its headers are complete */
+  bool chunked;
+  size_t framing;       /* chunked body bytes that are not data */
+  size_t gap;           /* bytes since the last header span */
+  bool gap_nl;          /* a line break among them with more bytes after it */
+  bool gap_lf_end;      /* their last byte is a line feed */
+  span_kind_t last_span;
+  int crlf_due;         /* bytes of the CRLF after a chunk's data still to check */
 
   srv_buf_t pending_in; /* bytes read but not parsed while paused */
   timer_mode_t tmode;
@@ -431,12 +458,57 @@ static void advance(srv_conn_t *c) {
 
 static srv_conn_t *conn_of(llhttp_t *p) { return p->data; }
 
-static int count_header(srv_conn_t *c, size_t n) {
+static int parse_error(srv_conn_t *c, int status, const char *message) {
+  c->error_status = status;
+  c->error_msg = message;
+  return -1;
+}
+
+/* 0 while the bytes counted so far are within the limits, else -1 (431, 413). */
+static int over_limit(srv_conn_t *c) {
+  const srv_config_t *cfg = &c->srv->cfg;
+  if (c->header_bytes > cfg->max_header_bytes) return parse_error(c, 431, NULL);
+  if (c->cur && c->framing > cfg->max_request_bytes - c->cur->body.len)
+    return parse_error(c, 413, NULL);
+  return 0;
+}
+
+/* Counts the bytes between the last span and at (both in the buffer being
+ * parsed): the header section's, or a chunked body's framing. */
+static void count_gap(srv_conn_t *c, const char *at) {
+  if (!c->mark || at <= c->mark) return;
+  size_t n = (size_t)(at - c->mark);
+  if (!c->in_body) c->header_bytes += n;
+  else if (c->chunked) c->framing += n;
+  c->gap += n;
+  if (c->gap_lf_end || memchr(c->mark, '\n', n - 1)) c->gap_nl = true;
+  c->gap_lf_end = c->mark[n - 1] == '\n';
+  c->mark = at;
+}
+
+/* A span of the request line or a header (or trailer) line. */
+static int header_span(srv_conn_t *c, span_kind_t kind, const char *at, size_t n) {
+  count_gap(c, at);
+  /* obs-fold: a line break followed by more before a value's first span (an
+   * empty value's span starts the next line), or a second span of the same
+   * value after a gap (a value split by a read has none) */
+  if (kind == SPAN_VALUE && (c->last_span == SPAN_VALUE ? c->gap > 0 : c->gap_nl))
+    return parse_error(c, 400, "malformed HTTP request: a header value continues on the next "
+                               "line (obs-fold)");
+  c->last_span = kind;
+  c->gap = 0;
+  c->gap_nl = c->gap_lf_end = false;
   c->header_bytes += n;
-  if (c->header_bytes > c->srv->cfg.max_header_bytes) {
-    c->error_status = 431;
-    return -1;
-  }
+  c->mark = at + n;
+  return over_limit(c);
+}
+
+/* The CRLF that must follow a chunk's data, from pos on (llhttp 8 skips two
+ * bytes there without looking at them). */
+static int check_crlf(srv_conn_t *c, const char *pos) {
+  for (; c->crlf_due && pos < c->feed_end; pos++, c->crlf_due--)
+    if (*pos != "\r\n"[2 - c->crlf_due])
+      return parse_error(c, 400, "malformed HTTP request: chunk data not followed by CRLF");
   return 0;
 }
 
@@ -444,28 +516,37 @@ static int on_message_begin(llhttp_t *p) {
   srv_conn_t *c = conn_of(p);
   if (c->no_more || c->closing) return HPE_PAUSED;
   srv__req_free(c->cur);
-  if (!(c->cur = req_new(c))) {
-    c->error_status = 503;
-    return -1;
-  }
+  if (!(c->cur = req_new(c))) return parse_error(c, 503, NULL);
   c->header_bytes = 0;
   c->hfield.len = 0;
   c->hkind = H_OTHER;
   c->expect_len = 0;
+  c->auth_seen = false;
+  c->mark = NULL;
+  c->in_message = true;
+  c->in_body = c->chunked = false;
+  c->framing = c->gap = 0;
+  c->gap_nl = c->gap_lf_end = false;
+  c->last_span = SPAN_NONE;
+  c->crlf_due = 0;
   timer_set(c, T_HEADERS, c->srv->cfg.header_timeout_ms);
   return 0;
 }
 
+static int on_method_or_version(llhttp_t *p, const char *at, size_t n) {
+  return header_span(conn_of(p), SPAN_OTHER, at, n);
+}
+
 static int on_url(llhttp_t *p, const char *at, size_t n) {
   srv_conn_t *c = conn_of(p);
-  if (count_header(c, n)) return -1;
+  if (header_span(c, SPAN_OTHER, at, n)) return -1;
   srv__buf_add(&c->cur->url, at, n);
   return 0;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   srv_conn_t *c = conn_of(p);
-  if (count_header(c, n)) return -1;
+  if (header_span(c, SPAN_FIELD, at, n)) return -1;
   srv__buf_add(&c->hfield, at, n);
   return 0;
 }
@@ -473,16 +554,27 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
 static int on_header_field_complete(llhttp_t *p) {
   srv_conn_t *c = conn_of(p);
   const char *f = c->hfield.p ? c->hfield.p : "";
-  if (c->hfield.len == 13 && strncasecmp(f, "authorization", 13) == 0) c->hkind = H_AUTH;
-  else if (c->hfield.len == 6 && strncasecmp(f, "expect", 6) == 0) c->hkind = H_EXPECT;
-  else c->hkind = H_OTHER;
+  size_t len = c->hfield.len;
   c->hfield.len = 0;
+  c->hkind = H_OTHER;
+  /* llhttp 8 takes "Name :" and "Na me:" as names */
+  if (memchr(f, ' ', len) || memchr(f, '\t', len))
+    return parse_error(c, 400, "malformed HTTP request: whitespace in a header name");
+  if (c->in_body) return 0; /* a trailer: never credentials or an expectation */
+  if (len == 13 && strncasecmp(f, "authorization", 13) == 0) {
+    if (c->auth_seen)
+      return parse_error(c, 400, "malformed HTTP request: more than one Authorization header");
+    c->auth_seen = true;
+    c->hkind = H_AUTH;
+  } else if (len == 6 && strncasecmp(f, "expect", 6) == 0) {
+    c->hkind = H_EXPECT;
+  }
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
   srv_conn_t *c = conn_of(p);
-  if (count_header(c, n)) return -1;
+  if (header_span(c, SPAN_VALUE, at, n)) return -1;
   if (c->hkind == H_AUTH) {
     srv__buf_add(&c->cur->auth, at, n);
   } else if (c->hkind == H_EXPECT) {
@@ -505,10 +597,10 @@ static int on_headers_complete(llhttp_t *p) {
   r->method = llhttp_get_method(p);
   r->http_minor = llhttp_get_http_major(p) > 1 ? 1 : llhttp_get_http_minor(p);
   bool has_len = p->flags & F_CONTENT_LENGTH, chunked = p->flags & F_CHUNKED;
-  if (has_len && p->content_length > c->srv->cfg.max_request_bytes) {
-    c->error_status = 413;
-    return -1;
-  }
+  c->in_body = true;
+  c->chunked = chunked;
+  if (has_len && p->content_length > c->srv->cfg.max_request_bytes)
+    return parse_error(c, 413, NULL);
   if ((has_len && p->content_length) || chunked) {
     /* curl waits for "100 Continue" on large bodies; it may only precede
      * this request's response if nothing is answered before it. */
@@ -521,17 +613,29 @@ static int on_headers_complete(llhttp_t *p) {
   return 0;
 }
 
+/* A chunk larger than what the limit leaves: 413 before its data. */
+static int on_chunk_header(llhttp_t *p) {
+  srv_conn_t *c = conn_of(p);
+  size_t max = c->srv->cfg.max_request_bytes, used = c->cur->body.len + c->framing;
+  if (used > max || p->content_length > max - used) return parse_error(c, 413, NULL);
+  return 0;
+}
+
 static int on_body(llhttp_t *p, const char *at, size_t n) {
   srv_conn_t *c = conn_of(p);
   srv_buf_t *b = &c->cur->body;
-  if (n > c->srv->cfg.max_request_bytes - b->len) {
-    c->error_status = 413;
-    return -1;
-  }
+  count_gap(c, at);
+  c->mark = at + n;
+  c->last_span = SPAN_OTHER;
+  c->gap = 0;
+  c->gap_nl = c->gap_lf_end = false;
+  size_t max = c->srv->cfg.max_request_bytes;
+  if (b->len + c->framing > max || n > max - b->len - c->framing) return parse_error(c, 413, NULL);
   srv__buf_add(b, at, n);
-  if (b->oom) {
-    c->error_status = 503;
-    return -1;
+  if (b->oom) return parse_error(c, 503, NULL);
+  if (c->chunked && p->content_length == 0) { /* the end of a chunk's data */
+    c->crlf_due = 2;
+    return check_crlf(c, at + n);
   }
   return 0;
 }
@@ -540,14 +644,16 @@ static int on_message_complete(llhttp_t *p) {
   srv_conn_t *c = conn_of(p);
   srv_req_t *r = c->cur;
   c->cur = NULL;
+  c->in_message = c->in_body = false;
+  c->mark = NULL;
   bool keep_alive = llhttp_should_keep_alive(p);
-  r->keep_alive = keep_alive && !c->srv->stopping;
+  /* what follows an Upgrade or CONNECT request is not HTTP/1.1 */
+  r->keep_alive = keep_alive && !c->srv->stopping && !p->upgrade;
   keep_alive = r->keep_alive;
   r->t_arrival = srv__now_ns();
   if (r->url.oom || r->auth.oom) {
     c->cur = r;
-    c->error_status = 503;
-    return -1;
+    return parse_error(c, 503, NULL);
   }
   timer_set(c, T_NONE, 0);
   queue_push(c, r);
@@ -567,12 +673,15 @@ static int on_message_complete(llhttp_t *p) {
 void srv__http_settings(llhttp_settings_t *st) {
   llhttp_settings_init(st);
   st->on_message_begin = on_message_begin;
+  st->on_method = on_method_or_version;
   st->on_url = on_url;
+  st->on_version = on_method_or_version;
   st->on_header_field = on_header_field;
   st->on_header_field_complete = on_header_field_complete;
   st->on_header_value = on_header_value;
   st->on_header_value_complete = on_header_value_complete;
   st->on_headers_complete = on_headers_complete;
+  st->on_chunk_header = on_chunk_header;
   st->on_body = on_body;
   st->on_message_complete = on_message_complete;
 }
@@ -580,15 +689,25 @@ void srv__http_settings(llhttp_settings_t *st) {
 /* ---- reading ------------------------------------------------------------------ */
 
 static void feed(srv_conn_t *c, const char *data, size_t n) {
-  c->in_execute = true;
-  llhttp_errno_t err = llhttp_execute(&c->parser, data, n);
-  c->in_execute = false;
+  llhttp_errno_t err = HPE_USER;
+  c->feed_end = data + n;
+  c->mark = c->in_message ? data : NULL;
+  if (check_crlf(c, data) == 0) {
+    c->in_execute = true;
+    err = llhttp_execute(&c->parser, data, n);
+    c->in_execute = false;
+  }
   if (c->close_pending) {
     c->close_pending = false;
     conn_close(c);
     return;
   }
   if (c->closing) return;
+  if (err == HPE_OK && c->in_message) { /* the message goes on in the next read */
+    count_gap(c, data + n);
+    if (over_limit(c)) err = HPE_USER;
+  }
+  c->mark = NULL;
   if (err == HPE_PAUSED) {
     if (c->paused) { /* keep the rest for resume() */
       const char *at = llhttp_get_error_pos(&c->parser);
@@ -605,13 +724,15 @@ static void feed(srv_conn_t *c, const char *data, size_t n) {
     stop_reading(c);
   } else if (err != HPE_OK) {
     int status = c->error_status ? c->error_status : 400;
-    const char *msg = status == 413   ? "the request body is larger than --max-request-bytes"
+    const char *msg = c->error_msg     ? c->error_msg
+                      : status == 413 ? "the request body is larger than --max-request-bytes"
                       : status == 431 ? "the request headers are too large"
                       : status == 503 ? "out of memory"
                                       : NULL;
     char buf[160];
     if (!msg) {
-      snprintf(buf, sizeof buf, "malformed HTTP request: %s", llhttp_get_error_reason(&c->parser));
+      const char *why = llhttp_get_error_reason(&c->parser);
+      snprintf(buf, sizeof buf, "malformed HTTP request: %s", why ? why : "invalid syntax");
       msg = buf;
     }
     fail_request(c, status, msg);

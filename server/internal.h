@@ -211,6 +211,10 @@ typedef struct srv_route {
  * lists the methods, e.g. "POST"). */
 int srv__route_find(const char *path, size_t len, int method, const srv_route_t **out,
                     const char **allow);
+/* The path of a request target without its query or fragment ([*len]):
+ * the origin form as it is, the absolute form ("http://host:port/path?q",
+ * RFC 9112 3.2.2) past its authority. */
+const char *srv__target_path(const char *target, size_t *len);
 /* True for paths the API key protects (/v1 and below). */
 bool srv__route_needs_auth(const char *path, size_t len);
 /* Routes, authenticates and runs the handler of a complete request. */

@@ -18,9 +18,26 @@ static const cJSON *get(const cJSON *o, const char *key) {
   return cJSON_IsNull(v) ? NULL : v; /* null means "not given" */
 }
 
+/* A NUL byte, raw or as the escape \u0000: cJSON's strings end at the first
+ * one, which would cut a model name or a prompt short without a word. */
+static bool has_nul(const char *s, size_t n) {
+  if (memchr(s, '\0', n)) return true;
+  for (size_t i = 0; i + 1 < n; i++) {
+    if (s[i] != '\\') continue;
+    if (s[i + 1] == 'u' && i + 5 < n && memcmp(s + i + 2, "0000", 4) == 0) return true;
+    i++; /* the escaped character: "\\u0000" is a backslash and text */
+  }
+  return false;
+}
+
 static cJSON *parse_body(const char *body, size_t len, srv_error_t *e) {
   if (!body || len == 0) {
     srv__error(e, 400, NULL, "the request body is empty; a JSON object is expected");
+    return NULL;
+  }
+  if (has_nul(body, len)) {
+    srv__error(e, 400, NULL, "the request body contains a NUL character (\\u0000), which is "
+                             "not supported");
     return NULL;
   }
   const char *end = NULL;

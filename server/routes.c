@@ -1,9 +1,11 @@
-/* The routing table: exact paths (query string ignored), one method each;
+/* The routing table: exact paths (query string ignored, an absolute-form
+ * target routed by its path), one method each;
  * an unknown path is a 404, a known path with another method a 405 that
  * lists the allowed method. /v1 and below need the API key when one is set;
  * /metrics, /health, /ready and /version too with metrics_require_key. */
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "server/handlers.h"
 #include "server/internal.h"
@@ -38,6 +40,17 @@ int srv__route_find(const char *path, size_t len, int method, const srv_route_t 
   return known ? 405 : 404;
 }
 
+const char *srv__target_path(const char *target, size_t *len) {
+  const char *p = target;
+  if (strncasecmp(p, "http://", 7) == 0) p += 7;
+  else if (strncasecmp(p, "https://", 8) == 0) p += 8;
+  else p = NULL;
+  if (p) p += strcspn(p, "/?#"); /* past the authority */
+  else p = target;
+  *len = strcspn(p, "?#");
+  return p;
+}
+
 bool srv__route_needs_auth(const char *path, size_t len) {
   return len >= 3 && memcmp(path, "/v1", 3) == 0 && (len == 3 || path[3] == '/');
 }
@@ -54,8 +67,8 @@ void srv__dispatch(srv_req_t *req) {
   srv_server_t *s = req->srv;
   srv_error_t e;
   s->metrics.http_requests++;
-  const char *url = req->url.p ? req->url.p : "";
-  size_t len = strcspn(url, "?#");
+  size_t len;
+  const char *url = srv__target_path(req->url.p ? req->url.p : "", &len);
   if (s->draining) req->keep_alive = false; /* the connection closes after this answer */
   bool auth = srv__route_needs_auth(url, len) || (s->cfg.metrics_require_key && is_ops_route(url, len));
   if (auth && !srv__auth_ok(req->auth.p, req->auth.len, s->keys, s->n_keys)) {

@@ -455,6 +455,26 @@ static void test_routes(void) {
   CHECK(!srv__route_needs_auth("/health", 7));
   CHECK(!srv__route_needs_auth("/metrics", 8));
   CHECK(!srv__route_needs_auth("/tokenize", 9));
+  /* request targets: origin form, absolute form (RFC 9112 3.2.2) */
+  static const struct {
+    const char *target, *path;
+  } targets[] = {
+      {"/health?x=1", "/health"},
+      {"/v1/models#f", "/v1/models"},
+      {"http://localhost:8000/v1/models?x", "/v1/models"},
+      {"HTTPS://h/health", "/health"},
+      {"http://h", ""},
+      {"http://h?x=/health", ""},
+      {"*", "*"},
+      {"example.com:443", "example.com:443"},
+  };
+  for (size_t i = 0; i < sizeof targets / sizeof targets[0]; i++) {
+    size_t len;
+    const char *p = srv__target_path(targets[i].target, &len);
+    if (len != strlen(targets[i].path) || memcmp(p, targets[i].path, len) != 0)
+      FAIL_AT("%s: path \"%.*s\", expected \"%s\"", targets[i].target, (int)len, p,
+              targets[i].path);
+  }
 }
 
 /* ======================= request validation (tokenizer) ======================= */
@@ -522,6 +542,8 @@ static void test_validation_errors(void) {
       {C, "{\"prompt\":\"hi\"} x", 400, NULL},
       {C, "{\"prompt\":\"hi\",}", 400, NULL},
       {C, "{\"prompt\":NaN}", 400, NULL},
+      {C, "{\"prompt\":\"a\\u0000b\"}", 400, NULL}, /* cJSON would cut the string */
+      {C, "{\"model\":\"" MODEL_NAME "\\u0000x\",\"prompt\":\"a\"}", 400, NULL},
       {C, "{}", 400, "prompt"},
       {C, "{\"prompt\":null}", 400, "prompt"},
       {C, "{\"prompt\":1}", 400, "prompt"},
@@ -667,7 +689,18 @@ static void test_validation_errors(void) {
     off += (size_t)snprintf(body + off, sizeof body - off, "%s\"s%d\"", i ? "," : "", i);
   snprintf(body + off, sizeof body - off, "]}");
   expect_error(C, body, 400, "stop");
-  fprintf(stderr, "   %d malformed bodies refused with the right status and param\n", n + 2);
+  /* a raw NUL byte inside a string */
+  static const char raw_nul[] = "{\"prompt\":\"a\0b\"}";
+  sched_request_t *r = NULL;
+  srv_gen_params_t gp;
+  srv_error_t e;
+  CHECK(srv__parse_generate(&g_api, C, raw_nul, sizeof raw_nul - 1, &r, &gp, &e) == -1);
+  CHECK(r == NULL && e.status == 400 && strstr(e.message, "NUL"));
+  /* an escaped backslash before "u0000" is text */
+  r = expect_ok(C, "{\"prompt\":\"a\\\\u0000b\",\"max_tokens\":1}", &gp);
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  fprintf(stderr, "   %d malformed bodies refused with the right status and param\n", n + 3);
 }
 
 static void test_validation_ok(void) {
@@ -1544,6 +1577,126 @@ static void test_http_limits(void) {
   cli_close(&c);
 }
 
+/* Sends the parts of a request as separate reads, then expects one answer
+ * (and, for an error, the close). */
+static void split_request(const char *const *parts, int n, int status, const char *what) {
+  client_t c;
+  resp_t r;
+  cli_open(&c, g_port);
+  for (int i = 0; i < n; i++) {
+    cli_sends(&c, parts[i]);
+    usleep(30000);
+  }
+  if (!cli_response(&c, &r, 5000)) FAIL_AT("%s: no response", what);
+  if (r.status != status) FAIL_AT("%s: status %d, expected %d: %s", what, r.status, status, r.body);
+  if (status >= 400) {
+    check_error_body(&r, status, NULL);
+    CHECK_STR_EQ(header(&r, "Connection"), "close");
+    CHECK(cli_eof(&c, 5000));
+  }
+  resp_free(&r);
+  cli_close(&c);
+}
+
+/* What llhttp 8 lets through and the server refuses: obs-fold, whitespace in
+ * header names, a second Authorization header, chunk data without its CRLF,
+ * padding past the limits; and what it must not do with the rest. */
+static void test_http_strict(void) {
+  static const struct {
+    const char *name, *req;
+    int status;
+  } cases[] = {
+      {"obs-fold", "GET /health HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n", 400},
+      {"obs-fold of an empty value", "GET /health HTTP/1.1\r\nX-A:\r\n b\r\n\r\n", 400},
+      {"obs-fold of a blank line", "GET /health HTTP/1.1\r\nX-A:\r\n  \r\n\r\n", 400},
+      {"obs-fold in Transfer-Encoding",
+       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400},
+      {"space before the colon", "GET /health HTTP/1.1\r\nX-A : b\r\n\r\n", 400},
+      {"space in a name", "GET /health HTTP/1.1\r\nX A: b\r\n\r\n", 400},
+      {"two Authorization headers",
+       "GET /v1/models HTTP/1.1\r\nAuthorization: Bear\r\nAuthorization: er " API_KEY "\r\n\r\n",
+       400},
+      {"chunk data without its CRLF",
+       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400},
+      {"a chunk over the limit",
+       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n{", 413},
+  };
+  resp_t r;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    const char *part[1] = {cases[i].req};
+    split_request(part, 1, cases[i].status, cases[i].name);
+  }
+
+  /* padding counts toward the limits: whitespace llhttp skips, chunk extensions,
+   * leading zeros of chunk sizes */
+  static const struct {
+    const char *name, *head, *tail;
+    char fill;
+    int status;
+  } pads[] = {
+      {"spaces before a value", "GET /health HTTP/1.1\r\nX-A: ", "v\r\n\r\n", ' ', 431},
+      {"spaces in an empty value", "GET /health HTTP/1.1\r\nX-A:", "\r\nX-B: 1\r\n\r\n", ' ', 431},
+      {"spaces in the request line", "GET", "/health HTTP/1.1\r\n\r\n", ' ', 431},
+      {"a chunk extension", "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;",
+       "\r\n{}\r\n0\r\n\r\n", 'a', 413},
+      {"zeros of a chunk size", "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+       "2\r\n{}\r\n0\r\n\r\n", '0', 413},
+  };
+  for (size_t i = 0; i < sizeof pads / sizeof pads[0]; i++) {
+    srv_buf_t b;
+    srv__buf_init(&b);
+    srv__buf_adds(&b, pads[i].head);
+    for (int k = 0; k < 100000; k++) srv__buf_add(&b, &pads[i].fill, 1);
+    srv__buf_adds(&b, pads[i].tail);
+    const char *part[1] = {b.p};
+    split_request(part, 1, pads[i].status, pads[i].name);
+    srv__buf_free(&b);
+  }
+
+  /* the same across reads */
+  const char *fold[] = {"GET /health HTTP/1.1\r\nX-A: a\r\n", " b\r\n\r\n"};
+  split_request(fold, 2, 400, "obs-fold across reads");
+  const char *fold2[] = {"GET /health HTTP/1.1\r\nX-A:\r\n", " b\r\n\r\n"};
+  split_request(fold2, 2, 400, "obs-fold of an empty value across reads");
+  const char *empty[] = {"GET /health HTTP/1.1\r\nX-A:\r\n", "X-B: 1\r\n\r\n"};
+  split_request(empty, 2, 200, "an empty value, then a read");
+  const char *value[] = {"GET /health HTTP/1.1\r\nX-A: a b", " c\r\n\r\n"};
+  split_request(value, 2, 200, "a value across reads");
+  const char *crlf[] = {"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}",
+                        "\r", "X0\r\n\r\n"};
+  split_request(crlf, 3, 400, "chunk data without its CRLF across reads");
+  const char *crlf_ok[] = {"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           "12\r\n{\"prompt\":\"Hello\"}\r",
+                           "\n0\r\n\r\n"};
+  split_request(crlf_ok, 2, 200, "a chunk's CRLF across reads");
+
+  /* credentials in a trailer are ignored */
+  client_t c;
+  cli_open(&c, g_port);
+  cli_sends(&c, "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                "e\r\n{\"prompt\":\"x\"}\r\n0\r\nAuthorization: Bearer " API_KEY "\r\n\r\n");
+  CHECK(cli_response(&c, &r, 5000));
+  check_error_body(&r, 401, NULL);
+  resp_free(&r);
+  cli_close(&c);
+
+  /* an upgrade is answered, then the connection closes, and says so */
+  cli_open(&c, g_port);
+  cli_sends(&c, "GET /health HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+  CHECK(cli_response(&c, &r, 5000));
+  CHECK_INT_EQ(r.status, 200);
+  CHECK_STR_EQ(header(&r, "Connection"), "close");
+  resp_free(&r);
+  CHECK(cli_eof(&c, 5000));
+  cli_close(&c);
+
+  /* the absolute form is routed by its path */
+  roundtrip("GET", "http://localhost:8000/v1/models?x=1", NULL, AUTHZ, &r);
+  CHECK_INT_EQ(r.status, 200);
+  CHECK(strstr(r.body, "\"object\":\"list\""));
+  resp_free(&r);
+}
+
 static void test_http_timeouts(void) {
   resp_t r;
   client_t c;
@@ -1684,6 +1837,7 @@ static int http_tests(void) {
   RUN(test_http_engine_error);
   RUN(test_http_pipelining);
   RUN(test_http_limits);
+  RUN(test_http_strict);
   RUN(test_http_timeouts);
   RUN(test_http_disconnect);
   RUN(test_http_max_connections);
