@@ -368,7 +368,8 @@ def startup_faults():
     def expect(name, r, words):
         check(r.returncode not in (0, None) and r.returncode > 0,
               f"{name}: exit {r.returncode}")
-        check("Sanitizer" not in r.stderr and "Segmentation" not in r.stderr, f"{name}: crash")
+        check("ERROR: AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr and
+              "Segmentation" not in r.stderr, f"{name}: crash")
         low = r.stderr.lower()
         check(any(w in low for w in words), f"{name}: unclear message {r.stderr[-300:]!r}")
 
