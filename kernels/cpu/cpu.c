@@ -317,6 +317,7 @@ typedef struct att_job {
 } att_job_t;
 
 static inline float exp_nonpos(float x) {
+  if (x != x) return x; /* NaN (from corrupt weights): no integer exponent to build */
   float xc = x < -87.0f ? -87.0f : x;
   float n = __builtin_roundf(xc * 1.44269504088896341f);
   float r = xc - n * 0.693145751953125f - n * 1.428606765330187e-06f;

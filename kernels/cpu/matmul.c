@@ -15,6 +15,7 @@
  * batches dequantise the band once into a thread-local fp32 scratch and run
  * register tiles of 4 activation rows × 4 weight rows over it. */
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -271,6 +272,17 @@ static inline float fp16_round(float f) {
 #endif
 }
 
+/* A block holding inf or NaN has no int8 form (the conversion would give
+ * garbage integers): zeros, with the non-finite value as its scale, so that
+ * the dot products come out NaN as the float arithmetic would have. */
+static inline bool nonfinite_block(float amax, int8_t *qb, float *d, float *s) {
+  if (amax <= FLT_MAX) return false;
+  memset(qb, 0, K_QBLOCK);
+  *d = amax != amax ? amax : NAN;
+  *s = *d;
+  return true;
+}
+
 /* One activation row: q[cols] int8, d[nb] scales, s[nb] = d·Σq (both
  * fp16-rounded). Rounding is to nearest even, as GGML's SIMD code does. */
 static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s) {
@@ -280,6 +292,7 @@ static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s)
 #ifdef MM_AVX512
     __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    if (nonfinite_block(amax, qb, &d[b], &s[b])) continue;
     float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
     __m512 vid = _mm512_set1_ps(id);
     __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
@@ -290,6 +303,8 @@ static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s)
 #else
     float amax = 0;
     for (int k = 0; k < K_QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+    for (int k = 0; k < K_QBLOCK; k++) amax = xb[k] != xb[k] ? xb[k] : amax; /* fmaxf skips NaN */
+    if (nonfinite_block(amax, qb, &d[b], &s[b])) continue;
     float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
     int32_t sum = 0;
     for (int k = 0; k < K_QBLOCK; k++) {
