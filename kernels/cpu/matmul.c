@@ -292,8 +292,11 @@ static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s)
 #ifdef MM_AVX512
     __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    if (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q))
+      amax = NAN; /* max_ps passes a NaN lane over */
     if (nonfinite_block(amax, qb, &d[b], &s[b])) continue;
     float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    if (!(id <= FLT_MAX)) id = 0.0f; /* amax so small that 127 / amax overflows: all zero */
     __m512 vid = _mm512_set1_ps(id);
     __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
     __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
@@ -306,6 +309,7 @@ static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s)
     for (int k = 0; k < K_QBLOCK; k++) amax = xb[k] != xb[k] ? xb[k] : amax; /* fmaxf skips NaN */
     if (nonfinite_block(amax, qb, &d[b], &s[b])) continue;
     float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    if (!(id <= FLT_MAX)) id = 0.0f; /* amax so small that 127 / amax overflows: all zero */
     int32_t sum = 0;
     for (int k = 0; k < K_QBLOCK; k++) {
       qb[k] = (int8_t)nearbyintf(xb[k] * id);
