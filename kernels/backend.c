@@ -8,16 +8,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen) {
-  if (dev == K_DEVICE_CUDA) {
-#ifdef PRESSD_CUDA
-    int n = k_cuda_device_count(err, errlen);
-    if (n >= 0) snprintf(err, errlen, "the CUDA backend's kernels are not implemented yet (%d devices visible)", n);
-#else
-    snprintf(err, errlen, "this build has no CUDA backend (rebuild with -Dcuda=enabled)");
+#ifndef PRESSD_CUDA
+int k_backend_new_cuda(k_backend_t **out, int32_t device, char *err, size_t errlen) {
+  (void)device;
+  *out = NULL;
+  snprintf(err, errlen, "this build has no CUDA backend (rebuild with -Dcuda=enabled)");
+  return -ENODEV;
+}
 #endif
-    return -ENODEV;
-  }
+
+int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen) {
+  if (dev == K_DEVICE_CUDA) return k_backend_new_cuda(out, 0, err, errlen);
   int rc = k_cpu_backend_new(out, threads);
   if (rc) snprintf(err, errlen, "cannot start the CPU backend: error %d", rc);
   return rc;
@@ -27,6 +28,14 @@ void k_backend_free(k_backend_t *be) {
   if (!be) return;
   if (be->ops && be->ops->destroy) be->ops->destroy(be);
   free(be);
+}
+
+size_t k_dtype_bytes(k_dtype_t t) {
+  switch (t) {
+  case K_F32: return 4;
+  case K_BF16: case K_F16: return 2;
+  default: return 0;
+  }
 }
 
 size_t k_row_bytes(k_dtype_t t, int64_t cols) {

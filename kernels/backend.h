@@ -32,6 +32,8 @@ typedef enum k_dtype {
 /* Bytes of one row of cols elements of type t (cols a multiple of K_QBLOCK
  * for the Q types). */
 size_t k_row_bytes(k_dtype_t t, int64_t cols);
+/* Bytes of one element of an unquantised type (F32, BF16, F16); 0 for the Q types. */
+size_t k_dtype_bytes(k_dtype_t t);
 
 typedef struct k_weight {
   k_dtype_t type;
@@ -43,13 +45,16 @@ typedef struct k_weight {
 /* The paged KV arena: block b, slot s of the pool holds
  *   k[(b * block_size + s) * head_dim ...], v[...] likewise,
  *   score[b * block_size + s], pos[b * block_size + s].
- * One block is block_size slots of ONE KV head of ONE layer. */
+ * One block is block_size slots of ONE KV head of ONE layer. K and V hold
+ * elements of `type` (the backend's kv_type: fp32 on the CPU, bf16 or fp16
+ * on CUDA, where the float pointers are reinterpreted); scores are fp32. */
 typedef struct k_kv_arena {
   int32_t n_blocks;
   int32_t block_size;
   int32_t head_dim;
-  float *k;       /* backend memory [n_blocks][block_size][head_dim] */
-  float *v;       /* backend memory [n_blocks][block_size][head_dim] */
+  k_dtype_t type;
+  float *k;       /* backend memory [n_blocks][block_size][head_dim] of type */
+  float *v;       /* backend memory [n_blocks][block_size][head_dim] of type */
   float *score;   /* backend memory [n_blocks][block_size] */
   int32_t *pos;   /* backend memory [n_blocks][block_size] */
 } k_kv_arena_t;
@@ -88,11 +93,18 @@ typedef struct k_seq_kv {
  * q_start[s+1] - q_start[s] slots of each of its heads. Each query row
  * attends to the slots of its KV head (through the block table) whose
  * position is <= the row's position (causal; slot order need not be
- * position order). */
+ * position order).
+ *
+ * Under tensor parallelism a rank computes the KV heads
+ * [kv_head0, kv_head0 + n_kv_heads) of kv_heads_all (0: n_kv_heads, no
+ * sharding) and their query heads; q, out and the new K/V hold that rank's
+ * heads only, while the sequences' tables, lengths, obs_mass and obs_last
+ * keep the layout of all heads (k_attn_row gives a head's row). */
 typedef struct k_attn_args {
   int32_t n_seqs;
   int32_t layer;
   int32_t n_q_heads, n_kv_heads, head_dim;
+  int32_t kv_head0, kv_heads_all;
   float scale;             /* 1/sqrt(head_dim) usually */
   const float *q;          /* [n_tokens][n_q_heads][head_dim] */
   float *out;              /* [n_tokens][n_q_heads][head_dim] */
@@ -109,6 +121,19 @@ static inline const int32_t *k_seq_table(const k_seq_kv_t *s, int32_t layer, int
 static inline int32_t k_seq_ctx(const k_seq_kv_t *s, int32_t layer, int32_t n_kv_heads,
                                 int32_t h) {
   return s->ctx[(int64_t)layer * n_kv_heads + h];
+}
+/* Row (layer * kv_heads_all + kv_head0 + h) of this call's local KV head h
+ * in the sequences' [n_layers][kv_heads_all] tables, lengths and obs_mass;
+ * obs_last's row of local query head h * G + g is k_attn_row(a, h) * G + g. */
+static inline int64_t k_attn_row(const k_attn_args_t *a, int32_t h) {
+  int32_t all = a->kv_heads_all > 0 ? a->kv_heads_all : a->n_kv_heads;
+  return (int64_t)a->layer * all + a->kv_head0 + h;
+}
+static inline const int32_t *k_attn_table(const k_attn_args_t *a, const k_seq_kv_t *s, int32_t h) {
+  return s->blocks + k_attn_row(a, h) * s->stride;
+}
+static inline int32_t k_attn_ctx(const k_attn_args_t *a, const k_seq_kv_t *s, int32_t h) {
+  return s->ctx[k_attn_row(a, h)];
 }
 
 typedef struct k_backend k_backend_t;
@@ -152,6 +177,17 @@ typedef struct k_ops {
   int (*kv_write)(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
                   const k_attn_args_t *a);
   int (*attention)(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a);
+  /* Optional (NULL: not needed): called once per forward step before the
+   * first layer's kv_write with the step's arguments (a->layer 0), so that a
+   * device backend can copy the block tables, lengths and row offsets to the
+   * device once per step instead of once per layer. The tables do not
+   * change until the step's last attention call returns. */
+  int (*attn_prepare)(k_backend_t *be, const k_attn_args_t *a);
+  /* Optional (NULL: the caller generates on the host): fill n elements of
+   * type t (F32, BF16 or F16) at dst with offset + model_dummy_value(seed,
+   * tensor, i, scale) for i in [first, first + n), computed on the device. */
+  int (*fill_dummy)(k_backend_t *be, void *dst, k_dtype_t t, int64_t first, int64_t n,
+                    uint64_t seed, uint32_t tensor, float scale, float offset);
   /* Compaction: slot dst[i] receives the K, V, score and position of slot
    * src[i]. No slot is both a source and a destination. */
   int (*kv_move)(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
@@ -174,6 +210,12 @@ struct k_backend {
    *                   use different attention reductions): for reference
    *                   comparisons, not for serving. */
   k_numerics_t numerics;
+  /* Element type of the KV arena's K and V (K_F32 on the CPU). */
+  k_dtype_t kv_type;
+  /* Type the loaders store unquantised and dequantised matrices in when the
+   * backend does not compute on the file's type (K_F32 on the CPU, K_BF16
+   * on CUDA); norms and RoPE tables stay fp32. */
+  k_dtype_t dense_type;
   /* Backend memory is ordinary host memory: weights can be used straight
    * from a memory-mapped model file instead of being copied. */
   bool host_memory;
@@ -189,5 +231,8 @@ int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err,
 void k_backend_free(k_backend_t *be); /* NULL-safe */
 
 int k_cpu_backend_new(k_backend_t **out, int32_t threads);
+
+/* Which device a CUDA backend drives (k_backend_new picks device 0). */
+int k_backend_new_cuda(k_backend_t **out, int32_t device, char *err, size_t errlen);
 
 #endif

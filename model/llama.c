@@ -93,6 +93,7 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
       .q_pos = m->d_pos,
       .seqs = b->seqs,
   };
+  if (op->attn_prepare) TRY(op->attn_prepare(be, &a));
   for (int32_t l = 0; l < L; l++) {
     const model_layer_t *ly = &w->layers[l];
     /* attention block: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D] */

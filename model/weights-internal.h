@@ -20,6 +20,11 @@ typedef struct model__wsrc {
   /* The views stay valid as long as the weights (the GGUF mapping): a
    * host-memory backend then uses them in place. */
   bool view_persists;
+  /* Optional: fill a tensor of type t (F32, BF16 or F16) straight in
+   * backend memory (the dummy source on a backend with fill_dummy);
+   * -ENOTSUP to fall back on fill. */
+  int (*fill_device)(void *ctx, const char *name, int64_t rows, int64_t cols, k_backend_t *be,
+                     void *dst, k_dtype_t t);
   /* Optional: divide inv_freq[i] by per-frequency factors the source carries. */
   int (*rope_factors)(void *ctx, float *inv_freq, int32_t n, char *err, size_t errlen);
 } model__wsrc_t;

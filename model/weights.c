@@ -221,21 +221,45 @@ static void rope_freqs(const model_config_t *c, float *inv_freq) {
 
 /* ---- the filling loop ---------------------------------------------------- */
 
+/* Host fp32 values to t in place (t's elements are no wider). */
+static void narrow(float *host, size_t n, k_dtype_t t) {
+  uint16_t *h = (uint16_t *)host;
+  if (t == K_BF16)
+    for (size_t i = 0; i < n; i++) h[i] = model_f32_to_bf16(host[i]);
+  else if (t == K_F16)
+    for (size_t i = 0; i < n; i++) h[i] = model_f32_to_f16(host[i]);
+}
+
+/* A tensor of unquantised type t in backend memory: generated there when the
+ * source and the backend can, else filled in fp32 on the host, narrowed to
+ * t and uploaded. */
 static int alloc_fill(model_weights_t *w, const model__wsrc_t *src, const char *name,
-                      int64_t rows, int64_t cols, bool optional, void **dst, float *host,
-                      char *err, size_t errlen) {
-  int rc = src->fill(src->ctx, name, rows, cols, host, err, errlen);
+                      int64_t rows, int64_t cols, bool optional, k_dtype_t t, void **dst,
+                      float *host, char *err, size_t errlen) {
+  size_t n = (size_t)rows * (size_t)cols, bytes = n * k_dtype_bytes(t);
+  int rc = -ENOTSUP;
+  if (src->fill_device && w->be->ops->fill_dummy) {
+    if (!(*dst = w->be->ops->alloc(w->be, bytes)))
+      return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
+    w->bytes += bytes;
+    rc = src->fill_device(src->ctx, name, rows, cols, w->be, *dst, t);
+    if (rc != -ENOTSUP) return rc ? model__errf(err, errlen, rc, "cannot generate %s", name) : 0;
+  }
+  rc = src->fill(src->ctx, name, rows, cols, host, err, errlen);
   if (rc == -ENOENT && optional) return rc;
   if (rc) return rc;
-  size_t bytes = (size_t)rows * (size_t)cols * sizeof(float);
-  *dst = w->be->ops->alloc(w->be, bytes);
-  if (!*dst) return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
-  w->bytes += bytes;
+  if (!*dst) {
+    if (!(*dst = w->be->ops->alloc(w->be, bytes)))
+      return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
+    w->bytes += bytes;
+  }
+  narrow(host, n, t);
   return w->be->ops->upload(w->be, *dst, host, bytes);
 }
 
 /* A weight matrix: in its stored type when the source can hand out a view
- * and the backend computes on that type, else dequantised to fp32. */
+ * and the backend computes on that type, else dequantised to the backend's
+ * dense type. */
 static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char *name,
                        k_weight_t *kw, int64_t rows, int64_t cols, bool optional, float *host,
                        char *err, size_t errlen) {
@@ -262,8 +286,8 @@ static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char 
       return w->be->ops->upload(w->be, kw->data, data, bytes);
     }
   }
-  kw->type = K_F32;
-  return alloc_fill(w, src, name, rows, cols, optional, &kw->data, host, err, errlen);
+  kw->type = w->be->dense_type;
+  return alloc_fill(w, src, name, rows, cols, optional, kw->type, &kw->data, host, err, errlen);
 }
 
 int model__weights_load(model_weights_t *w, const model_config_t *c, const model__wsrc_t *src,
@@ -295,8 +319,8 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
   if ((rc = load_matrix(w, src, "token_embd", &w->tok_embd, c->n_vocab, E, false, host, err,
                         errlen)))
     goto fail;
-  if ((rc = alloc_fill(w, src, "output_norm", 1, E, false, (void **)&w->out_norm, host, err,
-                       errlen)))
+  if ((rc = alloc_fill(w, src, "output_norm", 1, E, false, K_F32, (void **)&w->out_norm, host,
+                       err, errlen)))
     goto fail;
   rc = c->tied_embeddings ? -ENOENT
                           : load_matrix(w, src, "output", &w->output, c->n_vocab, E, true, host,
@@ -315,7 +339,7 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
   if ((rc = load_matrix(w, src, nm, &L->field, r, cc, false, host, err, errlen))) goto fail;
 #define VEC(field, tname)                                                                \
   snprintf(nm, sizeof nm, "blk.%d." tname, l);                                           \
-  if ((rc = alloc_fill(w, src, nm, 1, E, false, (void **)&L->field, host, err, errlen))) goto fail;
+  if ((rc = alloc_fill(w, src, nm, 1, E, false, K_F32, (void **)&L->field, host, err, errlen))) goto fail;
     VEC(attn_norm, "attn_norm");
     MAT(wq, "attn_q", QD, E);
     MAT(wk, "attn_k", KD, E);
@@ -472,26 +496,40 @@ typedef struct dummy_ctx {
   int32_t n_embd;
 } dummy_ctx_t;
 
-static int dummy_fill(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst,
-                      char *err, size_t errlen) {
-  const dummy_ctx_t *d = ctx;
-  /* Tensor id from the name: stable across backends and runs. */
+/* A dummy tensor: offset + uniform [-scale, scale) from its name. Norms are
+ * 1 ± 0.1; matrices have std 1/sqrt(cols), so activations keep their scale
+ * layer to layer. The id comes from the name: stable across backends. */
+static uint32_t dummy_tensor(const char *name, int64_t cols, float *scale, float *offset) {
   uint32_t id = 2166136261u;
   for (const char *p = name; *p; p++) id = (id ^ (uint8_t)*p) * 16777619u;
+  bool norm = strstr(name, "norm") != NULL;
+  *scale = norm ? 0.1f : sqrtf(3.0f / (float)cols);
+  *offset = norm ? 1.0f : 0.0f;
+  return id;
+}
+
+static int dummy_fill(void *ctx, const char *name, int64_t rows, int64_t cols, float *dst,
+                      char *err, size_t errlen) {
+  (void)err, (void)errlen;
+  const dummy_ctx_t *d = ctx;
+  float scale, offset;
+  uint32_t id = dummy_tensor(name, cols, &scale, &offset);
   size_t n = (size_t)rows * (size_t)cols;
-  if (strstr(name, "norm")) {
-    for (size_t i = 0; i < n; i++) dst[i] = 1.0f + model_dummy_value(d->seed, id, i, 0.1f);
-    return 0;
-  }
-  /* Uniform with std 1/sqrt(cols): activations keep their scale layer to layer. */
-  float scale = sqrtf(3.0f / (float)cols);
-  for (size_t i = 0; i < n; i++) dst[i] = model_dummy_value(d->seed, id, i, scale);
+  for (size_t i = 0; i < n; i++) dst[i] = offset + model_dummy_value(d->seed, id, i, scale);
   return 0;
+}
+
+static int dummy_fill_device(void *ctx, const char *name, int64_t rows, int64_t cols,
+                             k_backend_t *be, void *dst, k_dtype_t t) {
+  const dummy_ctx_t *d = ctx;
+  float scale, offset;
+  uint32_t id = dummy_tensor(name, cols, &scale, &offset);
+  return be->ops->fill_dummy(be, dst, t, 0, rows * cols, d->seed, id, scale, offset);
 }
 
 int model_weights_dummy(model_weights_t *w, const model_config_t *c, uint64_t seed,
                         k_backend_t *be, char *err, size_t errlen) {
   dummy_ctx_t d = {seed, c->n_embd};
-  model__wsrc_t src = {.ctx = &d, .fill = dummy_fill};
+  model__wsrc_t src = {.ctx = &d, .fill = dummy_fill, .fill_device = dummy_fill_device};
   return model__weights_load(w, c, &src, be, err, errlen);
 }

@@ -66,8 +66,8 @@ int kv_pool_check(const kv_pool_t *p) {
   return rc;
 }
 
-size_t kv_block_bytes(int32_t block_size, int32_t head_dim) {
-  return (size_t)block_size * (2 * (size_t)head_dim * sizeof(float) + sizeof(float) +
+size_t kv_block_bytes(k_dtype_t kv_type, int32_t block_size, int32_t head_dim) {
+  return (size_t)block_size * (2 * (size_t)head_dim * k_dtype_bytes(kv_type) + sizeof(float) +
                                sizeof(int32_t));
 }
 
@@ -78,8 +78,11 @@ int kv_arena_init(k_kv_arena_t *a, k_backend_t *be, int32_t n_blocks, int32_t bl
   a->n_blocks = n_blocks;
   a->block_size = block_size;
   a->head_dim = head_dim;
-  a->k = be->ops->alloc(be, slots * (size_t)head_dim * sizeof(float));
-  a->v = be->ops->alloc(be, slots * (size_t)head_dim * sizeof(float));
+  a->type = be->kv_type;
+  size_t el = k_dtype_bytes(be->kv_type);
+  if (!el) return -EINVAL;
+  a->k = be->ops->alloc(be, slots * (size_t)head_dim * el);
+  a->v = be->ops->alloc(be, slots * (size_t)head_dim * el);
   a->score = be->ops->alloc(be, slots * sizeof(float));
   a->pos = be->ops->alloc(be, slots * sizeof(int32_t));
   if (!a->k || !a->v || !a->score || !a->pos) {

@@ -29,8 +29,8 @@ void kv_pool_shuffle(kv_pool_t *p, uint64_t seed);
  * O(n_blocks): for tests and debug builds. 0 or -EFAULT. */
 int kv_pool_check(const kv_pool_t *p);
 
-/* Bytes of backend memory one block takes (K, V, score, position). */
-size_t kv_block_bytes(int32_t block_size, int32_t head_dim);
+/* Bytes of backend memory one block takes (K and V of kv_type, score, position). */
+size_t kv_block_bytes(k_dtype_t kv_type, int32_t block_size, int32_t head_dim);
 /* Allocate the KV arena for n_blocks on the backend. */
 int kv_arena_init(k_kv_arena_t *a, k_backend_t *be, int32_t n_blocks, int32_t block_size,
                   int32_t head_dim);

@@ -632,7 +632,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   if (cfg->max_waiting < 1)
     return fail(err, errlen, -EINVAL, "max_waiting must be >= 1, got %d", cfg->max_waiting);
   const model_config_t *c = &w->cfg;
-  const size_t block_bytes = kv_block_bytes(BLOCK_SIZE, c->head_dim);
+  const size_t block_bytes = kv_block_bytes(be->kv_type, BLOCK_SIZE, c->head_dim);
   const int64_t heads = (int64_t)c->n_layers * c->n_kv_heads;
   const int64_t per_seq = heads * ((cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE);
   int64_t n_blocks = cfg->kv_cache_memory > 0 ? cfg->kv_cache_memory / (int64_t)block_bytes : 0;

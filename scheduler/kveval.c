@@ -76,7 +76,7 @@ int sched_kveval_new(sched_kveval_t **out, const model_weights_t *w, k_backend_t
     sched_kveval_free(ev);
     return rc;
   }
-  ev->arena_bytes = (size_t)n_blocks * kv_block_bytes(BLOCK, c->head_dim);
+  ev->arena_bytes = (size_t)n_blocks * kv_block_bytes(be->kv_type, BLOCK, c->head_dim);
   ev->pos = malloc((size_t)chunk * sizeof *ev->pos);
   ev->rows = malloc((size_t)chunk * sizeof *ev->rows);
   ev->logits = malloc((size_t)chunk * (size_t)c->n_vocab * sizeof *ev->logits);
@@ -133,8 +133,8 @@ static void arena_copy(sched_kveval_t *ev, bool save) {
   struct {
     void *arr;
     size_t bytes;
-  } parts[4] = {{a->k, kd * sizeof(float)},
-                {a->v, kd * sizeof(float)},
+  } parts[4] = {{a->k, kd * k_dtype_bytes(a->type)},
+                {a->v, kd * k_dtype_bytes(a->type)},
                 {a->score, slots * sizeof(float)},
                 {a->pos, slots * sizeof(int32_t)}};
   for (int i = 0; i < 4; i++) {

@@ -293,7 +293,7 @@ static void test_preemption(void) {
   c.max_model_len = 64;
   const int32_t heads = w.cfg.n_layers * w.cfg.n_kv_heads;
   const int32_t per_seq = heads * (64 / 16);
-  c.kv_cache_memory = (int64_t)(per_seq * 3 / 2) * (int64_t)kv_block_bytes(16, w.cfg.head_dim);
+  c.kv_cache_memory = (int64_t)(per_seq * 3 / 2) * (int64_t)kv_block_bytes(K_F32, 16, w.cfg.head_dim);
   sched_engine_t *e = engine(&c, true);
   sched_capacity_t cap;
   sched_engine_capacity(e, &cap);

@@ -156,8 +156,9 @@ static void test_pool_shuffle(void) {
 }
 
 static void test_block_bytes_and_arena(void) {
-  CHECK_INT_EQ(kv_block_bytes(16, 64), 16 * (2 * 64 * 4 + 4 + 4));
-  CHECK_INT_EQ(kv_block_bytes(1, 1), 2 * 4 + 4 + 4);
+  CHECK_INT_EQ(kv_block_bytes(K_F32, 16, 64), 16 * (2 * 64 * 4 + 4 + 4));
+  CHECK_INT_EQ(kv_block_bytes(K_F32, 1, 1), 2 * 4 + 4 + 4);
+  CHECK_INT_EQ(kv_block_bytes(K_BF16, 16, 128), 16 * (2 * 128 * 2 + 4 + 4));
   k_backend_t *be = NULL;
   CHECK_INT_EQ(k_cpu_backend_new(&be, 1), 0);
   k_kv_arena_t a;

@@ -245,8 +245,8 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
     const k_seq_kv_t *q = &a->seqs[s];
     int32_t r0 = a->q_start[s], n_new = a->q_start[s + 1] - r0;
     for (int32_t h = 0; h < H; h++) {
-      const int32_t *table = k_seq_table(q, a->layer, H, h);
-      int32_t first = k_seq_ctx(q, a->layer, H, h) - n_new;
+      const int32_t *table = k_attn_table(a, q, h);
+      int32_t first = k_attn_ctx(a, q, h) - n_new;
       if (first < 0) return -EINVAL;
       for (int32_t t = 0; t < n_new; t++) {
         int32_t i = first + t;
@@ -345,11 +345,10 @@ static inline float exp_nonpos(float x) {
 static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
                      int32_t r0, int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb,
                      float *m_out, float *l_out) {
-  const int32_t H = a->n_kv_heads, G = a->n_q_heads / a->n_kv_heads, D = a->head_dim,
-                B = kv->block_size;
+  const int32_t G = a->n_q_heads / a->n_kv_heads, D = a->head_dim, B = kv->block_size;
   int32_t nq = (r1 - r0) * G; /* query vectors in this tile */
-  const int32_t *table = k_seq_table(&a->seqs[s], a->layer, H, h);
-  int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
+  const int32_t *table = k_attn_table(a, &a->seqs[s], h);
+  int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
 
   float m[ATT_QT * ATT_MAX_G], l[ATT_QT * ATT_MAX_G];
   float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
@@ -453,7 +452,7 @@ static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, 
   const k_attn_args_t *a = j->a;
   const k_seq_kv_t *q = &a->seqs[s];
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
-  const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
+  const int32_t ctx = k_attn_ctx(a, q, h);
   const int32_t last_row = a->q_start[s + 1] - 1;
   const int64_t ldb = (ld + B - 1) / B;
   const bool want_mass = q->n_obs > 0 && q->obs_mass;
@@ -484,8 +483,7 @@ static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, 
           for (int32_t k = 0; k < n; k++) mg[b0 + k] += rb[k];
       }
       if (q->n_obs > 0 && q->obs_last && t0 + i / G == last_row) {
-        float *o = q->obs_last + ((int64_t)a->layer * a->n_q_heads + (int64_t)h * G + g) *
-                                     ((int64_t)q->stride * B);
+        float *o = q->obs_last + (k_attn_row(a, h) * G + g) * ((int64_t)q->stride * B);
         for (int32_t k = 0; k < ctx; k++) o[k] = row[k] * row[k];
       }
     }
@@ -500,11 +498,11 @@ static void att_finish(const att_job_t *j, int32_t s, int32_t h, float *sq, floa
   const k_attn_args_t *a = j->a;
   const k_seq_kv_t *q = &a->seqs[s];
   const int32_t H = a->n_kv_heads, G = a->n_q_heads / H, B = kv->block_size;
-  const int32_t ctx = k_seq_ctx(q, a->layer, H, h);
-  const int32_t *table = k_seq_table(q, a->layer, H, h);
+  const int32_t ctx = k_attn_ctx(a, q, h);
+  const int32_t *table = k_attn_table(a, q, h);
   const bool window = q->n_obs > 0;
   float *om = window && q->obs_mass
-                  ? q->obs_mass + ((int64_t)a->layer * H + h) * ((int64_t)q->stride * B)
+                  ? q->obs_mass + k_attn_row(a, h) * ((int64_t)q->stride * B)
                   : NULL;
   if (window && q->obs_pool > 1) {
     for (int32_t g = 0; g < G; g++) {
@@ -549,7 +547,7 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
     rc = att_accumulate(j, s, h, r0, r1, thread, sq, sq + (int64_t)G * j->acc_ld[s],
                         j->acc_ld[s]);
   } else {
-    const int32_t ctx = k_seq_ctx(&j->a->seqs[s], j->a->layer, H, h);
+    const int32_t ctx = k_attn_ctx(j->a, &j->a->seqs[s], h);
     const int64_t ld = ctx > 0 ? ctx : 1;
     /* then sq, mass [G][ld], tmp [ld] */
     k__scratch_t *sc = &j->scratch[thread];
@@ -604,8 +602,8 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
   const bool gemm = a->q_start[a->n_seqs] >= 2;
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
   int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H];
-  const int32_t *table = k_seq_table(&a->seqs[s], a->layer, H, h);
-  int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
+  const int32_t *table = k_attn_table(a, &a->seqs[s], h);
+  int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
   int32_t nch = (ctx + 15) / 16;
   float *w = aligned_alloc(64, (size_t)nch * 16 * sizeof(float) * 2);
   float *pr = w + (size_t)nch * 16;
@@ -721,7 +719,7 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
     if (n_parts[s] > 1) {
       int32_t ld = 1;
       for (int32_t h = 0; h < H; h++) {
-        int32_t ctx = k_seq_ctx(&a->seqs[s], a->layer, H, h);
+        int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
         ld = ctx > ld ? ctx : ld;
       }
       acc_ld[s] = ld;
@@ -821,6 +819,8 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
   be->weight_types = 1u << K_F32 | 1u << K_F16 | 1u << K_BF16 | 1u << K_Q8_0 | 1u << K_Q4_0 |
                      1u << K_Q4_1;
   be->host_memory = true;
+  be->kv_type = K_F32;
+  be->dense_type = K_F32;
   /* The pool runs bands of rows in parallel; each band's sgemm is serial. */
   openblas_set_num_threads(1);
   *out = be;

@@ -1,0 +1,2 @@
+// The NCCL communicator (opened at run time).
+#include "kernels/cuda/cuda-internal.h"
