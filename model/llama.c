@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
@@ -47,8 +48,32 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
   return 0;
 }
 
+int model_init_rank(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
+                    k_comm_t *comm, int32_t cap_tokens, int32_t cap_logits, char *err,
+                    size_t errlen) {
+  int rc = model_init(m, w, be, kv, cap_tokens, cap_logits, err, errlen);
+  if (rc || w->shard.n_ranks <= 1) return rc;
+  if (!comm || comm->n_ranks != w->shard.n_ranks) {
+    model_destroy(m);
+    snprintf(err, errlen, "model: a shard of %d ranks needs a communicator of as many",
+             w->shard.n_ranks);
+    return -EINVAL;
+  }
+  m->comm = comm;
+  m->h_ids = malloc((size_t)cap_tokens * sizeof(int32_t));
+  m->h_logits = malloc((size_t)cap_logits * (size_t)w->cfg.n_vocab * sizeof(float));
+  if (!m->h_ids || !m->h_logits) {
+    model_destroy(m);
+    snprintf(err, errlen, "model: out of memory");
+    return -ENOMEM;
+  }
+  return 0;
+}
+
 void model_destroy(model_t *m) {
   if (!m || !m->be) return;
+  free(m->h_ids);
+  free(m->h_logits);
   float **bufs[] = {&m->x, &m->xn, &m->q, &m->k, &m->v, &m->att, &m->gate, &m->up,
                     &m->logits, &m->inv_freq};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
@@ -65,6 +90,40 @@ void model_destroy(model_t *m) {
     if (rc_) return rc_;           \
   } while (0)
 
+/* Sum a rank's partial result over the ranks (no-op unsharded). */
+static int reduce(model_t *m, float *buf, int64_t n) {
+  return m->comm ? m->comm->ops->all_reduce_sum(m->comm, m->w->shard.rank, buf, n) : 0;
+}
+
+/* A rank looks up the ids of its vocabulary slice; the others get the zero
+ * row after it, and the all-reduce of the rows completes the lookup. */
+static int embed_tokens(model_t *m, const model_batch_t *b) {
+  const k_ops_t *op = m->be->ops;
+  const int64_t T = b->n_tokens;
+  const int32_t *ids = b->tokens;
+  if (m->comm) {
+    const int32_t v0 = m->w->shard.vocab0, nv = m->w->cfg.n_vocab;
+    for (int64_t i = 0; i < T; i++)
+      m->h_ids[i] = b->tokens[i] >= v0 && b->tokens[i] < v0 + nv ? b->tokens[i] - v0 : nv;
+    ids = m->h_ids;
+  }
+  TRY(op->upload(m->be, m->d_tokens, ids, (size_t)T * sizeof(int32_t)));
+  TRY(op->embed(m->be, m->x, &m->w->tok_embd, m->d_tokens, T));
+  return reduce(m, m->x, T * m->w->cfg.n_embd);
+}
+
+/* logits[n_logits][n_vocab_all] (host) from the rank's slice of columns. */
+static int gather_logits(model_t *m, int32_t n_logits, float *logits) {
+  const k_ops_t *op = m->be->ops;
+  const size_t nv = (size_t)m->w->cfg.n_vocab;
+  if (!m->comm) return op->download(m->be, logits, m->logits, (size_t)n_logits * nv * sizeof(float));
+  TRY(op->download(m->be, m->h_logits, m->logits, (size_t)n_logits * nv * sizeof(float)));
+  const size_t all = (size_t)m->w->shard.n_vocab_all, v0 = (size_t)m->w->shard.vocab0;
+  for (int32_t i = 0; i < n_logits; i++)
+    memcpy(logits + (size_t)i * all + v0, m->h_logits + (size_t)i * nv, nv * sizeof(float));
+  return 0;
+}
+
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const model_weights_t *w = m->w;
   const model_config_t *c = &w->cfg;
@@ -75,17 +134,18 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0)
     return -EINVAL;
 
-  TRY(op->upload(be, m->d_tokens, b->tokens, (size_t)T * sizeof(int32_t)));
   TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
 
   /* x[T][E] = embedding rows */
-  TRY(op->embed(be, m->x, &w->tok_embd, m->d_tokens, T));
+  TRY(embed_tokens(m, b));
 
   k_attn_args_t a = {
       .n_seqs = b->n_seqs,
       .n_q_heads = Hq,
       .n_kv_heads = Hkv,
       .head_dim = (int32_t)D,
+      .kv_head0 = w->shard.kv_head0,
+      .kv_heads_all = w->shard.n_kv_heads_all,
       .scale = 1.0f / sqrtf((float)D),
       .q = m->q,
       .out = m->att,
@@ -107,8 +167,9 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
     a.layer = l;
     TRY(op->kv_write(be, m->kv, m->k, m->v, &a));
     TRY(op->attention(be, m->kv, &a));
-    /* x += att · woᵀ */
+    /* x += att · woᵀ (summed over the ranks' heads) */
     TRY(op->matmul(be, m->xn, m->att, &ly->wo, T));
+    TRY(reduce(m, m->xn, T * E));
     TRY(op->add(be, m->x, m->xn, T * E));
     /* MLP: x += down(silu(gate(xn)) * up(xn)) */
     TRY(op->rmsnorm(be, m->xn, m->x, ly->ffn_norm, T, E, c->rms_eps));
@@ -116,6 +177,7 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
     TRY(op->matmul(be, m->up, m->xn, &ly->w_up, T));
     TRY(op->silu_mul(be, m->gate, m->gate, m->up, T * F));
     TRY(op->matmul(be, m->xn, m->gate, &ly->w_down, T));
+    TRY(reduce(m, m->xn, T * E));
     TRY(op->add(be, m->x, m->xn, T * E));
   }
   if (b->n_logits == 0) return 0;
@@ -126,7 +188,6 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   TRY(op->embed(be, m->xn, &xw, m->d_rows, b->n_logits)); /* gather rows */
   TRY(op->rmsnorm(be, m->xn, m->xn, w->out_norm, b->n_logits, E, c->rms_eps));
   TRY(op->matmul(be, m->logits, m->xn, &w->output, b->n_logits));
-  TRY(op->download(be, logits, m->logits,
-                   (size_t)b->n_logits * (size_t)c->n_vocab * sizeof(float)));
+  TRY(gather_logits(m, b->n_logits, logits));
   return op->sync(be);
 }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kernels/backend.h"
+#include "kernels/comm.h"
 #include "model/weights.h"
 
 typedef struct model_batch {
@@ -33,13 +34,27 @@ typedef struct model {
   float *logits;                               /* owns: [cap_logits][n_vocab] */
   float *inv_freq;                             /* owns: backend copy */
   int32_t *d_tokens, *d_pos, *d_rows;          /* owns: backend copies of batch arrays */
+  /* A tensor-parallel rank (w->shard.n_ranks > 1): */
+  k_comm_t *comm;     /* borrows: sums the partial results of the ranks */
+  int32_t *h_ids;     /* owns (host): [cap_tokens] ids in this rank's vocabulary slice */
+  float *h_logits;    /* owns (host): [cap_logits][slice] this rank's logits */
 } model_t;
 
 int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
                int32_t cap_tokens, int32_t cap_logits, char *err, size_t errlen);
 void model_destroy(model_t *m); /* NULL-safe, half-init safe */
 
-/* One forward step. logits (host memory) receives [n_logits][n_vocab]. */
+/* One forward step. logits (host memory) receives [n_logits][n_vocab]. A
+ * rank of a sharded model (init with model_init_rank) computes its share
+ * and writes its vocabulary columns of logits (row length: all of the
+ * vocabulary); every rank of the group must run the same step at once
+ * (model/group.h does). */
 int model_forward(model_t *m, const model_batch_t *b, float *logits);
+
+/* model_init for one rank of sharded weights (model_weights_shard) whose
+ * partial sums go through comm. */
+int model_init_rank(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
+                    k_comm_t *comm, int32_t cap_tokens, int32_t cap_logits, char *err,
+                    size_t errlen);
 
 #endif

@@ -29,6 +29,10 @@ typedef struct model__wsrc {
   int (*rope_factors)(void *ctx, float *inv_freq, int32_t n, char *err, size_t errlen);
 } model__wsrc_t;
 
+/* Host fp32 values to t (F32, BF16 or F16) in place: t's elements are no
+ * wider, so element i lands at byte i * sizeof(t). */
+void model__narrow(float *host, size_t n, k_dtype_t t);
+
 int model__weights_load(model_weights_t *w, const model_config_t *c, const model__wsrc_t *src,
                         k_backend_t *be, char *err, size_t errlen);
 

@@ -221,8 +221,7 @@ static void rope_freqs(const model_config_t *c, float *inv_freq) {
 
 /* ---- the filling loop ---------------------------------------------------- */
 
-/* Host fp32 values to t in place (t's elements are no wider). */
-static void narrow(float *host, size_t n, k_dtype_t t) {
+void model__narrow(float *host, size_t n, k_dtype_t t) {
   uint16_t *h = (uint16_t *)host;
   if (t == K_BF16)
     for (size_t i = 0; i < n; i++) h[i] = model_f32_to_bf16(host[i]);
@@ -253,7 +252,7 @@ static int alloc_fill(model_weights_t *w, const model__wsrc_t *src, const char *
       return model__errf(err, errlen, -ENOMEM, "out of memory loading %s (%zu bytes)", name, bytes);
     w->bytes += bytes;
   }
-  narrow(host, n, t);
+  model__narrow(host, n, t);
   return w->be->ops->upload(w->be, *dst, host, bytes);
 }
 

@@ -41,10 +41,22 @@ typedef struct model_layer {
   k_weight_t w_down;       /* [n_embd][n_ff] */
 } model_layer_t;
 
+/* Under tensor parallelism a rank's weights hold its share (model/shard):
+ * cfg counts the rank's query and KV heads, MLP columns and vocabulary rows;
+ * the shard says where they sit among all of them. */
+typedef struct model_shard {
+  int32_t rank, n_ranks;        /* n_ranks 0 or 1: unsharded */
+  int32_t q_head0, kv_head0;    /* first query / KV head of this rank */
+  int32_t n_heads_all, n_kv_heads_all;
+  int32_t ff0, n_ff_all;        /* MLP columns [ff0, ff0 + cfg.n_ff) */
+  int32_t vocab0, n_vocab_all;  /* vocabulary rows [vocab0, vocab0 + cfg.n_vocab) */
+} model_shard_t;
+
 typedef struct model_weights {
   model_config_t cfg;
+  model_shard_t shard;
   k_backend_t *be;       /* borrows */
-  k_weight_t tok_embd;   /* [n_vocab][n_embd] */
+  k_weight_t tok_embd;   /* [n_vocab][n_embd]; a shard has one more row, all zeros */
   float *out_norm;       /* backend memory [n_embd] */
   k_weight_t output;     /* [n_vocab][n_embd]; aliases tok_embd when tied */
   model_layer_t *layers; /* owns: [n_layers] */
@@ -70,6 +82,18 @@ int model_weights_from_safetensors(model_weights_t *w, const char *dir, k_backen
 int model_weights_dummy(model_weights_t *w, const model_config_t *c, uint64_t seed,
                         k_backend_t *be, char *err, size_t errlen);
 void model_weights_destroy(model_weights_t *w); /* NULL-safe, half-init safe */
+
+/* Rank `rank` of n_ranks's share of src (Megatron-style), in backend be:
+ * query/KV heads and the rows of wq, wk, wv; the same heads' columns of wo;
+ * MLP columns of w_gate/w_up rows and w_down columns; vocabulary rows of the
+ * embedding (plus a zero row, the lookup of ids outside the slice) and of
+ * the LM head; norms replicated. Heads and MLP columns must divide evenly
+ * (KV heads by n_ranks), and column slices of quantised matrices must fall
+ * on 32-element blocks. Row slices of host memory are used in place when be
+ * is a host-memory backend: src must then outlive dst. Types be does not
+ * compute on are dequantised to be->dense_type. */
+int model_weights_shard(model_weights_t *dst, const model_weights_t *src, int32_t rank,
+                        int32_t n_ranks, k_backend_t *be, char *err, size_t errlen);
 
 /* The value a dummy tensor holds at index i (host reference for tests and for
  * backends that generate on the device). */
