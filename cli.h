@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "config/options.h"
+#include "kernels/comm.h"
 #include "model/chat.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
@@ -19,6 +20,12 @@ typedef struct loaded {
   model_weights_t w;
   k_backend_t *be;
   char *chat_template; /* owns: the model's template text; NULL when it has none */
+  /* --tensor-parallel-size > 1: each rank's backend and shard of w (which
+   * they borrow rows of), and the communicator. */
+  int32_t tp;
+  k_backend_t **tp_be;     /* owns: [tp] */
+  model_weights_t *tp_w;   /* owns: [tp] */
+  k_comm_t *tp_comm;       /* owns */
 } loaded_t;
 
 double cli_now_s(void);

@@ -62,6 +62,13 @@ static char *read_file(const char *path, char *err, size_t errlen) {
 
 
 void cli_loaded_destroy(loaded_t *m) {
+  for (int32_t r = 0; r < m->tp; r++) {
+    if (m->tp_w) model_weights_destroy(&m->tp_w[r]);
+    if (m->tp_be) k_backend_free(m->tp_be[r]);
+  }
+  free(m->tp_w);
+  free(m->tp_be);
+  k_comm_free(m->tp_comm);
   model_weights_destroy(&m->w);
   k_backend_free(m->be);
   model_tok_free(m->tok);
@@ -117,6 +124,37 @@ static int load_dummy(loaded_t *m, const cfg_options_t *o, char *err, size_t err
   free(txt);
   if (!rc) rc = model_weights_dummy(&m->w, &c, o->dummy_seed, m->be, e, sizeof e);
   if (rc) snprintf(err, errlen, "--dummy-config %s: %s", o->dummy_config, e);
+  return rc;
+}
+
+/* --tensor-parallel-size N: N backends of the same kind, each rank's shard
+ * of the loaded weights, and a communicator. On the CPU the ranks split
+ * --threads and share the KV arena. */
+static int load_shards(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
+  const int32_t n = (int32_t)o->tensor_parallel_size;
+  if (!m->be->host_memory) {
+    snprintf(err, errlen, "--tensor-parallel-size %d: on CUDA the ranks need KV arenas of their "
+                          "own, which pressd does not have yet; use it with --device cpu", n);
+    return -ENOTSUP;
+  }
+  m->tp_be = calloc((size_t)n, sizeof *m->tp_be);
+  m->tp_w = calloc((size_t)n, sizeof *m->tp_w);
+  if (!m->tp_be || !m->tp_w) {
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  int32_t threads = m->be->threads / n > 0 ? m->be->threads / n : 1;
+  int rc = k_comm_cpu_new(&m->tp_comm, n);
+  for (int32_t r = 0; r < n && !rc; r++) {
+    if ((rc = k_cpu_backend_new(&m->tp_be[r], threads))) {
+      snprintf(err, errlen, "cannot start the CPU backend of rank %d", r);
+      break;
+    }
+    m->tp++;
+    m->tp_be[r]->numerics = m->be->numerics;
+    rc = model_weights_shard(&m->tp_w[r], &m->w, r, n, m->tp_be[r], err, errlen);
+  }
+  if (rc == -ENOMEM && !err[0]) snprintf(err, errlen, "out of memory");
   return rc;
 }
 
@@ -181,6 +219,7 @@ int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen
     }
   }
   if (dummy && (rc = load_dummy(m, o, err, errlen))) return rc;
+  if (o->tensor_parallel_size > 1 && (rc = load_shards(m, o, err, errlen))) return rc;
   /* every id the tokenizer can produce must have an embedding row */
   if (model_tok_n_vocab(m->tok) > m->w.cfg.n_vocab) {
     snprintf(err, errlen, "the tokenizer has %d tokens but the model's vocabulary only %d%s",
@@ -434,6 +473,10 @@ static int cmd_serve(cfg_options_t *o) {
       .debug_checks = o->debug_checks,
       .alive = wd_us ? on_engine_alive : NULL,
       .alive_ms = wd_us / 2000 > 0 ? (int32_t)(wd_us / 2000 < 60000 ? wd_us / 2000 : 60000) : 1,
+      .tp_size = m.tp,
+      .tp_weights = m.tp_w,
+      .tp_backends = m.tp_be,
+      .tp_comm = m.tp_comm,
   };
   notify_status("allocating the KV cache");
   if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
@@ -446,6 +489,9 @@ static int cmd_serve(cfg_options_t *o) {
            "max-model-len %d: %.2f",
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
            cap.max_concurrency);
+  if (m.tp > 1)
+    log_info("tensor parallel: %d ranks (%s communicator), %d KV heads and %d MLP columns each",
+             m.tp, m.tp_comm->ops->name, m.tp_w[0].cfg.n_kv_heads, m.tp_w[0].cfg.n_ff);
   if ((rc = sched_engine_start(eng))) {
     snprintf(err, sizeof err, "cannot start the engine thread: %s", strerror(-rc));
     sched_engine_free(eng);
@@ -609,7 +655,9 @@ static int cmd_generate(cfg_options_t *o) {
   sched_sampler_t smp;
   int32_t chunk = (int32_t)o->max_num_batched_tokens;
   float *logits = malloc((size_t)c->n_vocab * sizeof(float));
-  rc = logits ? sched_single_init(&run, &m.w, m.be, seq_len, chunk, 0, err, sizeof err) : -ENOMEM;
+  rc = logits ? sched_single_init_tp(&run, &m.w, m.be, m.tp > 1 ? m.tp : 1, m.tp_w, m.tp_be,
+                                     m.tp_comm, seq_len, chunk, 0, err, sizeof err)
+             : -ENOMEM;
   if (!rc && (rc = sched_sampler_init(&smp, &sp, c->n_vocab)))
     snprintf(err, sizeof err, "cannot start the sampler: %s", strerror(-rc));
   if (rc) {

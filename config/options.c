@@ -38,6 +38,9 @@ static const opt_t opts[] = {
      "context length limit (0 = the model's)"},
     {"device", OPT_STR, O(device), "auto", 0, 0, "auto|cpu|cuda", "compute backend"},
     {"threads", OPT_INT, O(threads), "0", 0, 1024, NULL, "CPU threads (0 = all cores)"},
+    {"tensor-parallel-size", OPT_INT, O(tensor_parallel_size), "1", 1, 64, NULL,
+     "ranks the model is split over (Megatron-style: heads, MLP columns, vocabulary); on "
+     "the CPU each rank is a thread group sharing --threads"},
     {"cpu-numerics", OPT_STR, O(cpu_numerics), "int8", 0, 0, "int8|exact|llama",
      "CPU arithmetic: int8 activations for quantised weights (fast, batch-invariant), exact "
      "(fp32 activations), or llama (llama.cpp's CPU results bit for bit; not batch-invariant, "

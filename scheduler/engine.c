@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "model/group.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
@@ -45,7 +46,7 @@ struct sched_engine {
   /* engine thread only */
   kv_pool_t pool;
   k_kv_arena_t arena;
-  model_t model;
+  model_group_t model; /* one rank, or the tensor-parallel ranks */
   sched__sched_t sc;
   sched__kvc_t kvc;
   int32_t n_kvc_live; /* live sequences that compress */
@@ -456,7 +457,7 @@ static void step(sched_engine_t *e) {
       .n_logits = n_logits,
       .logit_rows = e->rows,
   };
-  int rc = model_forward(&e->model, &b, e->logits);
+  int rc = model_group_forward(&e->model, &b, e->logits);
   e->st.steps++;
 
   int32_t li = 0;
@@ -631,6 +632,15 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
     return fail(err, errlen, -EINVAL, "alive_ms must be >= 1, got %d", cfg->alive_ms);
   if (cfg->max_waiting < 1)
     return fail(err, errlen, -EINVAL, "max_waiting must be >= 1, got %d", cfg->max_waiting);
+  if (cfg->tp_size > 1) {
+    if (cfg->tp_size > 64 || !cfg->tp_weights || !cfg->tp_backends || !cfg->tp_comm)
+      return fail(err, errlen, -EINVAL, "tensor parallelism needs shards, backends and a communicator");
+    for (int32_t r = 0; r < cfg->tp_size; r++)
+      if (!be->host_memory || !cfg->tp_backends[r]->host_memory)
+        return fail(err, errlen, -EINVAL,
+                    "tensor parallelism runs on host-memory backends only for now (the ranks "
+                    "share one KV arena)");
+  }
   const model_config_t *c = &w->cfg;
   const size_t block_bytes = kv_block_bytes(be->kv_type, BLOCK_SIZE, c->head_dim);
   const int64_t heads = (int64_t)c->n_layers * c->n_kv_heads;
@@ -671,7 +681,18 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
          strerror(-rc));
     goto fail;
   }
-  if ((rc = model_init(&e->model, w, be, &e->arena, T, S, err, errlen))) goto fail;
+  {
+    const int32_t n_ranks = cfg->tp_size > 1 ? cfg->tp_size : 1;
+    const k_kv_arena_t *kvs[64];
+    k_backend_t *bes[64];
+    for (int32_t r = 0; r < n_ranks; r++) {
+      kvs[r] = &e->arena; /* host memory: every rank reads the one arena */
+      bes[r] = n_ranks > 1 ? cfg->tp_backends[r] : be;
+    }
+    if ((rc = model_group_init(&e->model, n_ranks, n_ranks > 1 ? cfg->tp_weights : w, bes, kvs,
+                               cfg->tp_comm, T, S, err, errlen)))
+      goto fail;
+  }
   sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
                   c->n_heads / c->n_kv_heads);
   if ((rc = sched__sched_init(&e->sc, &e->pool, S, T, c->n_layers, c->n_kv_heads, BLOCK_SIZE)))
@@ -745,7 +766,7 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->logits);
   free(e->lp_row);
   sched__sched_destroy(&e->sc);
-  model_destroy(&e->model);
+  model_group_destroy(&e->model);
   sched__kvc_destroy(&e->kvc);
   kv_arena_destroy(&e->arena, e->be);
   kv_pool_destroy(&e->pool);

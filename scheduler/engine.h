@@ -111,6 +111,15 @@ typedef struct sched_engine_config {
   /* After every step, check the KV block accounting (pool against the
    * sequences' tables) and abort on a mismatch: for tests and soak runs. */
   bool debug_checks;
+  /* Tensor parallelism (tp_size > 1): the forward runs on tp_size ranks, rank
+   * r with the shard tp_weights[r] on tp_backends[r], summing through
+   * tp_comm; sched_engine_new's w and be stay the whole model and the
+   * backend that holds the KV arena, which every rank reads (host-memory
+   * backends only, for now). */
+  int32_t tp_size;
+  const struct model_weights *tp_weights;
+  struct k_backend *const *tp_backends;
+  struct k_comm *tp_comm;
 } sched_engine_config_t;
 
 /* Upper bounds (seconds) of the compression-time histogram buckets. */

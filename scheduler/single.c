@@ -7,6 +7,14 @@
 
 int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
                       int32_t max_len, int32_t chunk, int32_t n_blocks, char *err, size_t errlen) {
+  return sched_single_init_tp(s, w, be, 1, NULL, NULL, NULL, max_len, chunk, n_blocks, err,
+                              errlen);
+}
+
+int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
+                         int32_t tp, const model_weights_t *tp_w, k_backend_t *const *tp_be,
+                         k_comm_t *comm, int32_t max_len, int32_t chunk, int32_t n_blocks,
+                         char *err, size_t errlen) {
   memset(s, 0, sizeof *s);
   const model_config_t *c = &w->cfg;
   const int32_t B = 16;
@@ -31,7 +39,15 @@ int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *
     sched_single_destroy(s);
     return -ENOMEM;
   }
-  if ((rc = model_init(&s->model, w, be, &s->arena, chunk, chunk, err, errlen))) {
+  if (tp < 1 || tp > 64 || (tp > 1 && (!tp_w || !tp_be || !comm))) {
+    snprintf(err, errlen, "tensor parallelism needs shards, backends and a communicator");
+    sched_single_destroy(s);
+    return -EINVAL;
+  }
+  const k_kv_arena_t *kvs[64];
+  for (int32_t r = 0; r < tp; r++) kvs[r] = &s->arena;
+  if ((rc = model_group_init(&s->model, tp, tp > 1 ? tp_w : w, tp > 1 ? tp_be : &be, kvs, comm,
+                             chunk, chunk, err, errlen))) {
     sched_single_destroy(s);
     return rc;
   }
@@ -40,7 +56,7 @@ int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *
 
 void sched_single_destroy(sched_single_t *s) {
   if (!s) return;
-  model_destroy(&s->model);
+  model_group_destroy(&s->model);
   free(s->pos);
   free(s->rows);
   kv_seq_destroy(&s->seq, &s->pool);
@@ -81,7 +97,7 @@ int sched_single_feed(sched_single_t *s, const int32_t *tokens, int32_t n, bool 
         .logit_rows = all_logits ? s->rows : &s->rows[m - 1],
     };
     float *out = all_logits ? logits + (int64_t)done * V : logits;
-    if ((rc = model_forward(&s->model, &b, out))) return rc;
+    if ((rc = model_group_forward(&s->model, &b, out))) return rc;
     s->n_past += m;
     done += m;
   }

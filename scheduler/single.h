@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "model/group.h"
 #include "model/llama.h"
 #include "paged/seq.h"
 
@@ -16,7 +17,7 @@ typedef struct sched_single {
   kv_pool_t pool;
   k_kv_arena_t arena;
   kv_seq_t seq;
-  model_t model;
+  model_group_t model;
   int32_t chunk;    /* tokens per forward step */
   int32_t max_len;  /* tokens the sequence may hold */
   int32_t n_past;   /* tokens already in the cache */
@@ -27,6 +28,13 @@ typedef struct sched_single {
 /* n_blocks = 0 sizes the pool for exactly one max_len sequence. */
 int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
                       int32_t max_len, int32_t chunk, int32_t n_blocks, char *err, size_t errlen);
+/* The same over tp ranks (tp > 1): rank r with the shard tp_w[r] on
+ * tp_be[r] (host-memory backends reading the one arena of be), summing
+ * through comm; w stays the whole model. */
+int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
+                         int32_t tp, const model_weights_t *tp_w, k_backend_t *const *tp_be,
+                         k_comm_t *comm, int32_t max_len, int32_t chunk, int32_t n_blocks,
+                         char *err, size_t errlen);
 void sched_single_destroy(sched_single_t *s); /* NULL-safe */
 /* Feed n tokens (split into chunks). logits receives [n][n_vocab] when
  * all_logits, else [1][n_vocab] for the last token. -E2BIG past max_len,

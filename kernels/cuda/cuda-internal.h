@@ -36,4 +36,9 @@ int kc_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const f
 int kc_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a);
 void kc_attn_destroy(kc_t *c); /* NULL-safe on c->attn */
 
+/* cuda.cu: the start of every op: -EIO once an error has stuck, else makes
+ * the backend's device current in the calling thread (a rank's thread may
+ * not be the one that created its backend). */
+int kc_enter(kc_t *c);
+
 #endif

@@ -413,7 +413,62 @@ def main():
 
     case(kv_compression_packs_more)
     packed.stop()
-    n_cases = 14
+
+    def tensor_parallel_same_outputs():
+        """--tensor-parallel-size 3 (SmolLM2's 3 KV heads, one per rank) serves
+        the greedy outputs of one rank, streamed and batched, with compression;
+        a size that does not divide the heads is a start-up error."""
+        exact = ("--cpu-numerics", "exact")
+        one, three = Server(*exact), Server(*exact, "--tensor-parallel-size", "3")
+        try:
+            prompts = ["The capital of France is", "def fib(n):", passkey_prompt(4242, n=20)]
+            for p in prompts:
+                a, b = (s.client().completions.create(
+                    model=NAME, prompt=p, max_tokens=24, temperature=0,
+                    extra_body={"ignore_eos": True}) for s in (one, three))
+                check(a.choices[0].text == b.choices[0].text,
+                      f"tp1 {a.choices[0].text!r} vs tp3 {b.choices[0].text!r}")
+            msgs = [{"role": "user", "content": "Name three colours."}]
+            ref = one.client().chat.completions.create(model=NAME, messages=msgs, max_tokens=20,
+                                                       temperature=0).choices[0].message.content
+            got = "".join(c.choices[0].delta.content or "" for c in three.client().chat.completions.create(
+                model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True) if c.choices)
+            check(ref == got, f"chat tp1 {ref!r} vs tp3 stream {got!r}")
+            out = [None] * 4
+            def worker(i):
+                out[i] = three.client().completions.create(
+                    model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16, temperature=0,
+                    extra_body={"ignore_eos": True,
+                                "kv_compression": {"method": "kvcompress", "ratio": 4}})
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            for i in range(4):
+                alone = one.client().completions.create(
+                    model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16, temperature=0,
+                    extra_body={"ignore_eos": True,
+                                "kv_compression": {"method": "kvcompress", "ratio": 4}})
+                check(out[i] is not None and out[i].choices[0].text == alone.choices[0].text,
+                      f"compressed {i}: tp3 {out[i] and out[i].choices[0].text!r} vs "
+                      f"tp1 {alone.choices[0].text!r}")
+            check(three.metric("vllm:kv_cache_usage_perc") == 0, "tp3: KV blocks not all returned")
+        finally:
+            one.stop()
+            three.stop()
+        r = subprocess.run([BIN, "serve", "--model", MODEL, "--port", "0",
+                            "--tensor-parallel-size", "2"], capture_output=True, text=True,
+                           timeout=120)
+        check(r.returncode != 0 and "must divide the model's 3 KV heads" in r.stderr,
+              f"tp 2: exit {r.returncode} {r.stderr[-300:]!r}")
+        r = subprocess.run([BIN, "serve", "--model", MODEL, "--tensor-parallel-size", "0"],
+                           capture_output=True, text=True, timeout=60)
+        check(r.returncode != 0 and "tensor-parallel-size" in r.stderr,
+              f"tp 0: exit {r.returncode} {r.stderr[-300:]!r}")
+
+    case(tensor_parallel_same_outputs)
+    n_cases = 15
     if failures:  # what the daemons said, for the failures above
         for name, s in (("main", srv), ("packed", packed)):
             print(f"--- {name} server log (tail):\n" + "".join(s.log[-15:]))
