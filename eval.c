@@ -10,9 +10,11 @@
  *    "configs": [{kv_compression object as in a request}, ...]}
  * The context (the prompt, less the scored tokens) is prefilled once; each
  * config restores it, compresses it as the server would after a prefill,
- * and writes one JSON line on stdout (the prefill scores the whole prompt
- * with the server's default pooling, so a config's observation_window does
- * not apply here):
+ * and writes one JSON line on stdout. The prefill observes the whole prompt
+ * with the server's default pooling, and, where the job's configs ask for
+ * an observation_window (one value per job; configs may also ask for none,
+ * 0), that window's queries apart, so both kinds of config are evaluated
+ * from one prefill:
  *   {"id", "config", "n_context", "kv_tokens_kept", "kv_tokens_evicted",
  *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text",
  *    ["forced_tokens"], "seconds"}
@@ -171,8 +173,20 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     }
     *ev_len = len;
   }
+  int32_t window = 0; /* the one non-zero observation_window of the configs */
+  const cJSON *cf;
+  cJSON_ArrayForEach(cf, configs) {
+    const cJSON *ow = cJSON_GetObjectItemCaseSensitive(cf, "observation_window");
+    int32_t w = cJSON_IsNumber(ow) && ow->valuedouble >= 1 && ow->valuedouble < 1e9
+                    ? (int32_t)ow->valuedouble : 0;
+    if (w && window && w != window) {
+      free(jb.ids);
+      return job_error(id, "the configs of one job may ask for one observation_window (and 0)");
+    }
+    if (w) window = w;
+  }
   double t0 = cli_now_s();
-  if ((rc = sched_kveval_prefill(*ev, jb.ids, (int32_t)n_ctx))) {
+  if ((rc = sched_kveval_prefill(*ev, jb.ids, (int32_t)n_ctx, window))) {
     free(jb.ids);
     return job_error(id, "the prefill failed");
   }

@@ -30,7 +30,14 @@ struct sched_kveval {
   float *logits;         /* [chunk][n_vocab] */
   float *last;           /* [n_vocab] the last logits */
   float *snap_last;      /* [n_vocab] the prefill's */
-  float *obs_mass, *obs_last; /* the prefill's observations */
+  float *obs_mass, *obs_last; /* the prefill's observations (of the window, if any) */
+  /* With an observation window W the prefill scores the prompt's last W
+   * queries apart: the scores and attention mass of the queries before them
+   * are kept here, so that a setting without a window (the whole prompt)
+   * can be evaluated from the same prefill. */
+  int32_t window;
+  float *score_head;     /* [n_blocks * BLOCK] arena scores before the window */
+  float *mass_all;       /* [heads][slots] attention mass of the whole prompt */
   /* the snapshot */
   int32_t snap_past;
   kv_pool_t snap_pool;
@@ -84,11 +91,14 @@ int sched_kveval_new(sched_kveval_t **out, const model_weights_t *w, k_backend_t
   ev->snap_last = malloc((size_t)c->n_vocab * sizeof *ev->snap_last);
   ev->obs_mass = calloc(lh * slots, sizeof(float));
   ev->obs_last = calloc(lh * (size_t)ev->group * slots, sizeof(float));
+  ev->score_head = calloc((size_t)n_blocks * BLOCK, sizeof(float));
+  ev->mass_all = calloc(lh * slots, sizeof(float));
   ev->snap_blocks = malloc(lh * (size_t)per_head * sizeof(int32_t));
   ev->snap_nb = malloc(lh * sizeof(int32_t));
   ev->snap_ctx = malloc(lh * sizeof(int32_t));
   ev->snap_arena = malloc(ev->arena_bytes);
   if (!ev->pos || !ev->rows || !ev->logits || !ev->last || !ev->snap_last || !ev->obs_mass || !ev->obs_last ||
+      !ev->score_head || !ev->mass_all ||
       !ev->snap_blocks || !ev->snap_nb || !ev->snap_ctx || !ev->snap_arena) {
     snprintf(err, errlen, "out of memory for a %d-token evaluation", max_len);
     sched_kveval_free(ev);
@@ -117,6 +127,8 @@ void sched_kveval_free(sched_kveval_t *ev) {
   free(ev->snap_last);
   free(ev->obs_mass);
   free(ev->obs_last);
+  free(ev->score_head);
+  free(ev->mass_all);
   free(ev->snap_blocks);
   free(ev->snap_nb);
   free(ev->snap_ctx);
@@ -222,20 +234,34 @@ static int feed(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t n_obs
   return 0;
 }
 
-int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n) {
-  if (n <= 0) return -EINVAL;
+int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t window) {
+  if (n <= 0 || window < 0) return -EINVAL;
   if (n > ev->max_len) return -E2BIG;
   kv_seq_reset(&ev->seq, &ev->pool);
   ev->n_past = 0;
+  const int32_t W = window < n ? window : 0;
+  ev->window = W;
   size_t lh = heads_of(ev), slots = (size_t)ev->seq.max_blocks * BLOCK;
+  size_t n_slots = (size_t)ev->arena.n_blocks * BLOCK;
   memset(ev->obs_mass, 0, lh * slots * sizeof(float));
-  int rc = feed(ev, ids, n, 1, false, NULL, NULL);
+  int rc = feed(ev, ids, n - W, 1, false, NULL, NULL);
   if (rc) return rc;
+  if (W > 0) { /* the window's queries on their own; the rest kept aside */
+    memcpy(ev->score_head, ev->arena.score, n_slots * sizeof(float));
+    memcpy(ev->mass_all, ev->obs_mass, lh * slots * sizeof(float));
+    memset(ev->arena.score, 0, n_slots * sizeof(float));
+    memset(ev->obs_mass, 0, lh * slots * sizeof(float));
+    if ((rc = feed(ev, ids + n - W, W, 1, false, NULL, NULL))) return rc;
+    for (size_t i = 0; i < lh * slots; i++) ev->mass_all[i] += ev->obs_mass[i];
+  }
   snapshot(ev, true);
   return 0;
 }
 
-static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool with_obs) {
+/* with_obs: the prefill's observations, of the window (whole false) or of
+ * the whole prompt (whole true). */
+static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool with_obs,
+                    bool whole) {
   kv_compress_input_t in = {
       .seq = &ev->seq,
       .score = ev->arena.score,
@@ -243,19 +269,25 @@ static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool wi
       .n_tokens = ev->n_past,
       .last_pos = ev->n_past - 1,
       .group = ev->group,
-      .obs_mass = with_obs ? ev->obs_mass : NULL,
+      .obs_mass = !with_obs ? NULL : whole && ev->window > 0 ? ev->mass_all : ev->obs_mass,
       .obs_last = with_obs ? ev->obs_last : NULL,
-      .obs_start = 0, /* the whole prompt is observed */
+      .obs_start = whole ? 0 : ev->snap_past - ev->window,
   };
   return kv_compress_run(&ev->plan, prm, &in, ev->be, &ev->arena, &ev->seq, &ev->pool);
 }
 
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
                           int64_t *evicted) {
+  const int32_t w = k->observation_window;
+  if (w != 0 && w != ev->window) return -EINVAL; /* the prefill did not observe that window */
   snapshot(ev, false);
+  const bool whole = w == 0;
+  if (whole && ev->window > 0) /* add the scores of the queries before the window */
+    for (size_t i = 0; i < (size_t)ev->arena.n_blocks * BLOCK; i++)
+      ev->arena.score[i] += ev->score_head[i];
   int64_t before = 0, after = 0;
   for (size_t i = 0; i < heads_of(ev); i++) before += ev->seq.ctx[i];
-  int rc = k->plan.policy == KV_POLICY_NONE ? 0 : compress(ev, &k->plan, true);
+  int rc = k->plan.policy == KV_POLICY_NONE ? 0 : compress(ev, &k->plan, true, whole);
   for (size_t i = 0; i < heads_of(ev); i++) after += ev->seq.ctx[i];
   if (kept) *kept = after;
   if (evicted) *evicted = before - after;
@@ -296,7 +328,7 @@ int sched_kveval_greedy(sched_kveval_t *ev, const sched_kv_compression_t *k, int
     int rc = feed(ev, force ? &force[i] : &out[i], 1, scored ? -1 : 0, false, NULL, NULL);
     if (rc) return rc;
     if (later.policy != KV_POLICY_NONE && k->interval > 0 && (i + 1) % k->interval == 0 &&
-        (rc = compress(ev, &later, false)))
+        (rc = compress(ev, &later, false, true)))
       return rc;
   }
   return 0;

@@ -21,12 +21,16 @@ int sched_kveval_new(sched_kveval_t **out, const model_weights_t *w, k_backend_t
                      int32_t max_len, int32_t chunk, char *err, size_t errlen);
 void sched_kveval_free(sched_kveval_t *ev); /* NULL-safe */
 
-/* Prefill ids (scores over the whole prompt, attention mass, last-query
- * probabilities) and snapshot the cache. -E2BIG past max_len. */
-int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n);
+/* Prefill ids (scores, attention mass, last-query probabilities) and
+ * snapshot the cache. window > 0 (and < n): the last `window` queries are
+ * observed apart from the others, so that settings with that observation
+ * window and settings with none (0: the whole prompt) can both be
+ * evaluated. -E2BIG past max_len. */
+int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t window);
 
 /* Back to the snapshot, then compress with k (policy none: not at all).
- * kept/evicted (where not NULL): KV entries, all heads. */
+ * kept/evicted (where not NULL): KV entries, all heads. -EINVAL when k's
+ * observation_window is neither 0 nor the prefill's window. */
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
                           int64_t *evicted);
 

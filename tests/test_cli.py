@@ -579,6 +579,14 @@ def run_eval_kv_cases():
          "configs": [{"ratio": 0.5}]},
         {"id": "too-long", "prompt_tokens": [1] * 600, "mode": "generate", "max_tokens": 2,
          "configs": [{}]},
+        # the last 16 queries observed apart: a windowed and a whole-prompt config from one prefill
+        {"id": "window", "prompt": "The quick brown fox jumps over the lazy dog. " * 30,
+         "mode": "ppl", "eval_tokens": 16,
+         "configs": [{"ratio": 2, "protected_window": 8, "observation_window": 16},
+                     {"ratio": 2, "protected_window": 8}]},
+        {"id": "two-windows", "prompt": "hello there " * 20, "mode": "ppl", "eval_tokens": 4,
+         "configs": [{"ratio": 2, "observation_window": 8},
+                     {"ratio": 2, "observation_window": 16}]},
     ]
     stdin = "\n".join(json.dumps(j) for j in jobs) + "\nnot json\n"
     try:
@@ -604,7 +612,11 @@ def run_eval_kv_cases():
             problem = "eviction counts: %r" % ok
         elif len(by.get("gen", [])) != 2 or any(len(r.get("tokens", [])) != 4 for r in by["gen"]):
             problem = "generate job: %r" % by.get("gen")
-        elif not all("error" in by.get(k, [{}])[0] for k in ("bad-mode", "bad-config", "too-long")):
+        elif (len(by.get("window", [])) != 2 or any(r.get("kv_tokens_evicted", 0) <= 0 for r in by["window"])
+              or abs(by["window"][1]["ppl"] - ok[1]["ppl"]) > 0.05 * ok[1]["ppl"]):
+            problem = "observation window job: %r (whole-prompt config %r)" % (by.get("window"), ok[1:2])
+        elif not all("error" in by.get(k, [{}])[0] for k in ("bad-mode", "bad-config", "too-long",
+                                                              "two-windows")):
             problem = "bad jobs not reported as errors: %r" % rows
         elif not any(r.get("id") is None and "error" in r for r in rows):
             problem = "a line that is not JSON was not reported"
