@@ -716,6 +716,23 @@ fail:
   return 0;
 }
 
+/* The version, and the build's optional parts (tests look for them). */
+static void print_version(void) {
+  printf("pressd %s\n", PRESSD_VERSION);
+  printf("built with:%s%s\n",
+#ifdef PRESSD_CUDA
+         " cuda",
+#else
+         " cpu-only",
+#endif
+#ifdef PRESSD_FAULT_INJECTION
+         " fault-injection"
+#else
+         ""
+#endif
+  );
+}
+
 static void usage(FILE *f) {
   fprintf(f,
           "pressd %s — OpenAI-compatible LLM serving with KV-cache compression\n\n"
@@ -736,7 +753,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
-    printf("pressd %s\n", PRESSD_VERSION);
+    print_version();
     return 0;
   }
   if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
@@ -753,7 +770,7 @@ int main(int argc, char **argv) {
   int rc = cfg_parse_args(&o, argc - 2, argv + 2, err, sizeof err);
   if (rc == CFG_HELP || rc == CFG_VERSION) {
     if (rc == CFG_HELP) cfg_print_help(stdout, argv[1]);
-    else printf("pressd %s\n", PRESSD_VERSION);
+    else print_version();
     cfg_destroy(&o);
     return 0;
   }

@@ -7,6 +7,30 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
+
+#ifdef PRESSD_FAULT_INJECTION
+/* Test builds: PRESSD_INJECT_DEVICE_ERROR=FILE makes every attention call
+ * return -EIO, as a device error would, while FILE exists, so that tests
+ * can make a running daemon's steps fail and recover. */
+static const char *fault_file;
+static k_ops_t fault_ops;
+static int (*real_attention)(k_backend_t *, const k_kv_arena_t *, const k_attn_args_t *);
+
+static int faulty_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a) {
+  if (access(fault_file, F_OK) == 0) return -EIO;
+  return real_attention(be, kv, a);
+}
+
+static void inject_faults(k_backend_t *be) {
+  fault_file = getenv("PRESSD_INJECT_DEVICE_ERROR");
+  if (!fault_file || !*fault_file || real_attention) return;
+  fault_ops = *be->ops;
+  real_attention = be->ops->attention;
+  fault_ops.attention = faulty_attention;
+  be->ops = &fault_ops;
+}
+#endif
 
 #ifndef PRESSD_CUDA
 int k_backend_new_cuda(k_backend_t **out, int32_t device, char *err, size_t errlen) {
@@ -18,9 +42,15 @@ int k_backend_new_cuda(k_backend_t **out, int32_t device, char *err, size_t errl
 #endif
 
 int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen) {
-  if (dev == K_DEVICE_CUDA) return k_backend_new_cuda(out, 0, err, errlen);
-  int rc = k_cpu_backend_new(out, threads);
-  if (rc) snprintf(err, errlen, "cannot start the CPU backend: error %d", rc);
+  int rc;
+  if (dev == K_DEVICE_CUDA) {
+    rc = k_backend_new_cuda(out, 0, err, errlen);
+  } else if ((rc = k_cpu_backend_new(out, threads))) {
+    snprintf(err, errlen, "cannot start the CPU backend: error %d", rc);
+  }
+#ifdef PRESSD_FAULT_INJECTION
+  if (!rc) inject_faults(*out);
+#endif
   return rc;
 }
 

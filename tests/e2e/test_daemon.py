@@ -395,6 +395,55 @@ def startup_faults():
                ["log-file"])
 
 
+def device_error_recovery():
+    """A device error at run time (a fault-injection build makes every
+    attention call fail while a file exists): the requests running then end
+    with an error (a final stream event; 500 with an OpenAI error body), the
+    daemon keeps serving, and the next requests succeed with their blocks
+    returned. Builds without fault injection skip this case."""
+    ver = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout
+    if "fault-injection" not in ver:
+        print("     (this build has no fault injection: device_error_recovery not run)")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        trigger = os.path.join(d, "fail-now")
+        env = dict(os.environ, PRESSD_INJECT_DEVICE_ERROR=trigger)
+        srv = Server(env=env)
+        try:
+            ok = {"model": "m", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                  "ignore_eos": True}
+            status, want = srv.raw("POST", "/v1/completions", ok)
+            check(status == 200, f"before: {status} {want[:200]}")
+            st = Stream(srv.port, 1500)
+            st.start()
+            check(st.first.wait(60) and not st.error and st.status == 200,
+                  f"stream did not start: {st.status} {st.error}")
+            open(trigger, "w").close()
+            st.join(60)
+            check(st.done, f"no [DONE] after the device error (error {st.error})")
+            errs = [ev["error"] for ev in st.events if "error" in ev]
+            check(errs and "model failed" in errs[-1]["message"], f"no final error event: "
+                  f"{st.events[-2:]}")
+            check(st.tokens() < 1400, "the stream ran to its end")
+            status, data = srv.raw("POST", "/v1/completions", ok)
+            check(status == 500, f"during: {status} {data[:200]}")
+            err = json.loads(data)["error"]
+            check("model failed" in err["message"] and "/" not in err["message"], err)
+            status, _ = srv.raw("GET", "/health")
+            check(status == 200, f"health during the fault: {status}")
+            os.remove(trigger)
+            status, data = srv.raw("POST", "/v1/completions", ok)
+            check(status == 200 and json.loads(data)["choices"][0]["text"] ==
+                  json.loads(want)["choices"][0]["text"], f"after: {status} {data[:200]}")
+            metrics = srv.raw("GET", "/metrics")[1].decode()
+            used = re.search(r"^vllm:kv_cache_usage_perc(?:\{[^}]*\})? (\S+)", metrics, re.M)
+            check(used and float(used.group(1)) == 0, "KV blocks not returned after the errors")
+            check(srv.stop() == 0, "exit")
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+
+
 def install_layout():
     """scripts/install --destdir: binary, unit and configuration in place; the
     unit passes systemd-analyze verify; the installed configuration loads."""
@@ -438,7 +487,8 @@ def main():
         print("model missing: skipping")
         return 77
     for fn in (notify_protocol, graceful_drain, shutdown_timeout_aborts, request_log_and_sighup,
-               api_keys_and_metrics, max_tokens_limit, startup_faults, install_layout):
+               api_keys_and_metrics, max_tokens_limit, startup_faults, device_error_recovery,
+               install_layout):
         case(fn)
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0
