@@ -73,39 +73,6 @@ static size_t json_ids(const cJSON *arr, int32_t **ids) {
   return n;
 }
 
-static bool utf8_ok(const char *s, size_t n) {
-  const unsigned char *u = (const unsigned char *)s;
-  for (size_t i = 0; i < n;) {
-    unsigned char c = u[i];
-    size_t l;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c < 0x80) {
-      i++;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      l = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      l = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      l = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (i + l > n) return false;
-    for (size_t k = 1; k < l; k++) {
-      if (u[i + k] < lo || u[i + k] > hi) return false;
-      lo = 0x80;
-      hi = 0xBF;
-    }
-    i += l;
-  }
-  return true;
-}
-
 /* Encode into a malloc'd array; returns the encode rc. */
 static int encode(const model_tok_t *t, const char *s, size_t n, bool special, int32_t **ids,
                   size_t *n_ids) {
@@ -134,7 +101,7 @@ static size_t compare_cases(const model_tok_t *t, const char *label) {
     int32_t *exp, *got;
     n_exp = json_ids(jget(c, "ids"), &exp);
     int rc = encode(t, s, n, special, &got, &n_got);
-    bool valid = utf8_ok(s, n);
+    bool valid = test_utf8_ok(s, n);
     CHECK_INT_EQ(rc, valid ? 0 : -EINVAL);
     total++;
     if (n_got != n_exp || memcmp(got, exp, n_exp * sizeof *exp) != 0) {
@@ -211,7 +178,7 @@ static bool lossless(const char *s, size_t n) {
   }
   for (size_t i = 0; i < n; i++)
     if (!has_byte[(unsigned char)s[i]]) return false;
-  return utf8_ok(s, n) && !memchr(s, 0, n);
+  return test_utf8_ok(s, n) && !memchr(s, 0, n);
 }
 
 /* model_tok_decode against llama_detokenize, then round trips. */
@@ -271,7 +238,7 @@ static size_t detok_check(const model_tok_t *t, const int32_t *ids, size_t n, co
     char chunk[256];
     size_t k = model_detok_push(&d, t, ids[i], chunk, sizeof chunk);
     CHECK(k < sizeof chunk && chunk[k] == 0);
-    if (!utf8_ok(chunk, k)) FAIL_AT("detok emitted a partial character at id %zu", i);
+    if (!test_utf8_ok(chunk, k)) FAIL_AT("detok emitted a partial character at id %zu", i);
     if (d.n_pending) held++;
     memcpy(all + o, chunk, k);
     o += k;
@@ -404,16 +371,16 @@ static void test_invalid_utf8(void) {
     }
     int rc = encode(g_tok, buf, n, (iter & 1) != 0, &ids, &n_ids);
     CHECK(rc == 0 || rc == -EINVAL);
-    CHECK_INT_EQ(rc == 0, utf8_ok(buf, n));
+    CHECK_INT_EQ(rc == 0, test_utf8_ok(buf, n));
     char out[1024];
     model_tok_decode(g_tok, ids, n_ids, true, out, sizeof out);
     model_detok_t d;
     model_detok_init(&d);
     for (size_t i = 0; i < n_ids; i++) {
       size_t k = model_detok_push(&d, g_tok, ids[i], out, sizeof out);
-      CHECK(utf8_ok(out, k));
+      CHECK(test_utf8_ok(out, k));
     }
-    CHECK(utf8_ok(out, model_detok_flush(&d, out, sizeof out)));
+    CHECK(test_utf8_ok(out, model_detok_flush(&d, out, sizeof out)));
     free(ids);
   }
   /* random ids decode and stream without ever emitting a broken character */
@@ -423,7 +390,7 @@ static void test_invalid_utf8(void) {
     int32_t id = (int32_t)(rnd() % (uint32_t)model_tok_n_vocab(g_tok));
     char out[256];
     size_t k = model_detok_push(&d, g_tok, id, out, sizeof out);
-    CHECK(utf8_ok(out, k));
+    CHECK(test_utf8_ok(out, k));
   }
   free(buf);
 }

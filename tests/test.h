@@ -4,6 +4,7 @@
 #define PRESSD_TEST_H
 
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdio.h>
@@ -89,5 +90,39 @@ static inline uint64_t rng_next(uint64_t *s) {
 }
 /* Uniform in [0, n). */
 static inline int32_t rng_int(uint64_t *s, int32_t n) { return (int32_t)(rng_next(s) % (uint64_t)n); }
+
+/* Well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF). */
+static inline bool test_utf8_ok(const char *s, size_t n) {
+  const unsigned char *u = (const unsigned char *)s;
+  for (size_t i = 0; i < n;) {
+    unsigned char c = u[i];
+    size_t l;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c < 0x80) {
+      i++;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      l = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      l = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      l = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return false;
+    }
+    if (i + l > n) return false;
+    for (size_t k = 1; k < l; k++) {
+      if (u[i + k] < lo || u[i + k] > hi) return false;
+      lo = 0x80;
+      hi = 0xBF;
+    }
+    i += l;
+  }
+  return true;
+}
 
 #endif

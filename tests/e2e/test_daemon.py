@@ -20,50 +20,18 @@ import tempfile
 import threading
 import time
 
+from pressd_proc import Daemon
+
 BIN = os.environ.get("PRESSD_BIN", "build/pressd")
 MODEL = os.environ.get("PRESSD_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
 failures = []
 
 
-class Server:
+class Server(Daemon):
     def __init__(self, *extra, env=None, log_file=None):
-        args = [BIN, "serve", "--model", MODEL, "--port", "0", "--max-model-len", "2048",
-                "--kv-cache-memory", "256M", "--served-model-name", "m", *extra]
-        self.log = []
-        self.port = None
-        if log_file:   # the log goes to the file: the port is read from there
-            self.proc = subprocess.Popen(args + ["--log-file", log_file], stderr=subprocess.PIPE,
-                                         text=True, env=env)
-            deadline = time.time() + 60
-            while time.time() < deadline and self.proc.poll() is None and not self.port:
-                time.sleep(0.1)
-                text = open(log_file).read() if os.path.exists(log_file) else ""
-                m = re.search(r"on http://127\.0\.0\.1:(\d+)", text)
-                self.port = int(m.group(1)) if m else None
-            if not self.port:
-                self.proc.kill()
-                raise RuntimeError("server did not start: " + self.proc.stderr.read())
-            threading.Thread(target=self._drain, daemon=True).start()
-            return
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
+        super().__init__([BIN, "serve", "--model", MODEL, "--port", "0", "--max-model-len",
+                          "2048", "--kv-cache-memory", "256M", "--served-model-name", "m",
+                          *extra], env=env, log_file=log_file)
 
     def raw(self, method, path, body=None, headers=None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -89,8 +57,6 @@ class Server:
         self.signal(signal.SIGTERM)
         return self.wait()
 
-    def text(self):
-        return "".join(self.log)
 
 
 class Stream(threading.Thread):

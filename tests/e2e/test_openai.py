@@ -7,12 +7,13 @@ package is missing. Environment: PRESSD_BIN, PRESSD_MODEL.
 import http.client
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+from pressd_proc import Daemon
 
 try:
     import openai
@@ -26,33 +27,11 @@ NAME = "smollm2"
 failures = []
 
 
-class Server:
+class Server(Daemon):
     def __init__(self, *extra):
-        self.proc = subprocess.Popen(
-            [BIN, "serve", "--model", MODEL, "--port", "0", "--served-model-name", NAME,
-             "--max-model-len", "2048", "--kv-cache-memory", "512M", *extra],
-            stderr=subprocess.PIPE, text=True)
-        self.log = []
-        deadline = time.time() + 60
-        self.port = None
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-        threading.Thread(target=self._drain, daemon=True).start()
+        super().__init__([BIN, "serve", "--model", MODEL, "--port", "0", "--served-model-name",
+                          NAME, "--max-model-len", "2048", "--kv-cache-memory", "512M", *extra])
         self.base = f"http://127.0.0.1:{self.port}"
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
 
     def client(self, key="none"):
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)

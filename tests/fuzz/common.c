@@ -2,6 +2,8 @@
 
 #include <string.h>
 
+#include "tests/test.h"
+
 #ifndef FUZZ_DEFAULT_MODEL
 #define FUZZ_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #endif
@@ -36,35 +38,4 @@ void fuzz_load_model(fuzz_model_t *m, const char *harness) {
   if (rc) die(harness, path, err);
 }
 
-bool fuzz_utf8_ok(const char *s, size_t n) {
-  const unsigned char *u = (const unsigned char *)s;
-  for (size_t i = 0; i < n;) {
-    unsigned char c = u[i];
-    size_t l;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c < 0x80) {
-      i++;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      l = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      l = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      l = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (i + l > n) return false;
-    for (size_t k = 1; k < l; k++) {
-      if (u[i + k] < lo || u[i + k] > hi) return false;
-      lo = 0x80;
-      hi = 0xBF;
-    }
-    i += l;
-  }
-  return true;
-}
+bool fuzz_utf8_ok(const char *s, size_t n) { return test_utf8_ok(s, n); }
