@@ -281,9 +281,15 @@ static void on_signal(int sig) {
   }
 }
 
-/* The engine thread's sign of life for systemd's watchdog: a hung engine
- * stops it, and systemd restarts the service. */
-static void on_engine_alive(void *ctx) { notify_send("WATCHDOG=1"); }
+/* The engine thread's sign of life for systemd's watchdog, given only while
+ * the HTTP loop turns too: a hung engine or a hung loop goes silent, and
+ * systemd restarts the service. ctx: the address of the server pointer. */
+static double loop_age_limit_s = 60;
+static void on_engine_alive(void *ctx) {
+  const srv_server_t *s = *(srv_server_t *const *)ctx;
+  if (s && srv_server_loop_age(s) > loop_age_limit_s) return;
+  notify_send("WATCHDOG=1");
+}
 
 /* One token through the engine before READY=1: the first step pays for
  * page faults, thread start-up and buffers sized lazily, and a backend that
@@ -462,6 +468,7 @@ static int cmd_serve(cfg_options_t *o) {
   sched_kv_compression_t kvc;
   if ((rc = kv_compression_of(o, &kvc, err, sizeof err))) goto fail_chat;
   uint64_t wd_us = notify_watchdog_usec();
+  loop_age_limit_s = (double)wd_us / 2e6 > 2 ? (double)wd_us / 2e6 : 2;
   sched_engine_config_t ec = {
       .max_num_seqs = (int32_t)o->max_num_seqs,
       .max_num_batched_tokens = (int32_t)o->max_num_batched_tokens,
@@ -472,6 +479,7 @@ static int cmd_serve(cfg_options_t *o) {
       .notify_ctx = &srv,
       .debug_checks = o->debug_checks,
       .alive = wd_us ? on_engine_alive : NULL,
+      .alive_ctx = &srv,
       .alive_ms = wd_us / 2000 > 0 ? (int32_t)(wd_us / 2000 < 60000 ? wd_us / 2000 : 60000) : 1,
       .tp_size = m.tp,
       .tp_weights = m.tp_w,

@@ -320,7 +320,9 @@ struct srv_server {
   uv_async_t wake; /* engine events are ready */
   uv_async_t ctl;  /* stop / shutdown requested from another thread */
   uv_timer_t drain_timer;
-  bool listener_open, wake_open, ctl_open, drain_timer_open, loop_open;
+  uv_timer_t beat_timer; /* the loop's sign of life, every SRV_BEAT_MS */
+  bool listener_open, wake_open, ctl_open, drain_timer_open, beat_timer_open, loop_open;
+  atomic_llong beat_ms;  /* CLOCK_MONOTONIC ms of the last beat */
 
   srv_config_t cfg;
   char *host, *model_name; /* owns; cfg's pointers point here */

@@ -82,6 +82,24 @@ static void drain_events(srv_server_t *s) {
 
 static void on_wake(uv_async_t *a) { drain_events(a->data); }
 
+#define SRV_BEAT_MS 1000
+
+static long long mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void on_beat(uv_timer_t *t) {
+  srv_server_t *s = t->data;
+  atomic_store(&s->beat_ms, mono_ms());
+}
+
+double srv_server_loop_age(const srv_server_t *s) {
+  long long beat = s ? atomic_load(&s->beat_ms) : 0;
+  return beat > 0 ? (double)(mono_ms() - beat) / 1000.0 : 0.0; /* 0: not running yet */
+}
+
 void srv_server_notify(void *ctx) {
   srv_server_t *s = ctx ? *(srv_server_t *const *)ctx : NULL;
   if (s) uv_async_send(&s->wake);
@@ -100,6 +118,7 @@ static void stop_now(srv_server_t *s) {
   s->draining = true;
   close_handle((uv_handle_t *)&s->listener, &s->listener_open);
   close_handle((uv_handle_t *)&s->drain_timer, &s->drain_timer_open);
+  close_handle((uv_handle_t *)&s->beat_timer, &s->beat_timer_open);
   srv__close_all(s, !atomic_load(&s->stop_requested)); /* aborts what the engine still has */
   /* wake and ctl are unreferenced: uv_run returns once the rest closed */
 }
@@ -255,6 +274,11 @@ int srv__server_new_ops(srv_server_t **out, const srv_config_t *cfg, const srv_e
   s->drain_timer_open = true;
   s->drain_timer.data = s;
   uv_unref((uv_handle_t *)&s->drain_timer);
+  if ((rc = uv_timer_init(&s->loop, &s->beat_timer))) goto fail_uv;
+  s->beat_timer_open = true;
+  s->beat_timer.data = s;
+  uv_timer_start(&s->beat_timer, on_beat, SRV_BEAT_MS, SRV_BEAT_MS);
+  uv_unref((uv_handle_t *)&s->beat_timer);
   if ((rc = listen_on(s, err, errlen))) goto fail;
   *out = s;
   return 0;
@@ -279,6 +303,7 @@ int srv_server_port(const srv_server_t *s) { return s ? s->port : -1; }
 
 int srv_server_run(srv_server_t *s) {
   if (!s->stopping) {
+    atomic_store(&s->beat_ms, mono_ms());
     drain_events(s); /* events posted before the loop ran */
     on_ctl(&s->ctl); /* a stop requested before the loop ran */
     uv_run(&s->loop, UV_RUN_DEFAULT);

@@ -89,6 +89,12 @@ void srv_server_shutdown(srv_server_t *s, int64_t timeout_ms);
  * and after the engine was freed. NULL-safe. */
 void srv_server_free(srv_server_t *s);
 
+/* Seconds since the loop thread last showed it turns (it beats every
+ * second while srv_server_run runs; 0 before it runs): a watchdog that
+ * hears from the engine thread asks this too, so a hung loop is noticed.
+ * Any thread. */
+double srv_server_loop_age(const srv_server_t *s);
+
 /* The engine's notify callback: ctx is the address of the srv_server_t *
  * that srv_server_new() fills (NULL until then: the call is then a no-op). */
 void srv_server_notify(void *ctx);

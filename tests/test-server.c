@@ -1779,8 +1779,11 @@ static void test_http_max_connections(void) {
   char err[256];
   CHECK(srv__server_new_ops(&s, &cfg, &fake_ops, &g_fake, g_tok, &g_chat, "m2", err, sizeof err) ==
         0);
+  CHECK(srv_server_loop_age(s) == 0); /* not running yet */
   pthread_t th;
   CHECK(pthread_create(&th, NULL, run_thread, s) == 0);
+  usleep(1300000); /* the loop beats every second */
+  CHECK(srv_server_loop_age(s) > 0 && srv_server_loop_age(s) < 1.2);
   client_t c[3];
   resp_t r;
   for (int i = 0; i < 2; i++) cli_open(&c[i], srv_server_port(s));
@@ -1844,6 +1847,8 @@ static int http_tests(void) {
 
   srv_server_stop(g_fake.srv);
   CHECK(pthread_join(srv_th, NULL) == 0);
+  usleep(1500000); /* a loop that no longer turns ages: the watchdog hears of it */
+  CHECK(srv_server_loop_age(g_fake.srv) > 1.4);
   pthread_mutex_lock(&g_fake.mu);
   g_fake.quit = true;
   pthread_mutex_unlock(&g_fake.mu);
