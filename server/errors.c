@@ -11,6 +11,7 @@ static const char *type_of(int status) {
   case 404: return "not_found_error";
   case 429: return "rate_limit_error";
   case 503: return "service_unavailable_error";
+  case 505: return "invalid_request_error"; /* the client's protocol version */
   default: return status >= 500 ? "server_error" : "invalid_request_error";
   }
 }

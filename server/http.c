@@ -62,6 +62,7 @@ struct srv_conn {
   int error_status;        /* why a callback stopped the parser */
   const char *error_msg;   /* static: its message, NULL for the default one */
   bool auth_seen;          /* this message had an Authorization header */
+  bool host_seen;          /* ... a Host header */
 
   /* wire accounting of the message being parsed (count_gap) */
   const char *mark;     /* in the buffer being parsed: end of the last span, NULL: none */
@@ -521,7 +522,7 @@ static int on_message_begin(llhttp_t *p) {
   c->hfield.len = 0;
   c->hkind = H_OTHER;
   c->expect_len = 0;
-  c->auth_seen = false;
+  c->auth_seen = c->host_seen = false;
   c->mark = NULL;
   c->in_message = true;
   c->in_body = c->chunked = false;
@@ -568,6 +569,10 @@ static int on_header_field_complete(llhttp_t *p) {
     c->hkind = H_AUTH;
   } else if (len == 6 && strncasecmp(f, "expect", 6) == 0) {
     c->hkind = H_EXPECT;
+  } else if (len == 4 && strncasecmp(f, "host", 4) == 0) {
+    if (c->host_seen)
+      return parse_error(c, 400, "malformed HTTP request: more than one Host header");
+    c->host_seen = true;
   }
   return 0;
 }
@@ -595,7 +600,11 @@ static int on_headers_complete(llhttp_t *p) {
   srv_conn_t *c = conn_of(p);
   srv_req_t *r = c->cur;
   r->method = llhttp_get_method(p);
-  r->http_minor = llhttp_get_http_major(p) > 1 ? 1 : llhttp_get_http_minor(p);
+  if (llhttp_get_http_major(p) != 1)
+    return parse_error(c, 505, "only HTTP/1.0 and HTTP/1.1 are supported");
+  r->http_minor = llhttp_get_http_minor(p);
+  if (r->http_minor >= 1 && !c->host_seen) /* RFC 9112 3.2 */
+    return parse_error(c, 400, "malformed HTTP request: an HTTP/1.1 request needs a Host header");
   bool has_len = p->flags & F_CONTENT_LENGTH, chunked = p->flags & F_CHUNKED;
   c->in_body = true;
   c->chunked = chunked;
@@ -719,6 +728,8 @@ static void feed(srv_conn_t *c, const char *data, size_t n) {
       }
     }
     stop_reading(c);
+  } else if (err == HPE_PAUSED_H2_UPGRADE) { /* the HTTP/2 connection preface */
+    fail_request(c, 505, "HTTP/2 is not supported: use HTTP/1.1");
   } else if (err == HPE_PAUSED_UPGRADE) {
     c->no_more = true; /* upgrades are not supported: answer, then close */
     stop_reading(c);

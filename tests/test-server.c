@@ -1424,8 +1424,8 @@ static void test_http_engine_error(void) {
   const char *good = "{\"prompt\":\"Hi\",\"max_tokens\":8,\"seed\":1}";
   char req[1024];
   snprintf(req, sizeof req,
-           "POST /v1/completions HTTP/1.1\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s"
-           "POST /v1/completions HTTP/1.1\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s",
+           "POST /v1/completions HTTP/1.1\r\nHost: t\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s"
+           "POST /v1/completions HTTP/1.1\r\nHost: t\r\n" AUTHZ "Content-Length: %zu\r\n\r\n%s",
            strlen(bad), bad, strlen(good), good);
   cli_sends(&c, req); /* pipelined: the failure must not take the next one along */
   CHECK(cli_response(&c, &r, 5000));
@@ -1498,7 +1498,7 @@ static void test_http_pipelining(void) {
   /* Connection: close is honoured after the answer */
   cli_sends(
       &c,
-      "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /health HTTP/1.1\r\n\r\n");
+      "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n");
   CHECK(cli_response(&c, &r, 5000));
   CHECK_STR_EQ(header(&r, "Connection"), "close");
   resp_free(&r);
@@ -1541,7 +1541,7 @@ static void test_http_limits(void) {
   cli_open(&c, g_port);
   srv_buf_t h;
   srv__buf_init(&h);
-  srv__buf_adds(&h, "GET /health HTTP/1.1\r\nX-Big: ");
+  srv__buf_adds(&h, "GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ");
   for (int i = 0; i < 20000; i++) srv__buf_add(&h, "a", 1);
   srv__buf_adds(&h, "\r\n\r\n");
   cli_send(&c, h.p, h.len);
@@ -1606,20 +1606,25 @@ static void test_http_strict(void) {
     const char *name, *req;
     int status;
   } cases[] = {
-      {"obs-fold", "GET /health HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n", 400},
-      {"obs-fold of an empty value", "GET /health HTTP/1.1\r\nX-A:\r\n b\r\n\r\n", 400},
-      {"obs-fold of a blank line", "GET /health HTTP/1.1\r\nX-A:\r\n  \r\n\r\n", 400},
+      {"obs-fold", "GET /health HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n", 400},
+      {"obs-fold of an empty value", "GET /health HTTP/1.1\r\nHost: t\r\nX-A:\r\n b\r\n\r\n", 400},
+      {"obs-fold of a blank line", "GET /health HTTP/1.1\r\nHost: t\r\nX-A:\r\n  \r\n\r\n", 400},
       {"obs-fold in Transfer-Encoding",
-       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400},
-      {"space before the colon", "GET /health HTTP/1.1\r\nX-A : b\r\n\r\n", 400},
-      {"space in a name", "GET /health HTTP/1.1\r\nX A: b\r\n\r\n", 400},
+       "POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400},
+      {"space before the colon", "GET /health HTTP/1.1\r\nHost: t\r\nX-A : b\r\n\r\n", 400},
+      {"space in a name", "GET /health HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n", 400},
       {"two Authorization headers",
-       "GET /v1/models HTTP/1.1\r\nAuthorization: Bear\r\nAuthorization: er " API_KEY "\r\n\r\n",
+       "GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bear\r\nAuthorization: er " API_KEY "\r\n\r\n",
        400},
       {"chunk data without its CRLF",
-       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400},
+       "POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400},
       {"a chunk over the limit",
-       "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n{", 413},
+       "POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n{", 413},
+      {"HTTP/1.1 without Host", "GET /health HTTP/1.1\r\nX-A: b\r\n\r\n", 400},
+      {"two Host headers", "GET /health HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400},
+      {"HTTP/2.0 request line", "GET /health HTTP/2.0\r\nHost: t\r\n\r\n", 505},
+      {"HTTP/2 connection preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505},
+      {"HTTP/1.0 without Host", "GET /health HTTP/1.0\r\n\r\n", 200},
   };
   resp_t r;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1634,12 +1639,12 @@ static void test_http_strict(void) {
     char fill;
     int status;
   } pads[] = {
-      {"spaces before a value", "GET /health HTTP/1.1\r\nX-A: ", "v\r\n\r\n", ' ', 431},
-      {"spaces in an empty value", "GET /health HTTP/1.1\r\nX-A:", "\r\nX-B: 1\r\n\r\n", ' ', 431},
-      {"spaces in the request line", "GET", "/health HTTP/1.1\r\n\r\n", ' ', 431},
-      {"a chunk extension", "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;",
+      {"spaces before a value", "GET /health HTTP/1.1\r\nHost: t\r\nX-A: ", "v\r\n\r\n", ' ', 431},
+      {"spaces in an empty value", "GET /health HTTP/1.1\r\nHost: t\r\nX-A:", "\r\nX-B: 1\r\n\r\n", ' ', 431},
+      {"spaces in the request line", "GET", "/health HTTP/1.1\r\nHost: t\r\n\r\n", ' ', 431},
+      {"a chunk extension", "POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2;",
        "\r\n{}\r\n0\r\n\r\n", 'a', 413},
-      {"zeros of a chunk size", "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+      {"zeros of a chunk size", "POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
        "2\r\n{}\r\n0\r\n\r\n", '0', 413},
   };
   for (size_t i = 0; i < sizeof pads / sizeof pads[0]; i++) {
@@ -1654,18 +1659,18 @@ static void test_http_strict(void) {
   }
 
   /* the same across reads */
-  const char *fold[] = {"GET /health HTTP/1.1\r\nX-A: a\r\n", " b\r\n\r\n"};
+  const char *fold[] = {"GET /health HTTP/1.1\r\nHost: t\r\nX-A: a\r\n", " b\r\n\r\n"};
   split_request(fold, 2, 400, "obs-fold across reads");
-  const char *fold2[] = {"GET /health HTTP/1.1\r\nX-A:\r\n", " b\r\n\r\n"};
+  const char *fold2[] = {"GET /health HTTP/1.1\r\nHost: t\r\nX-A:\r\n", " b\r\n\r\n"};
   split_request(fold2, 2, 400, "obs-fold of an empty value across reads");
-  const char *empty[] = {"GET /health HTTP/1.1\r\nX-A:\r\n", "X-B: 1\r\n\r\n"};
+  const char *empty[] = {"GET /health HTTP/1.1\r\nHost: t\r\nX-A:\r\n", "X-B: 1\r\n\r\n"};
   split_request(empty, 2, 200, "an empty value, then a read");
-  const char *value[] = {"GET /health HTTP/1.1\r\nX-A: a b", " c\r\n\r\n"};
+  const char *value[] = {"GET /health HTTP/1.1\r\nHost: t\r\nX-A: a b", " c\r\n\r\n"};
   split_request(value, 2, 200, "a value across reads");
-  const char *crlf[] = {"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}",
+  const char *crlf[] = {"POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}",
                         "\r", "X0\r\n\r\n"};
   split_request(crlf, 3, 400, "chunk data without its CRLF across reads");
-  const char *crlf_ok[] = {"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+  const char *crlf_ok[] = {"POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                            "12\r\n{\"prompt\":\"Hello\"}\r",
                            "\n0\r\n\r\n"};
   split_request(crlf_ok, 2, 200, "a chunk's CRLF across reads");
@@ -1673,7 +1678,7 @@ static void test_http_strict(void) {
   /* credentials in a trailer are ignored */
   client_t c;
   cli_open(&c, g_port);
-  cli_sends(&c, "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+  cli_sends(&c, "POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                 "e\r\n{\"prompt\":\"x\"}\r\n0\r\nAuthorization: Bearer " API_KEY "\r\n\r\n");
   CHECK(cli_response(&c, &r, 5000));
   check_error_body(&r, 401, NULL);
@@ -1682,7 +1687,7 @@ static void test_http_strict(void) {
 
   /* an upgrade is answered, then the connection closes, and says so */
   cli_open(&c, g_port);
-  cli_sends(&c, "GET /health HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+  cli_sends(&c, "GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
   CHECK(cli_response(&c, &r, 5000));
   CHECK_INT_EQ(r.status, 200);
   CHECK_STR_EQ(header(&r, "Connection"), "close");
@@ -1719,7 +1724,7 @@ static void test_http_timeouts(void) {
   cli_close(&c);
   /* an idle keep-alive connection is closed */
   cli_open(&c, g_port);
-  cli_sends(&c, "GET /health HTTP/1.1\r\n\r\n");
+  cli_sends(&c, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
   CHECK(cli_response(&c, &r, 5000));
   resp_free(&r);
   CHECK(cli_eof(&c, 5000));
@@ -1792,7 +1797,7 @@ static void test_http_max_connections(void) {
   CHECK(cli_response(&c[2], &r, 5000));
   check_error_body(&r, 503, NULL);
   resp_free(&r);
-  cli_sends(&c[0], "GET /health HTTP/1.1\r\n\r\n");
+  cli_sends(&c[0], "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
   CHECK(cli_response(&c[0], &r, 5000));
   CHECK_INT_EQ(r.status, 200);
   resp_free(&r);
@@ -1802,7 +1807,7 @@ static void test_http_max_connections(void) {
   usleep(20000);
   srv_server_shutdown(s, 2000);
   usleep(50000);
-  cli_sends(&c[0], "GET /health HTTP/1.1\r\n\r\n");
+  cli_sends(&c[0], "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
   bool got = cli_response(&c[0], &r, 5000);
   if (got) { /* unless the (idle) server had already stopped */
     check_error_body(&r, 503, NULL);

@@ -670,8 +670,8 @@ case(M, "obs-fold across reads", [b"GET /health HTTP/1.1\r\nX-A: a\r\n", b" b\r\
 case(M, "obs-fold of an empty value across reads", [b"GET /health HTTP/1.1\r\nX-A:\r\n", b"\tb\r\n\r\n"],
      400, close=True)
 case(M, "empty value, then the next header in another read",
-     [b"GET /health HTTP/1.1\r\nX-A:\r\n", b"X-B: 1\r\n\r\n"], 200)
-case(M, "a value split across reads", [b"GET /health HTTP/1.1\r\nX-A: a b", b" c\r\n\r\n"], 200)
+     [b"GET /health HTTP/1.1\r\nHost: x\r\nX-A:\r\n", b"X-B: 1\r\n\r\n"], 200)
+case(M, "a value split across reads", [b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a b", b" c\r\n\r\n"], 200)
 case(M, "bare LF line ends", b"GET /health HTTP/1.1\nHost: x\n\n", 400, close=True)
 case(M, "bare LF after a header", b"GET /health HTTP/1.1\r\nHost: x\n\r\n", 400, close=True)
 case(M, "bare CR", b"GET /health HTTP/1.1\rHost: x\r\n\r\n", 400, close=True)
@@ -689,7 +689,7 @@ case(M, "NUL in the path", b"GET /hea\x00lth HTTP/1.1\r\n\r\n", 400, close=True)
 case(M, "control byte in a header value", b"GET /health HTTP/1.1\r\nX-A: a\x01b\r\n\r\n", 400, close=True)
 case(M, "DEL in a header value", b"GET /health HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n", 400, close=True)
 # obs-text (bytes >= 0x80) is allowed in field values by RFC 9110 5.5.
-case(M, "high bytes in a header value", b"GET /health HTTP/1.1\r\nX-A: a\xffb\r\n\r\n", 200)
+case(M, "high bytes in a header value", b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\xffb\r\n\r\n", 200)
 # Authorization split over two header lines must not authenticate.
 case(M, "Authorization split over two headers", req("POST", "/v1/completions", BASE, auth=False,
                                                        headers=["Authorization: Bear",
@@ -715,9 +715,9 @@ case(H, "empty header value padded with 100 KB of spaces", b"GET /health HTTP/1.
      + b"\r\nX-Next: 1\r\n\r\n", 431, close=True)
 case(H, "request line padded with 100 KB of spaces", b"GET" + b" " * 100000 + b"/health HTTP/1.1\r\n\r\n",
      431, close=True)
-case(H, "400 small headers (under the limit)", b"GET /health HTTP/1.1\r\n"
+case(H, "400 small headers (under the limit)", b"GET /health HTTP/1.1\r\nHost: x\r\n"
      + b"".join(b"X-H%d: v\r\n" % i for i in range(400)) + b"\r\n", 200)
-case(H, "empty header value", b"GET /health HTTP/1.1\r\nX-Empty:\r\n\r\n", 200)
+case(H, "empty header value", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Empty:\r\n\r\n", 200)
 case(H, "no API key", req("POST", "/v1/completions", BASE, auth=False), 401)
 case(H, "wrong API key", req("POST", "/v1/completions", BASE, auth=False,
                              headers=["Authorization: Bearer wrong"]), 401)
@@ -757,7 +757,10 @@ case(R, "CONNECT", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r
 # (what follows an upgrade request is not HTTP/1.1).
 case(R, "Upgrade: websocket", req("GET", "/health", headers=["Connection: Upgrade", "Upgrade: websocket"])
      + get("/health"), 200, close=True)
-case(R, "HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, close=True)
+case(R, "HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, close=True)
+case(R, "HTTP/2.0 request line", b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505, close=True)
+case(R, "HTTP/1.1 without Host", b"GET /health HTTP/1.1\r\n\r\n", 400, close=True)
+case(R, "two Host headers", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, close=True)
 case(R, "OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 404)
 case(R, "unknown route", get("/nope"), 404)
 case(R, "/v1 alone", get("/v1"), 404)
@@ -770,7 +773,7 @@ case(R, "path traversal", get("/../../../../etc/passwd"), 404,
      check=lambda rs: check(b"root:" not in rs[0].body, "file content in the answer"))
 case(R, "percent-encoded NUL", get("/health%00"), 404)
 case(R, "query string", get("/health?x=1&y"), 200)
-case(R, "high bytes in the path", b"GET /h\xffealth HTTP/1.1\r\n\r\n", 404)
+case(R, "high bytes in the path", b"GET /h\xffealth HTTP/1.1\r\nHost: x\r\n\r\n", 404)
 # RFC 9112 3.2.2: a server MUST accept the absolute form.
 case(R, "absolute-form target", req("POST", f"http://localhost:{0}/v1/completions", BASE), 200)
 case(R, "absolute-form target without a path", get("http://localhost"), 404)
@@ -786,8 +789,8 @@ case(R, "empty lines, then garbage", b"\r\n" * 1000 + b"\x00\x01\x02 / HTTP/1.1\
 case(R, "HTTP/1.2", b"GET /health HTTP/1.2\r\n\r\n", 400, close=True)
 case(R, "lower-case http version", b"GET /health http/1.1\r\n\r\n", 400, close=True)
 case(R, "tab between method and path", b"GET\t/health HTTP/1.1\r\n\r\n", 400, close=True)
-# A request line without a version is HTTP/0.9 to llhttp: answered, then closed.
-case(R, "request line without a version", b"GET /health\r\n\r\n", 200, close=True)
+# A request line without a version is HTTP/0.9 to llhttp: not supported.
+case(R, "request line without a version", b"GET /health\r\n\r\n", 505, close=True)
 
 # --- HTTP/1.0 and Connection -----------------------------------------------------
 V = "http10"

@@ -127,7 +127,7 @@ def http_seeds():
         # a generation at the head, then more quick requests than the
         # pipeline holds: parsing pauses until the head is answered
         "pipeline-full": req("POST", "/v1/completions", body({"prompt": "Hi", "max_tokens": 4}))
-        + b"GET /health HTTP/1.1\r\n\r\n" * 20,
+        + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 20,
         "expect-continue": req("POST", "/v1/completions", c,
                                headers=("Expect: 100-continue",)),
         "http10-close": req("POST", "/v1/completions", body({"prompt": "x", "stream": True}),
