@@ -21,6 +21,7 @@
 #include "scheduler/single.h"
 
 #include "cli.h"
+#include "model/llama.h"
 #include "config/log.h"
 #include "config/notify.h"
 
@@ -291,6 +292,36 @@ static void on_engine_alive(void *ctx) {
   notify_send("WATCHDOG=1");
 }
 
+/* --gpu-memory-utilization: on a device backend with --kv-cache-memory 0,
+ * the KV cache gets what the fraction of the device's memory leaves after
+ * the weights (already loaded), the activations and a margin for the
+ * libraries' workspaces. 0 in *bytes on host-memory backends. */
+static int kv_bytes_for_device(const loaded_t *m, const cfg_options_t *o, int32_t max_len,
+                               int64_t *bytes, char *err, size_t errlen) {
+  *bytes = 0;
+  size_t free_b, total_b;
+  if (!m->be->ops->mem_info || m->be->ops->mem_info(m->be, &free_b, &total_b)) return 0;
+  const int64_t margin = 512ll << 20;
+  int64_t act = (int64_t)model_activation_bytes(&m->w.cfg, (int32_t)o->max_num_batched_tokens,
+                                                (int32_t)o->max_num_seqs);
+  int64_t budget = (int64_t)(o->gpu_memory_utilization * (double)total_b);
+  int64_t used = (int64_t)(total_b - free_b); /* the weights and whatever else holds memory */
+  *bytes = budget - used - act - margin;
+  if (*bytes <= 0) {
+    snprintf(err, errlen, "--gpu-memory-utilization %.2f leaves no room for the KV cache: %.2f GiB "
+             "of %.2f GiB in use, %.2f GiB of activations for --max-num-batched-tokens %lld and "
+             "--max-num-seqs %lld", o->gpu_memory_utilization, (double)used / (1 << 30),
+             (double)total_b / (1 << 30), (double)act / (1 << 30),
+             (long long)o->max_num_batched_tokens, (long long)o->max_num_seqs);
+    return -ENOMEM;
+  }
+  log_info("KV cache: %.2f GiB for --gpu-memory-utilization %.2f of %.2f GiB (weights and others "
+           "%.2f GiB, activations %.2f GiB; max-model-len %d)", (double)*bytes / (1 << 30),
+           o->gpu_memory_utilization, (double)total_b / (1 << 30), (double)used / (1 << 30),
+           (double)act / (1 << 30), max_len);
+  return 0;
+}
+
 /* One token through the engine before READY=1: the first step pays for
  * page faults, thread start-up and buffers sized lazily, and a backend that
  * cannot run fails here instead of on the first request. */
@@ -460,9 +491,12 @@ static int cmd_serve(cfg_options_t *o) {
   else log_warn("%s; /v1/chat/completions will answer 400", err);
 
   int64_t kv_bytes = o->kv_cache_memory;
-  if (kv_bytes <= 0) /* room for four sequences of max_model_len */
+  if (kv_bytes <= 0 && (rc = kv_bytes_for_device(&m, o, max_len, &kv_bytes, err, sizeof err)))
+    goto fail_chat;
+  if (kv_bytes <= 0) /* host memory: room for four sequences of max_model_len */
     kv_bytes = 4 * (int64_t)max_len * c->n_layers * c->n_kv_heads *
-               (int64_t)(2 * c->head_dim * sizeof(float) + sizeof(float) + sizeof(int32_t));
+               (int64_t)(2 * (size_t)c->head_dim * k_dtype_bytes(m.be->kv_type) + sizeof(float) +
+                         sizeof(int32_t));
   srv_server_t *srv = NULL;
   sched_engine_t *eng = NULL;
   sched_kv_compression_t kvc;

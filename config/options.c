@@ -38,6 +38,9 @@ static const opt_t opts[] = {
      "context length limit (0 = the model's)"},
     {"device", OPT_STR, O(device), "auto", 0, 0, "auto|cpu|cuda", "compute backend"},
     {"threads", OPT_INT, O(threads), "0", 0, 1024, NULL, "CPU threads (0 = all cores)"},
+    {"gpu-memory-utilization", OPT_FLOAT, O(gpu_memory_utilization), "0.9", 0.01, 1, NULL,
+     "on a GPU with --kv-cache-memory 0: the fraction of the device's memory pressd may use "
+     "(weights, activations and the KV cache, which gets the rest)"},
     {"tensor-parallel-size", OPT_INT, O(tensor_parallel_size), "1", 1, 64, NULL,
      "ranks the model is split over (Megatron-style: heads, MLP columns, vocabulary); on "
      "the CPU each rank is a thread group sharing --threads"},

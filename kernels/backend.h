@@ -188,6 +188,9 @@ typedef struct k_ops {
    * tensor, i, scale) for i in [first, first + n), computed on the device. */
   int (*fill_dummy)(k_backend_t *be, void *dst, k_dtype_t t, int64_t first, int64_t n,
                     uint64_t seed, uint32_t tensor, float scale, float offset);
+  /* Optional (NULL: host memory, not sized by the backend): the device's
+   * free and total memory in bytes. */
+  int (*mem_info)(k_backend_t *be, size_t *free_bytes, size_t *total_bytes);
   /* Compaction: slot dst[i] receives the K, V, score and position of slot
    * src[i]. No slot is both a source and a destination. */
   int (*kv_move)(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,

@@ -8,6 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+size_t model_activation_bytes(const model_config_t *c, int32_t cap_tokens, int32_t cap_logits) {
+  size_t T = (size_t)cap_tokens, E = (size_t)c->n_embd, F = (size_t)c->n_ff;
+  size_t QD = (size_t)c->n_heads * (size_t)c->head_dim, KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+  return (T * (2 * E + 2 * QD + 2 * KD + 2 * F) + (size_t)cap_logits * (size_t)c->n_vocab +
+          (size_t)(c->head_dim / 2 + 1)) * sizeof(float) + 3 * T * sizeof(int32_t);
+}
+
 int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
                int32_t cap_tokens, int32_t cap_logits, char *err, size_t errlen) {
   memset(m, 0, sizeof *m);

@@ -40,6 +40,10 @@ typedef struct model {
   float *h_logits;    /* owns (host): [cap_logits][slice] this rank's logits */
 } model_t;
 
+/* Backend bytes model_init allocates for these capacities (activations,
+ * logits, copies of the batch arrays). */
+size_t model_activation_bytes(const model_config_t *c, int32_t cap_tokens, int32_t cap_logits);
+
 int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
                int32_t cap_tokens, int32_t cap_logits, char *err, size_t errlen);
 void model_destroy(model_t *m); /* NULL-safe, half-init safe */

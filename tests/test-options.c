@@ -357,6 +357,8 @@ static const char *const all_options[] = {
     "--max-model-len", "4096",
     "--device", "cpu",
     "--threads", "3",
+    "--tensor-parallel-size", "3",
+    "--gpu-memory-utilization", "0.75",
     "--cpu-numerics", "exact",
     "--max-num-batched-tokens", "1000",
     "--kv-cache-memory", "1.5G",
