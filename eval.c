@@ -11,10 +11,10 @@
  * The context (the prompt, less the scored tokens) is prefilled once; each
  * config restores it, compresses it as the server would after a prefill,
  * and writes one JSON line on stdout. The prefill observes the whole prompt
- * with the server's default pooling, and, where the job's configs ask for
- * an observation_window (one value per job; configs may also ask for none,
- * 0), that window's queries apart, so both kinds of config are evaluated
- * from one prefill:
+ * with the server's default pooling, and the observation_window the job's
+ * configs ask for (the server's default 32 where they name none; one value
+ * per job, and 0, the whole prompt) apart, so both kinds of config are
+ * evaluated from one prefill:
  *   {"id", "config", "n_context", "kv_tokens_kept", "kv_tokens_evicted",
  *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text",
  *    ["forced_tokens"], "seconds"}
@@ -173,12 +173,14 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     }
     *ev_len = len;
   }
-  int32_t window = 0; /* the one non-zero observation_window of the configs */
+  int32_t window = 0; /* the one observation_window (not 0) the configs ask for */
   const cJSON *cf;
   cJSON_ArrayForEach(cf, configs) {
-    const cJSON *ow = cJSON_GetObjectItemCaseSensitive(cf, "observation_window");
-    int32_t w = cJSON_IsNumber(ow) && ow->valuedouble >= 1 && ow->valuedouble < 1e9
-                    ? (int32_t)ow->valuedouble : 0;
+    sched_kv_compression_t k, def;
+    sched_kv_compression_default(&def);
+    if (srv_parse_kv_compression(cf, &def, max_len, &k, err, sizeof err)) continue; /* reported below */
+    bool scored = k.plan.policy == KV_POLICY_KVCOMPRESS || k.plan.policy == KV_POLICY_DBUDGET;
+    int32_t w = scored && k.observation_window < (int32_t)n_ctx ? k.observation_window : 0;
     if (w && window && w != window) {
       free(jb.ids);
       return job_error(id, "the configs of one job may ask for one observation_window (and 0)");

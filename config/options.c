@@ -70,7 +70,7 @@ static const opt_t opts[] = {
      "how the budget is split over layers: KV-Compress's global greedy, equal, or ZigZagKV"},
     {"protected-window", OPT_INT, O(protected_window), "32", 0, 1 << 24, NULL,
      "newest tokens never evicted"},
-    {"observation-window", OPT_INT, O(observation_window), "0", 0, 1 << 24, NULL,
+    {"observation-window", OPT_INT, O(observation_window), "32", 0, 1 << 24, NULL,
      "last prompt tokens whose attention scores the prompt's KV (0: the whole prompt)"},
     {"kv-compression-interval", OPT_INT, O(kv_compression_interval), "32", 0, 1 << 24, NULL,
      "decode steps between compressions of a sequence (0: after the prefill and under "

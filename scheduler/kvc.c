@@ -24,7 +24,7 @@ const double sched_kvc_bounds[SCHED_KVC_N_BOUNDS] = {0.0001, 0.0003, 0.001, 0.00
 void sched_kv_compression_default(sched_kv_compression_t *k) {
   kv_compress_params_default(&k->plan);
   k->plan.policy = KV_POLICY_NONE;
-  k->observation_window = 0;
+  k->observation_window = 32;
   k->pool = 7;
   k->interval = 32;
   k->plan.per_query = false;

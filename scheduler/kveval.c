@@ -279,9 +279,10 @@ static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool wi
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
                           int64_t *evicted) {
   const int32_t w = k->observation_window;
-  if (w != 0 && w != ev->window) return -EINVAL; /* the prefill did not observe that window */
+  const bool scored = k->plan.policy == KV_POLICY_KVCOMPRESS || k->plan.policy == KV_POLICY_DBUDGET;
+  const bool whole = w == 0 || w >= ev->snap_past; /* a window as long as the prompt is all of it */
+  if (scored && !whole && w != ev->window) return -EINVAL; /* the prefill did not observe it */
   snapshot(ev, false);
-  const bool whole = w == 0;
   if (whole && ev->window > 0) /* add the scores of the queries before the window */
     for (size_t i = 0; i < (size_t)ev->arena.n_blocks * BLOCK; i++)
       ev->arena.score[i] += ev->score_head[i];

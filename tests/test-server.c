@@ -756,7 +756,7 @@ static void test_validation_ok(void) {
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
   CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
-  CHECK_INT_EQ(r->kvc.observation_window, 0);
+  CHECK_INT_EQ(r->kvc.observation_window, 32); /* the default window */
   CHECK(!r->kvc.plan.per_query); /* KV-Compress's sums */
   sched_request_free(r);
   srv__gen_params_destroy(&gp);

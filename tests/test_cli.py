@@ -570,7 +570,7 @@ def run_eval_kv_cases():
     jobs = [
         {"id": "ok", "prompt": "The quick brown fox jumps over the lazy dog. " * 30,
          "mode": "ppl", "eval_tokens": 16,
-         "configs": [{"method": "none"}, {"ratio": 2, "protected_window": 8},
+         "configs": [{"method": "none"}, {"ratio": 2, "protected_window": 8, "observation_window": 0},
                      {"method": "streaming", "ratio": 2, "protected_window": 8}]},
         {"id": "gen", "messages": [{"role": "user", "content": "Count: one, two, three"}],
          "mode": "generate", "max_tokens": 4, "configs": [{"method": "none"}, {"method": "dbudget"}]},
@@ -583,7 +583,7 @@ def run_eval_kv_cases():
         {"id": "window", "prompt": "The quick brown fox jumps over the lazy dog. " * 30,
          "mode": "ppl", "eval_tokens": 16,
          "configs": [{"ratio": 2, "protected_window": 8, "observation_window": 16},
-                     {"ratio": 2, "protected_window": 8}]},
+                     {"ratio": 2, "protected_window": 8, "observation_window": 0}]},
         {"id": "two-windows", "prompt": "hello there " * 20, "mode": "ppl", "eval_tokens": 4,
          "configs": [{"ratio": 2, "observation_window": 8},
                      {"ratio": 2, "observation_window": 16}]},
