@@ -13,20 +13,6 @@
 static k_backend_t *g_be;  /* 2 threads */
 static k_backend_t *g_be1; /* 1 thread */
 
-static float rng_unit(uint64_t *s) { /* uniform in [-1, 1) */
-  return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
-}
-
-static void *xmalloc(size_t n) {
-  void *p = malloc(n ? n : 1);
-  CHECK(p);
-  return p;
-}
-static float *rand_floats(uint64_t *rng, size_t n, float gain) {
-  float *p = xmalloc(n * sizeof *p);
-  for (size_t i = 0; i < n; i++) p[i] = rng_unit(rng) * gain;
-  return p;
-}
 static void fill_nan(float *p, size_t n) {
   for (size_t i = 0; i < n; i++) p[i] = NAN;
 }
@@ -69,14 +55,14 @@ static const char *dtype_name(k_dtype_t t) {
  * layouts define them (computed here from the bytes, in double). */
 static void *rand_weights(uint64_t *rng, k_dtype_t t, int64_t rows, int64_t cols, double *ref) {
   size_t rb = k_row_bytes(t, cols);
-  uint8_t *w = xmalloc((size_t)rows * rb);
+  uint8_t *w = test_xmalloc((size_t)rows * rb);
   for (int64_t r = 0; r < rows; r++) {
     uint8_t *p = w + (size_t)r * rb;
     double *o = ref + r * cols;
     switch (t) {
     case K_F32:
       for (int64_t c = 0; c < cols; c++) {
-        float f = rng_unit(rng);
+        float f = test_rng_unit(rng);
         memcpy(p + 4 * c, &f, 4);
         o[c] = f;
       }
@@ -90,7 +76,7 @@ static void *rand_weights(uint64_t *rng, k_dtype_t t, int64_t rows, int64_t cols
       break;
     case K_BF16:
       for (int64_t c = 0; c < cols; c++) {
-        float f = rng_unit(rng);
+        float f = test_rng_unit(rng);
         uint32_t bits;
         memcpy(&bits, &f, 4);
         uint16_t h = (uint16_t)(bits >> 16);
@@ -150,10 +136,10 @@ static bool backend_takes(k_dtype_t t) { return (g_be->weight_types >> t) & 1u; 
 
 static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, uint64_t seed) {
   uint64_t rng = seed;
-  float *x = rand_floats(&rng, (size_t)(m * cols), 1.0f);
-  double *ref = xmalloc((size_t)(rows * cols) * sizeof *ref);
+  float *x = test_rand_floats(&rng, (size_t)(m * cols), 1.0f);
+  double *ref = test_xmalloc((size_t)(rows * cols) * sizeof *ref);
   void *w = rand_weights(&rng, type, rows, cols, ref);
-  float *y = xmalloc((size_t)(m * rows + 1) * sizeof *y);
+  float *y = test_xmalloc((size_t)(m * rows + 1) * sizeof *y);
   fill_nan(y, (size_t)(m * rows));
   y[m * rows] = 777.0f;
   k_weight_t wt = {.type = type, .rows = rows, .cols = cols, .data = w};
@@ -167,7 +153,7 @@ static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, u
    * reference uses those activations; a looser check against the float
    * activations bounds the quantisation error itself. */
   bool q8 = type == K_Q4_0 || type == K_Q4_1 || type == K_Q8_0;
-  float *xq = xmalloc((size_t)(m * cols) * sizeof *xq);
+  float *xq = test_xmalloc((size_t)(m * cols) * sizeof *xq);
   for (int64_t b = 0; b < m * cols / 32; b++) {
     float amax = 0;
     for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[b * 32 + k]));
@@ -225,9 +211,9 @@ static void test_rmsnorm(void) {
   uint64_t rng = 10;
   for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
     int64_t m = shapes[k][0], n = shapes[k][1];
-    float *x = rand_floats(&rng, (size_t)(m * n), 3.0f);
-    float *g = rand_floats(&rng, (size_t)n, 2.0f);
-    float *y = xmalloc((size_t)(m * n) * sizeof *y);
+    float *x = test_rand_floats(&rng, (size_t)(m * n), 3.0f);
+    float *g = test_rand_floats(&rng, (size_t)n, 2.0f);
+    float *y = test_xmalloc((size_t)(m * n) * sizeof *y);
     fill_nan(y, (size_t)(m * n));
     const float eps = 1e-5f;
     CHECK_INT_EQ(g_be->ops->rmsnorm(g_be, y, x, g, m, n, eps), 0);
@@ -259,8 +245,8 @@ static void test_rope(void) {
   float inv_freq[D / 2];
   for (int i = 0; i < D / 2; i++) inv_freq[i] = (float)pow(10000.0, -2.0 * i / D);
   uint64_t rng = 20;
-  float *x = rand_floats(&rng, M * NH * D, 1.0f);
-  float *y = xmalloc(M * NH * D * sizeof *y);
+  float *x = test_rand_floats(&rng, M * NH * D, 1.0f);
+  float *y = test_xmalloc(M * NH * D * sizeof *y);
   memcpy(y, x, M * NH * D * sizeof *y);
   CHECK_INT_EQ(g_be->ops->rope(g_be, y, pos, M, NH, D, inv_freq), 0);
   for (int r = 0; r < M; r++)
@@ -297,15 +283,15 @@ static void test_silu_mul_add(void) {
   uint64_t rng = 30;
   for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
     int64_t n = sizes[k];
-    float *gate = rand_floats(&rng, (size_t)n, 20.0f);
-    float *up = rand_floats(&rng, (size_t)n, 3.0f);
+    float *gate = test_rand_floats(&rng, (size_t)n, 20.0f);
+    float *up = test_rand_floats(&rng, (size_t)n, 3.0f);
     if (n > 4) {
       gate[0] = 0.0f;
       gate[1] = -100.0f;
       gate[2] = 100.0f;
       gate[3] = -1e30f;
     }
-    float *y = xmalloc((size_t)(n + 1) * sizeof *y);
+    float *y = test_xmalloc((size_t)(n + 1) * sizeof *y);
     fill_nan(y, (size_t)n);
     y[n] = 321.0f;
     CHECK_INT_EQ(g_be->ops->silu_mul(g_be, y, gate, up, n), 0);
@@ -316,8 +302,8 @@ static void test_silu_mul_add(void) {
       check_close("silu_mul", (size_t)i, y[i], want, 1e-5);
     }
     /* add */
-    float *x = rand_floats(&rng, (size_t)n, 5.0f);
-    float *before = xmalloc((size_t)n * sizeof *before);
+    float *x = test_rand_floats(&rng, (size_t)n, 5.0f);
+    float *before = test_xmalloc((size_t)n * sizeof *before);
     memcpy(before, up, (size_t)n * sizeof *before);
     CHECK_INT_EQ(g_be->ops->add(g_be, up, x, n), 0);
     for (int64_t i = 0; i < n; i++)
@@ -401,7 +387,7 @@ static void test_kv_write(void) {
   arena_new(&a, NB, BS, D);
   uint64_t rng = 40;
   const int32_t M = 5; /* seq 0: 2 rows, seq 1: 3 rows */
-  float *k = rand_floats(&rng, M * H * D, 1.0f), *v = rand_floats(&rng, M * H * D, 1.0f);
+  float *k = test_rand_floats(&rng, M * H * D, 1.0f), *v = test_rand_floats(&rng, M * H * D, 1.0f);
   const int32_t q_start[3] = {0, 2, 5}, q_pos[5] = {7, 8, 0, 1, 2};
   /* [L][H][STRIDE] tables; lengths include the new rows */
   const int32_t tab0[L * H * STRIDE] = {9, 3, -1, 4, 11, -1, 0, 1, -1, 2, 5, -1};
@@ -460,7 +446,7 @@ static void test_kv_move(void) {
   k_kv_arena_t a;
   arena_new(&a, NB, BS, D);
   uint64_t rng = 41;
-  float *k = rand_floats(&rng, NB * BS * D, 1.0f), *v = rand_floats(&rng, NB * BS * D, 1.0f);
+  float *k = test_rand_floats(&rng, NB * BS * D, 1.0f), *v = test_rand_floats(&rng, NB * BS * D, 1.0f);
   for (int sl = 0; sl < NB * BS; sl++) {
     put_slot(&a, sl, k + sl * D, v + sl * D, 100 + sl);
     a.score[sl] = (float)sl * 0.5f;
@@ -522,18 +508,18 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   uint64_t rng = c->seed;
 
   /* what every (seq, head) holds: positions in slot order, and its K/V */
-  int32_t *ctx = xmalloc((size_t)S * H * sizeof *ctx);
-  int32_t **hpos = xmalloc((size_t)S * H * sizeof *hpos);
-  float **hk = xmalloc((size_t)S * H * sizeof *hk), **hv = xmalloc((size_t)S * H * sizeof *hv);
+  int32_t *ctx = test_xmalloc((size_t)S * H * sizeof *ctx);
+  int32_t **hpos = test_xmalloc((size_t)S * H * sizeof *hpos);
+  float **hk = test_xmalloc((size_t)S * H * sizeof *hk), **hv = test_xmalloc((size_t)S * H * sizeof *hv);
   int32_t total_blocks = 0, max_blocks = 1;
   for (int32_t s = 0; s < S; s++) {
     const seq_spec_t *sp = &c->seqs[s];
-    int32_t *pool = xmalloc((size_t)(sp->prefix + 1) * sizeof *pool);
+    int32_t *pool = test_xmalloc((size_t)(sp->prefix + 1) * sizeof *pool);
     for (int32_t h = 0; h < H; h++) {
       int32_t keep = sp->keep[h] < 0 || sp->keep[h] > sp->prefix ? sp->prefix : sp->keep[h];
       int32_t n = keep + sp->n_q, i = s * H + h;
       ctx[i] = n;
-      hpos[i] = xmalloc((size_t)(n + 1) * sizeof(int32_t));
+      hpos[i] = test_xmalloc((size_t)(n + 1) * sizeof(int32_t));
       /* a random subset of the prefix survives, plus every new position */
       for (int32_t p = 0; p < sp->prefix; p++) pool[p] = p;
       for (int32_t p = 0; p < keep; p++) {
@@ -558,8 +544,8 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
           hpos[i][b] = t;
         }
       }
-      hk[i] = rand_floats(&rng, (size_t)n * D, 1.0f);
-      hv[i] = rand_floats(&rng, (size_t)n * D, 1.0f);
+      hk[i] = test_rand_floats(&rng, (size_t)n * D, 1.0f);
+      hv[i] = test_rand_floats(&rng, (size_t)n * D, 1.0f);
       int32_t nb = (n + B - 1) / B;
       total_blocks += nb;
       if (nb > max_blocks) max_blocks = nb;
@@ -570,7 +556,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
 
   /* blocks from a shuffled arena; tables [S][H][max_blocks] */
   int32_t n_arena = total_blocks + 9;
-  int32_t *ids = xmalloc((size_t)n_arena * sizeof *ids);
+  int32_t *ids = test_xmalloc((size_t)n_arena * sizeof *ids);
   for (int32_t b = 0; b < n_arena; b++) ids[b] = b;
   for (int32_t b = n_arena - 1; b > 0; b--) {
     int32_t j = rng_int(&rng, b + 1), t = ids[b];
@@ -579,7 +565,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   }
   k_kv_arena_t a;
   arena_new(&a, n_arena, B, D);
-  int32_t *tables = xmalloc((size_t)S * H * max_blocks * sizeof *tables);
+  int32_t *tables = test_xmalloc((size_t)S * H * max_blocks * sizeof *tables);
   int32_t next = 0;
   for (int32_t i = 0; i < S * H; i++) {
     int32_t *row = tables + (int64_t)i * max_blocks;
@@ -590,20 +576,20 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
                hpos[i][t]);
   }
   const int32_t cap = max_blocks * B; /* logical slots per head row */
-  k_seq_kv_t *views = xmalloc((size_t)S * sizeof *views);
+  k_seq_kv_t *views = test_xmalloc((size_t)S * sizeof *views);
   for (int32_t s = 0; s < S; s++) {
     views[s] = (k_seq_kv_t){tables + (int64_t)s * H * max_blocks, ctx + s * H, max_blocks,
                             c->seqs[s].n_obs, NULL, NULL, c->obs_pool > 0 ? c->obs_pool : 1};
     if (c->seqs[s].n_obs > 0) {
-      views[s].obs_mass = xmalloc((size_t)H * cap * sizeof(float));
-      views[s].obs_last = xmalloc((size_t)QH * cap * sizeof(float));
+      views[s].obs_mass = test_xmalloc((size_t)H * cap * sizeof(float));
+      views[s].obs_last = test_xmalloc((size_t)QH * cap * sizeof(float));
       for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f; /* added to */
       fill_nan(views[s].obs_last, (size_t)QH * cap);
     }
   }
   const int32_t n_slots = n_arena * B;
-  float *score0 = xmalloc((size_t)n_slots * sizeof *score0);
-  float *score2 = xmalloc((size_t)n_slots * sizeof *score2);
+  float *score0 = test_xmalloc((size_t)n_slots * sizeof *score0);
+  float *score2 = test_xmalloc((size_t)n_slots * sizeof *score2);
   for (int32_t t = 0; t < n_slots; t++) a.score[t] = score0[t] = (float)(t % 7) * 0.25f;
   /* reference scores: [S*H][cap] added, [S*H][G][cap] window sums, [S][QH][cap] last row */
   double *ref_add = calloc((size_t)S * H * cap, sizeof(double));
@@ -613,16 +599,16 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   CHECK(ref_add && ref_sq && ref_mass && ref_last);
 
   /* queries */
-  int32_t *q_start = xmalloc((size_t)(S + 1) * sizeof *q_start);
+  int32_t *q_start = test_xmalloc((size_t)(S + 1) * sizeof *q_start);
   q_start[0] = 0;
   for (int32_t s = 0; s < S; s++) q_start[s + 1] = q_start[s] + c->seqs[s].n_q;
   int32_t n_tok = q_start[S];
-  int32_t *q_pos = xmalloc((size_t)n_tok * sizeof *q_pos);
+  int32_t *q_pos = test_xmalloc((size_t)n_tok * sizeof *q_pos);
   for (int32_t s = 0; s < S; s++)
     for (int32_t r = 0; r < c->seqs[s].n_q; r++) q_pos[q_start[s] + r] = c->seqs[s].prefix + r;
-  float *q = rand_floats(&rng, (size_t)n_tok * QH * D, c->q_gain);
-  float *out = xmalloc((size_t)n_tok * QH * D * sizeof *out);
-  float *out1 = xmalloc((size_t)n_tok * QH * D * sizeof *out1);
+  float *q = test_rand_floats(&rng, (size_t)n_tok * QH * D, c->q_gain);
+  float *out = test_xmalloc((size_t)n_tok * QH * D * sizeof *out);
+  float *out1 = test_xmalloc((size_t)n_tok * QH * D * sizeof *out1);
   fill_nan(out, (size_t)n_tok * QH * D);
   fill_nan(out1, (size_t)n_tok * QH * D);
 
@@ -641,11 +627,11 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   memcpy(score2, a.score, (size_t)n_slots * sizeof *score2);
   memcpy(a.score, score0, (size_t)n_slots * sizeof *score0);
-  float **mass2 = xmalloc((size_t)S * sizeof *mass2);
+  float **mass2 = test_xmalloc((size_t)S * sizeof *mass2);
   for (int32_t s = 0; s < S; s++) { /* obs_mass is added to: start the second run afresh */
     mass2[s] = NULL;
     if (!views[s].obs_mass) continue;
-    mass2[s] = xmalloc((size_t)H * cap * sizeof(float));
+    mass2[s] = test_xmalloc((size_t)H * cap * sizeof(float));
     memcpy(mass2[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
     for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f;
   }
@@ -661,7 +647,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   free(mass2);
 
   /* dense reference over the visible keys of the same head */
-  double *sc = xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
+  double *sc = test_xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
   size_t sc_cap = (size_t)ctx[0] + 1;
   double acc[1024];
   CHECK(D <= 1024);
@@ -673,7 +659,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
         if ((size_t)ctx[i] > sc_cap) {
           sc_cap = (size_t)ctx[i];
           free(sc);
-          sc = xmalloc(sc_cap * sizeof *sc);
+          sc = test_xmalloc(sc_cap * sizeof *sc);
         }
         const float *qq = q + ((int64_t)r * QH + qh) * D;
         double mx = -INFINITY;
@@ -865,7 +851,7 @@ static void test_attention_shapes(void) {
  * stack), each with its own ragged heads. */
 static void test_attention_many_seqs(void) {
   enum { S = 300 };
-  seq_spec_t *seqs = xmalloc(S * sizeof *seqs);
+  seq_spec_t *seqs = test_xmalloc(S * sizeof *seqs);
   uint64_t rng = 600;
   for (int s = 0; s < S; s++) {
     memset(&seqs[s], 0, sizeof seqs[s]);
@@ -888,12 +874,12 @@ static void test_attention_single_key(void) {
   k_kv_arena_t a;
   arena_new(&a, NB, B, D);
   uint64_t rng = 700;
-  float *k = rand_floats(&rng, 40 * D, 1.0f), *v = rand_floats(&rng, 40 * D, 1.0f);
+  float *k = test_rand_floats(&rng, 40 * D, 1.0f), *v = test_rand_floats(&rng, 40 * D, 1.0f);
   const int32_t table[3] = {2, 0, 3};
   /* slots 0..39 of the head hold positions 39, 38, ..., 0: reversed */
   for (int32_t t = 0; t < 40; t++) put_slot(&a, table[t / B] * B + t % B, k + t * D, v + t * D, 39 - t);
   float q[2 * D], out[2 * D];
-  for (int d = 0; d < 2 * D; d++) q[d] = rng_unit(&rng) * 5.0f;
+  for (int d = 0; d < 2 * D; d++) q[d] = test_rng_unit(&rng) * 5.0f;
   const int32_t q_start[2] = {0, 1}, q_pos[1] = {0}, ctx[1] = {40};
   k_seq_kv_t view = {table, ctx, 3, 0, NULL, NULL, 1};
   k_attn_args_t args = {.n_seqs = 1, .n_q_heads = 2, .n_kv_heads = 1, .head_dim = D,

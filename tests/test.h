@@ -125,4 +125,22 @@ static inline bool test_utf8_ok(const char *s, size_t n) {
   return true;
 }
 
+/* Uniform in [-1, 1). */
+static inline float test_rng_unit(uint64_t *s) {
+  return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
+}
+
+static inline void *test_xmalloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  CHECK(p);
+  return p;
+}
+
+/* n values uniform in [-gain, gain) (caller frees). */
+static inline float *test_rand_floats(uint64_t *rng, size_t n, float gain) {
+  float *p = (float *)test_xmalloc(n * sizeof *p);
+  for (size_t i = 0; i < n; i++) p[i] = test_rng_unit(rng) * gain;
+  return p;
+}
+
 #endif

@@ -17,6 +17,7 @@
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda.h"
 #include "paged/pool.h"
+#include "tests/cuda/gpu-test.h"
 #include "tests/test.h"
 
 #define QH 32
@@ -146,22 +147,10 @@ static void run_case(k_backend_t *be, const bench_case_t *bc, double copy_bps, b
 }
 
 int main(void) {
-  char err[256];
-  const char *req = getenv("PRESSD_REQUIRE_GPU");
-  const bool required = req && !strcmp(req, "1"); /* scripts/gpu-check: no skipping */
-  const char *verdict = required ? "FAIL (PRESSD_REQUIRE_GPU=1)" : "skip";
-  int n = k_cuda_device_count(err, sizeof err);
-  if (n <= 0) {
-    fprintf(stderr, "%s: no CUDA device (%s)\n", verdict, n < 0 ? err : "none visible");
-    return required ? 1 : TEST_SKIP;
-  }
   k_backend_t *be = NULL;
-  int rc = k_backend_new_cuda(&be, 0, err, sizeof err);
-  if (rc == -ENODEV) {
-    fprintf(stderr, "%s: %s\n", verdict, err);
-    return required ? 1 : TEST_SKIP;
-  }
-  if (rc) FAIL_AT("k_backend_new_cuda: %d: %s", rc, err);
+  char err[256];
+  int rc = gpu_test_open("bench-cuda-attn", &be);
+  if (rc) return rc;
   char name[128] = "";
   CHECK_INT_EQ(k_cuda_device_name(be, name, sizeof name), 0);
   double copy_bps = 0.0;

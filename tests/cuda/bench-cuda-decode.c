@@ -26,6 +26,7 @@
 #include "kernels/cuda/cuda.h"
 #include "model/weights.h"
 #include "scheduler/single.h"
+#include "tests/cuda/gpu-test.h"
 
 #define CONTEXT 512
 #define WARMUP 10
@@ -126,20 +127,9 @@ int main(void) {
   result_t r;
   memset(&r, 0, sizeof r);
   char err[256];
-  const char *req = getenv("PRESSD_REQUIRE_GPU");
-  const bool required = req && !strcmp(req, "1");
-  int n = k_cuda_device_count(err, sizeof err);
   k_backend_t *be = NULL;
-  int rc = n > 0 ? k_backend_new_cuda(&be, 0, err, sizeof err) : -ENODEV;
-  if (n <= 0 || rc == -ENODEV) {
-    fprintf(stderr, "%s: %s\n", required ? "FAIL (PRESSD_REQUIRE_GPU=1)" : "skip",
-            n == 0 ? "no CUDA device visible" : err);
-    return required ? 1 : 77;
-  }
-  if (rc) {
-    fprintf(stderr, "bench-cuda-decode: %s\n", err);
-    return 1;
-  }
+  int rc = gpu_test_open("bench-cuda-decode", &be);
+  if (rc) return rc;
   k_cuda_device_name(be, r.device, sizeof r.device);
 
   model_config_t c = {.arch = "llama", .n_layers = 32, .n_embd = 4096, .n_ff = 14336,

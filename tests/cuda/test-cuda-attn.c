@@ -25,6 +25,7 @@
 #include "kernels/cuda/cuda.h"
 #include "model/quant.h"
 #include "paged/pool.h"
+#include "tests/cuda/gpu-test.h"
 #include "tests/test.h"
 
 #define TOL_OUT 2e-5
@@ -34,16 +35,6 @@
 static k_backend_t *g_gpu;  /* bf16 KV */
 static k_backend_t *g_gpu16; /* fp16 KV */
 static k_backend_t *g_cpu;
-
-static float rng_unit(uint64_t *s) { /* uniform in [-1, 1) */
-  return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
-}
-
-static void *xmalloc(size_t n) {
-  void *p = malloc(n ? n : 1);
-  CHECK(p);
-  return p;
-}
 
 static float round_kv(k_dtype_t t, float x) {
   return t == K_F16 ? model_f16_to_f32(model_f32_to_f16(x)) : model_bf16_to_f32(model_f32_to_bf16(x));
@@ -120,17 +111,17 @@ static void run_case(const attn_case_t *c) {
   uint64_t rng = c->seed;
 
   /* what every (sequence, local head) holds: kept prefix positions in slot order */
-  int32_t *keep = xmalloc((size_t)S * H * sizeof *keep);
-  int32_t **kpos = xmalloc((size_t)S * H * sizeof *kpos);
-  float **pk = xmalloc((size_t)S * H * sizeof *pk), **pv = xmalloc((size_t)S * H * sizeof *pv);
+  int32_t *keep = test_xmalloc((size_t)S * H * sizeof *keep);
+  int32_t **kpos = test_xmalloc((size_t)S * H * sizeof *kpos);
+  float **pk = test_xmalloc((size_t)S * H * sizeof *pk), **pv = test_xmalloc((size_t)S * H * sizeof *pv);
   int32_t stride = 1, total_blocks = 0;
   for (int32_t s = 0; s < S; s++) {
     const seq_spec_t *sp = &c->seqs[s];
-    int32_t *pool = xmalloc((size_t)(sp->prefix + 1) * sizeof *pool);
+    int32_t *pool = test_xmalloc((size_t)(sp->prefix + 1) * sizeof *pool);
     for (int32_t h = 0; h < H; h++) {
       int32_t i = s * H + h, kp = sp->keep[h] < 0 || sp->keep[h] > sp->prefix ? sp->prefix : sp->keep[h];
       keep[i] = kp;
-      kpos[i] = xmalloc((size_t)(kp + 1) * sizeof(int32_t));
+      kpos[i] = test_xmalloc((size_t)(kp + 1) * sizeof(int32_t));
       for (int32_t p = 0; p < sp->prefix; p++) pool[p] = p;
       for (int32_t p = 0; p < kp; p++) { /* a random subset of the prefix */
         int32_t j = p + rng_int(&rng, sp->prefix - p), t = pool[p];
@@ -146,11 +137,11 @@ static void run_case(const attn_case_t *c) {
             kpos[i][b - 1] = t;
           }
       }
-      pk[i] = xmalloc((size_t)(kp + 1) * D * sizeof(float));
-      pv[i] = xmalloc((size_t)(kp + 1) * D * sizeof(float));
+      pk[i] = test_xmalloc((size_t)(kp + 1) * D * sizeof(float));
+      pv[i] = test_xmalloc((size_t)(kp + 1) * D * sizeof(float));
       for (int64_t e = 0; e < (int64_t)kp * D; e++) {
-        pk[i][e] = round_kv(kt, rng_unit(&rng));
-        pv[i][e] = round_kv(kt, rng_unit(&rng));
+        pk[i][e] = round_kv(kt, test_rng_unit(&rng));
+        pv[i][e] = round_kv(kt, test_rng_unit(&rng));
       }
       int32_t nb = (kp + sp->n_q + B - 1) / B;
       total_blocks += nb;
@@ -162,7 +153,7 @@ static void run_case(const attn_case_t *c) {
 
   /* a shuffled arena: the last id is the poison block */
   const int32_t n_arena = total_blocks + 4;
-  int32_t *ids = xmalloc((size_t)n_arena * sizeof *ids);
+  int32_t *ids = test_xmalloc((size_t)n_arena * sizeof *ids);
   for (int32_t b = 0; b < n_arena; b++) ids[b] = b;
   for (int32_t b = n_arena - 1; b > 0; b--) {
     int32_t j = rng_int(&rng, b + 1), t = ids[b];
@@ -171,8 +162,8 @@ static void run_case(const attn_case_t *c) {
   }
   const int32_t poison = ids[n_arena - 1];
   /* tables [S][L][HA][stride], lengths [S][L][HA] (after the step) */
-  int32_t *tables = xmalloc((size_t)S * L * HA * stride * sizeof *tables);
-  int32_t *ctx = xmalloc((size_t)S * L * HA * sizeof *ctx);
+  int32_t *tables = test_xmalloc((size_t)S * L * HA * stride * sizeof *tables);
+  int32_t *ctx = test_xmalloc((size_t)S * L * HA * sizeof *ctx);
   int32_t next = 0;
   for (int32_t s = 0; s < S; s++)
     for (int32_t l = 0; l < L; l++)
@@ -195,12 +186,12 @@ static void run_case(const attn_case_t *c) {
   const int64_t n_slots = (int64_t)n_arena * B;
   for (int k = 0; k < 2; k++) {
     CHECK_INT_EQ(kv_arena_init(&sd[k].kv, sd[k].be, n_arena, B, D), 0);
-    sd[k].mass = xmalloc((size_t)S * sizeof(float *));
-    sd[k].last = xmalloc((size_t)S * sizeof(float *));
+    sd[k].mass = test_xmalloc((size_t)S * sizeof(float *));
+    sd[k].last = test_xmalloc((size_t)S * sizeof(float *));
   }
   {
     size_t el = k_dtype_bytes(kt);
-    uint8_t *nan = xmalloc((size_t)n_slots * D * el);
+    uint8_t *nan = test_xmalloc((size_t)n_slots * D * el);
     for (int64_t e = 0; e < n_slots * D; e++) {
       uint16_t x = kt == K_F16 ? 0x7e00 : 0x7fc0;
       memcpy(nan + e * el, &x, el);
@@ -221,7 +212,7 @@ static void run_case(const attn_case_t *c) {
     for (int32_t h = 0; h < H; h++) {
       int32_t i = s * H + h;
       if (keep[i] == 0) continue;
-      int32_t *fctx = xmalloc((size_t)L * HA * sizeof *fctx);
+      int32_t *fctx = test_xmalloc((size_t)L * HA * sizeof *fctx);
       memcpy(fctx, ctx + (int64_t)s * L * HA, (size_t)L * HA * sizeof *fctx);
       fctx[LY * HA + h0 + h] = keep[i];
       k_seq_kv_t view = {tables + (int64_t)s * L * HA * stride, fctx, stride, 0, NULL, NULL, 1};
@@ -244,36 +235,36 @@ static void run_case(const attn_case_t *c) {
       }
       free(fctx);
     }
-  float *score0 = xmalloc((size_t)n_slots * sizeof *score0);
+  float *score0 = test_xmalloc((size_t)n_slots * sizeof *score0);
   for (int64_t t = 0; t < n_slots; t++) score0[t] = (float)(t % 7) * 0.25f;
   memcpy(sd[0].kv.score, score0, (size_t)n_slots * sizeof *score0);
   CHECK_INT_EQ(gpu->ops->upload(gpu, sd[1].kv.score, score0, (size_t)n_slots * sizeof *score0), 0);
 
   /* the step: rows, new K/V, queries */
-  int32_t *q_start = xmalloc((size_t)(S + 1) * sizeof *q_start);
+  int32_t *q_start = test_xmalloc((size_t)(S + 1) * sizeof *q_start);
   q_start[0] = 0;
   for (int32_t s = 0; s < S; s++) q_start[s + 1] = q_start[s] + c->seqs[s].n_q;
   const int32_t T = q_start[S];
-  int32_t *q_pos = xmalloc((size_t)(T + 1) * sizeof *q_pos);
+  int32_t *q_pos = test_xmalloc((size_t)(T + 1) * sizeof *q_pos);
   for (int32_t s = 0; s < S; s++)
     for (int32_t r = 0; r < c->seqs[s].n_q; r++) q_pos[q_start[s] + r] = c->seqs[s].prefix + r;
   const size_t nkv = (size_t)T * H * D, nq = (size_t)T * QH * D;
-  float *kn = xmalloc((nkv + 1) * sizeof(float)), *vn = xmalloc((nkv + 1) * sizeof(float));
+  float *kn = test_xmalloc((nkv + 1) * sizeof(float)), *vn = test_xmalloc((nkv + 1) * sizeof(float));
   for (size_t e = 0; e < nkv; e++) {
-    kn[e] = round_kv(kt, rng_unit(&rng));
-    vn[e] = round_kv(kt, rng_unit(&rng));
+    kn[e] = round_kv(kt, test_rng_unit(&rng));
+    vn[e] = round_kv(kt, test_rng_unit(&rng));
   }
-  float *q = xmalloc((nq + 1) * sizeof(float));
-  for (size_t e = 0; e < nq; e++) q[e] = rng_unit(&rng) * c->q_gain;
+  float *q = test_xmalloc((nq + 1) * sizeof(float));
+  for (size_t e = 0; e < nq; e++) q[e] = test_rng_unit(&rng) * c->q_gain;
   const size_t n_mass = (size_t)L * HA * cap, n_last = (size_t)L * HA * G * cap;
-  float *mass0 = xmalloc(n_mass * sizeof(float)), *last0 = xmalloc(n_last * sizeof(float));
+  float *mass0 = test_xmalloc(n_mass * sizeof(float)), *last0 = test_xmalloc(n_last * sizeof(float));
   for (size_t e = 0; e < n_mass; e++) mass0[e] = 0.5f;
   for (size_t e = 0; e < n_last; e++) last0[e] = NAN;
 
   float *out[2];
   for (int k = 0; k < 2; k++) {
     k_backend_t *be = sd[k].be;
-    k_seq_kv_t *views = xmalloc((size_t)S * sizeof *views);
+    k_seq_kv_t *views = test_xmalloc((size_t)S * sizeof *views);
     for (int32_t s = 0; s < S; s++) {
       const seq_spec_t *sp = &c->seqs[s];
       sd[k].mass[s] = sd[k].last[s] = NULL;
@@ -296,7 +287,7 @@ static void run_case(const attn_case_t *c) {
     if (k && c->prepare) CHECK_INT_EQ(be->ops->attn_prepare(be, &a), 0);
     CHECK_INT_EQ(be->ops->kv_write(be, &sd[k].kv, dk, dv, &a), 0);
     CHECK_INT_EQ(be->ops->attention(be, &sd[k].kv, &a), 0);
-    out[k] = xmalloc((nq + 1) * sizeof(float));
+    out[k] = test_xmalloc((nq + 1) * sizeof(float));
     CHECK_INT_EQ(be->ops->download(be, out[k], dout, nq * sizeof(float)), 0);
     CHECK_INT_EQ(be->ops->sync(be), 0);
     if (k) {
@@ -315,9 +306,9 @@ static void run_case(const attn_case_t *c) {
   /* the arena: positions and K/V of every slot in use, scores of all */
   {
     const size_t el = k_dtype_bytes(kt);
-    uint8_t *gk = xmalloc((size_t)n_slots * D * el), *gv = xmalloc((size_t)n_slots * D * el);
-    int32_t *gp = xmalloc((size_t)n_slots * 4);
-    float *gs = xmalloc((size_t)n_slots * 4);
+    uint8_t *gk = test_xmalloc((size_t)n_slots * D * el), *gv = test_xmalloc((size_t)n_slots * D * el);
+    int32_t *gp = test_xmalloc((size_t)n_slots * 4);
+    float *gs = test_xmalloc((size_t)n_slots * 4);
     CHECK_INT_EQ(gpu->ops->download(gpu, gk, sd[1].kv.k, (size_t)n_slots * D * el), 0);
     CHECK_INT_EQ(gpu->ops->download(gpu, gv, sd[1].kv.v, (size_t)n_slots * D * el), 0);
     CHECK_INT_EQ(gpu->ops->download(gpu, gp, sd[1].kv.pos, (size_t)n_slots * 4), 0);
@@ -364,7 +355,7 @@ static void run_case(const attn_case_t *c) {
   for (int32_t s = 0; s < S; s++) {
     const int32_t *cx = ctx + (int64_t)s * L * HA;
     if (sd[1].mass[s]) {
-      float *gm = xmalloc(n_mass * sizeof(float));
+      float *gm = test_xmalloc(n_mass * sizeof(float));
       CHECK_INT_EQ(gpu->ops->download(gpu, gm, sd[1].mass[s], n_mass * sizeof(float)), 0);
       for (size_t e = 0; e < n_mass; e++) {
         int32_t row = (int32_t)(e / cap), k = (int32_t)(e % cap), l = row / HA, ha = row % HA;
@@ -377,7 +368,7 @@ static void run_case(const attn_case_t *c) {
       free(gm);
     }
     if (sd[1].last[s]) {
-      float *gl = xmalloc(n_last * sizeof(float));
+      float *gl = test_xmalloc(n_last * sizeof(float));
       CHECK_INT_EQ(gpu->ops->download(gpu, gl, sd[1].last[s], n_last * sizeof(float)), 0);
       for (size_t e = 0; e < n_last; e++) {
         int32_t row = (int32_t)(e / cap) / G, k = (int32_t)(e % cap), l = row / HA, ha = row % HA;
@@ -573,7 +564,7 @@ static void test_block_sizes(void) {
 /* A large decode batch (more CTAs than the device runs at once). */
 static void test_many(void) {
   enum { S = 96 };
-  seq_spec_t *seqs = xmalloc(S * sizeof *seqs);
+  seq_spec_t *seqs = test_xmalloc(S * sizeof *seqs);
   uint64_t rng = 1600;
   for (int s = 0; s < S; s++) {
     memset(&seqs[s], 0, sizeof seqs[s]);
@@ -652,20 +643,8 @@ static void test_bad_args(void) {
 
 int main(void) {
   char err[256];
-  const char *req = getenv("PRESSD_REQUIRE_GPU");
-  const bool required = req && !strcmp(req, "1"); /* scripts/gpu-check: no skipping */
-  const char *verdict = required ? "FAIL (PRESSD_REQUIRE_GPU=1)" : "skip";
-  int n = k_cuda_device_count(err, sizeof err);
-  if (n <= 0) {
-    fprintf(stderr, "%s: no CUDA device (%s)\n", verdict, n < 0 ? err : "none visible");
-    return required ? 1 : TEST_SKIP;
-  }
-  int rc = k_backend_new_cuda(&g_gpu, 0, err, sizeof err);
-  if (rc == -ENODEV) {
-    fprintf(stderr, "%s: %s\n", verdict, err);
-    return required ? 1 : TEST_SKIP;
-  }
-  if (rc) FAIL_AT("k_backend_new_cuda: %d: %s", rc, err);
+  int rc = gpu_test_open("test-cuda-attn", &g_gpu);
+  if (rc) return rc;
   CHECK_INT_EQ(k_cuda_backend_new_opts(&g_gpu16, 0, K_F16, err, sizeof err), 0);
   CHECK_INT_EQ(k_cpu_backend_new(&g_cpu, 0), 0);
   g_cpu->numerics = K_NUMERICS_EXACT;

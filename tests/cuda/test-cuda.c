@@ -18,6 +18,7 @@
 #include "model/weights.h"
 #include "paged/pool.h"
 #include "scheduler/single.h"
+#include "tests/cuda/gpu-test.h"
 #include "tests/test.h"
 
 static k_backend_t *g_cpu;   /* reference: fp32, numerics EXACT */
@@ -37,22 +38,6 @@ static const char *gpu_err(k_backend_t *be) {
     if (rc_) FAIL_AT("%s = %d (%s)", #call, rc_, gpu_err(be));                           \
   } while (0)
 
-static float rng_unit(uint64_t *s) { /* uniform in [-1, 1) */
-  return (float)((double)(rng_next(s) >> 11) * 0x1.0p-53 * 2.0 - 1.0);
-}
-
-static void *xmalloc(size_t n) {
-  void *p = malloc(n ? n : 1);
-  CHECK(p);
-  return p;
-}
-
-static float *rand_floats(uint64_t *rng, size_t n, float gain) {
-  float *p = xmalloc(n * sizeof *p);
-  for (size_t i = 0; i < n; i++) p[i] = rng_unit(rng) * gain;
-  return p;
-}
-
 /* Device copies. */
 static void *d_new(k_backend_t *be, size_t bytes) {
   void *p = be->ops->alloc(be, bytes);
@@ -69,7 +54,7 @@ static void d_get(k_backend_t *be, void *dst, const void *src, size_t bytes) {
 }
 /* A device buffer of n floats, all NaN: outputs an op fails to write show. */
 static float *d_nan(k_backend_t *be, size_t n) {
-  float *h = xmalloc(n * sizeof *h);
+  float *h = test_xmalloc(n * sizeof *h);
   for (size_t i = 0; i < n; i++) h[i] = NAN;
   float *d = d_put(be, h, n * sizeof *h);
   free(h);
@@ -145,13 +130,13 @@ static void test_backend(void) {
 static void *rand_weights(uint64_t *rng, k_dtype_t t, int64_t rows, int64_t cols, double *val) {
   size_t n = (size_t)(rows * cols);
   if (t == K_F32) {
-    float *w = rand_floats(rng, n, 1.0f);
+    float *w = test_rand_floats(rng, n, 1.0f);
     for (size_t i = 0; i < n; i++) val[i] = w[i];
     return w;
   }
-  uint16_t *w = xmalloc(n * sizeof *w);
+  uint16_t *w = test_xmalloc(n * sizeof *w);
   for (size_t i = 0; i < n; i++) {
-    w[i] = to16(t, rng_unit(rng));
+    w[i] = to16(t, test_rng_unit(rng));
     val[i] = from16(t, w[i]);
   }
   return w;
@@ -164,11 +149,11 @@ static void *rand_weights(uint64_t *rng, k_dtype_t t, int64_t rows, int64_t cols
 static void matmul_case(k_dtype_t t, int64_t m, int64_t rows, int64_t cols, int off, int gemv_m,
                         uint64_t seed) {
   uint64_t rng = seed;
-  double *val = xmalloc((size_t)(rows * cols) * sizeof *val);
+  double *val = test_xmalloc((size_t)(rows * cols) * sizeof *val);
   void *wh = rand_weights(&rng, t, rows, cols, val);
-  float *x = rand_floats(&rng, (size_t)(m * cols), 1.0f);
-  float *want = xmalloc((size_t)(m * rows) * sizeof *want);
-  float *got = xmalloc((size_t)(m * rows) * sizeof *got);
+  float *x = test_rand_floats(&rng, (size_t)(m * cols), 1.0f);
+  float *want = test_xmalloc((size_t)(m * rows) * sizeof *want);
+  float *got = test_xmalloc((size_t)(m * rows) * sizeof *got);
   size_t wbytes = (size_t)rows * k_row_bytes(t, cols);
 
   /* the CPU backend takes rows of whole 32-element blocks; other widths are
@@ -270,9 +255,9 @@ static void test_rmsnorm(void) {
   for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
     int64_t m = shapes[si][0], n = shapes[si][1];
     size_t mn = (size_t)(m * n);
-    float *x = rand_floats(&rng, mn, 3.0f), *g = rand_floats(&rng, (size_t)n, 0.1f);
+    float *x = test_rand_floats(&rng, mn, 3.0f), *g = test_rand_floats(&rng, (size_t)n, 0.1f);
     for (int64_t i = 0; i < n; i++) g[i] += 1.0f;
-    float *want = xmalloc(mn * sizeof *want), *got = xmalloc(mn * sizeof *got);
+    float *want = test_xmalloc(mn * sizeof *want), *got = test_xmalloc(mn * sizeof *got);
     CHECK_INT_EQ(g_cpu->ops->rmsnorm(g_cpu, want, x, g, m, n, 1e-5f), 0);
     float *dx = d_put(g_gpu, x, mn * sizeof *x), *dg = d_put(g_gpu, g, (size_t)n * sizeof *g);
     float *dy = d_nan(g_gpu, mn);
@@ -318,10 +303,10 @@ static void test_rope(void) {
     const int32_t D = dims[di], H = 3;
     const int64_t m = 7;
     size_t n = (size_t)(m * H * D);
-    float *x = rand_floats(&rng, n, 2.0f), *want = xmalloc(n * sizeof *want),
-          *got = xmalloc(n * sizeof *got);
+    float *x = test_rand_floats(&rng, n, 2.0f), *want = test_xmalloc(n * sizeof *want),
+          *got = test_xmalloc(n * sizeof *got);
     memcpy(want, x, n * sizeof *x);
-    float *freq = xmalloc((size_t)(D / 2 + 1) * sizeof *freq);
+    float *freq = test_xmalloc((size_t)(D / 2 + 1) * sizeof *freq);
     llama3_freqs(freq, D, 500000.0);
     int32_t pos[7] = {0, 1, 17, 511, 8191, 40000, 131071};
     CHECK_INT_EQ(g_cpu->ops->rope(g_cpu, want, pos, m, H, D, freq), 0);
@@ -352,8 +337,8 @@ static void test_silu_mul_add(void) {
   for (size_t oi = 0; oi < 2; oi++) {
     const int off = offs[oi];
     const int64_t n = 100003;
-    float *g = rand_floats(&rng, (size_t)n, 8.0f), *u = rand_floats(&rng, (size_t)n, 2.0f);
-    float *want = xmalloc((size_t)n * sizeof *want), *got = xmalloc((size_t)n * sizeof *got);
+    float *g = test_rand_floats(&rng, (size_t)n, 8.0f), *u = test_rand_floats(&rng, (size_t)n, 2.0f);
+    float *want = test_xmalloc((size_t)n * sizeof *want), *got = test_xmalloc((size_t)n * sizeof *got);
     CHECK_INT_EQ(g_cpu->ops->silu_mul(g_cpu, want, g, u, n), 0);
     float *dg = d_new(g_gpu, (size_t)(n + off) * sizeof(float));
     float *du = d_new(g_gpu, (size_t)(n + off) * sizeof(float));
@@ -369,7 +354,7 @@ static void test_silu_mul_add(void) {
     d_get(g_gpu, got, dg + off, (size_t)n * sizeof(float));
     for (int64_t i = 0; i < n; i++) check_close("silu_mul in place", (size_t)i, got[i], want[i], 1e-6);
     /* add: one float addition per element, exactly the CPU's */
-    float *sum = xmalloc((size_t)n * sizeof *sum);
+    float *sum = test_xmalloc((size_t)n * sizeof *sum);
     memcpy(sum, want, (size_t)n * sizeof *sum);
     CHECK_INT_EQ(g_cpu->ops->add(g_cpu, sum, u, n), 0);
     GOK(g_gpu, g_gpu->ops->add(g_gpu, dg + off, du + off, n));
@@ -395,13 +380,13 @@ static void test_embed(void) {
     for (size_t ci = 0; ci < 2; ci++) {
       const k_dtype_t t = types[ti];
       const int64_t rows = 1000, cols = colss[ci], m = 13;
-      double *val = xmalloc((size_t)(rows * cols) * sizeof *val);
+      double *val = test_xmalloc((size_t)(rows * cols) * sizeof *val);
       void *tab = rand_weights(&rng, t, rows, cols, val);
       int32_t ids[13];
       for (int i = 0; i < 13; i++) ids[i] = i == 3 ? ids[1] : rng_int(&rng, (int32_t)rows);
       ids[12] = (int32_t)rows - 1;
       size_t out = (size_t)(m * cols);
-      float *want = xmalloc(out * sizeof *want), *got = xmalloc(out * sizeof *got);
+      float *want = test_xmalloc(out * sizeof *want), *got = test_xmalloc(out * sizeof *got);
       k_weight_t wc = {.type = t, .rows = rows, .cols = cols, .data = tab};
       CHECK_INT_EQ(g_cpu->ops->embed(g_cpu, want, &wc, ids, m), 0);
       k_weight_t wg = {.type = t, .rows = rows, .cols = cols,
@@ -437,7 +422,7 @@ static void test_fill_dummy(void) {
   static const int64_t firsts[] = {0, 5000000123LL};
   static const float scales[][2] = {{0.1f, 1.0f}, {0.072168784f, 0.0f}, {3.0f, -0.5f}};
   const int64_t n = 100003;
-  uint8_t *got = xmalloc((size_t)n * 4);
+  uint8_t *got = test_xmalloc((size_t)n * 4);
   void *d = d_new(g_gpu, (size_t)n * 4);
   for (size_t ti = 0; ti < 3; ti++)
     for (size_t fi = 0; fi < 2; fi++)
@@ -479,12 +464,12 @@ static void kv_move_case(k_backend_t *gpu, int32_t head_dim, uint64_t seed) {
   CHECK_INT_EQ(kv_arena_init(&ac, g_cpu, n_blocks, B, D), 0);
   CHECK_INT_EQ(ag.type, t);
   size_t nel = (size_t)slots * (size_t)D;
-  uint16_t *k16 = xmalloc(nel * 2), *v16 = xmalloc(nel * 2);
-  float *score = rand_floats(&rng, (size_t)slots, 10.0f);
-  int32_t *pos = xmalloc((size_t)slots * sizeof *pos);
+  uint16_t *k16 = test_xmalloc(nel * 2), *v16 = test_xmalloc(nel * 2);
+  float *score = test_rand_floats(&rng, (size_t)slots, 10.0f);
+  int32_t *pos = test_xmalloc((size_t)slots * sizeof *pos);
   for (size_t i = 0; i < nel; i++) {
-    k16[i] = to16(t, rng_unit(&rng) * 4.0f);
-    v16[i] = to16(t, rng_unit(&rng) * 4.0f);
+    k16[i] = to16(t, test_rng_unit(&rng) * 4.0f);
+    v16[i] = to16(t, test_rng_unit(&rng) * 4.0f);
     ac.k[i] = from16(t, k16[i]);
     ac.v[i] = from16(t, v16[i]);
   }
@@ -566,7 +551,7 @@ static float *model_logits(k_backend_t *be, const model_config_t *c, const int32
   if (rc) FAIL_AT("sched_single_init on %s: %s", be->ops->name, err);
   kv_pool_shuffle(&s.pool, 99);
   const size_t V = (size_t)c->n_vocab;
-  float *logits = xmalloc((size_t)N_POS * V * sizeof *logits);
+  float *logits = test_xmalloc((size_t)N_POS * V * sizeof *logits);
   rc = sched_single_feed(&s, tokens, N_PREFILL, true, logits);
   if (rc) FAIL_AT("prefill on %s: %d (%s)", be->ops->name, rc, be == g_cpu ? "" : gpu_err(be));
   for (int32_t i = N_PREFILL; i < N_POS; i++) {
@@ -650,20 +635,8 @@ static void test_model_llama3(void) {
 
 int main(void) {
   char err[256];
-  const char *req = getenv("PRESSD_REQUIRE_GPU");
-  const bool required = req && !strcmp(req, "1");
-  const char *verdict = required ? "FAIL (PRESSD_REQUIRE_GPU=1)" : "skip";
-  int n = k_cuda_device_count(err, sizeof err);
-  if (n <= 0) {
-    fprintf(stderr, "%s: no CUDA device (%s)\n", verdict, n < 0 ? err : "none visible");
-    return required ? 1 : TEST_SKIP;
-  }
-  int rc = k_backend_new_cuda(&g_gpu, 0, err, sizeof err);
-  if (rc == -ENODEV) {
-    fprintf(stderr, "%s: %s\n", verdict, err);
-    return required ? 1 : TEST_SKIP;
-  }
-  if (rc) FAIL_AT("k_backend_new_cuda: %d (%s)", rc, err);
+  int rc = gpu_test_open("test-cuda", &g_gpu);
+  if (rc) return rc;
   rc = k_cuda_backend_new_opts(&g_gpu16, 0, K_F16, err, sizeof err);
   if (rc) FAIL_AT("k_cuda_backend_new_opts(K_F16): %d (%s)", rc, err);
   CHECK_INT_EQ(k_cpu_backend_new(&g_cpu, 0), 0);

@@ -14,14 +14,10 @@
 #include "model/group.h"
 #include "paged/pool.h"
 #include "paged/seq.h"
+#include "tests/cuda/gpu-test.h"
 #include "tests/test.h"
 
-static int skip(const char *why) {
-  const char *req = getenv("PRESSD_REQUIRE_GPU");
-  fprintf(stderr, "nccl: %s\n", why);
-  if (req && *req && strcmp(req, "0")) return 1;
-  return TEST_SKIP;
-}
+static int skip(const char *why) { return gpu_test_absent("test-nccl", why); }
 
 typedef struct ar {
   k_comm_t *c;
