@@ -282,6 +282,19 @@ static void on_signal(int sig) {
   }
 }
 
+/* The engine stopped because the device cannot recover: exit non-zero, so
+ * that systemd (Restart=on-failure) starts a fresh process. Engine thread;
+ * ctx: the address of the server pointer. */
+static volatile sig_atomic_t g_engine_fatal;
+static void on_engine_fatal(void *ctx) {
+  g_engine_fatal = 1;
+  log_error("the compute device failed and cannot recover: stopping, so that the service "
+            "manager restarts pressd");
+  notify_send("STOPPING=1\nSTATUS=the compute device failed; restarting");
+  srv_server_t *s = *(srv_server_t *const *)ctx;
+  if (s) srv_server_stop(s);
+}
+
 /* The engine thread's sign of life for systemd's watchdog, given only while
  * the HTTP loop turns too: a hung engine or a hung loop goes silent, and
  * systemd restarts the service. ctx: the address of the server pointer. */
@@ -514,6 +527,8 @@ static int cmd_serve(cfg_options_t *o) {
       .debug_checks = o->debug_checks,
       .alive = wd_us ? on_engine_alive : NULL,
       .alive_ctx = &srv,
+      .fatal = on_engine_fatal,
+      .fatal_ctx = &srv,
       .alive_ms = wd_us / 2000 > 0 ? (int32_t)(wd_us / 2000 < 60000 ? wd_us / 2000 : 60000) : 1,
       .tp_size = m.tp,
       .tp_weights = m.tp_w,
@@ -593,8 +608,13 @@ static int cmd_serve(cfg_options_t *o) {
   sched_engine_free(eng); /* engine first: it may still notify the server */
   srv_server_free(srv);
   free(name);
-  log_info("stopped");
-  rc = 0;
+  if (g_engine_fatal) {
+    snprintf(err, sizeof err, "stopped after an unrecoverable device error");
+    rc = -EIO;
+  } else {
+    log_info("stopped");
+    rc = 0;
+  }
 fail_chat:
   if (have_chat) model_chat_destroy(&chat);
 fail_model:

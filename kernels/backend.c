@@ -7,20 +7,30 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <unistd.h>
+#include <string.h>
 
 #ifdef PRESSD_FAULT_INJECTION
 /* Test builds: PRESSD_INJECT_DEVICE_ERROR=FILE makes every attention call
  * return -EIO, as a device error would, while FILE exists, so that tests
- * can make a running daemon's steps fail and recover. */
+ * can make a running daemon's steps fail and recover. A FILE that starts
+ * with "sticky" makes the error permanent, as a sticky CUDA error is: the
+ * backend's health turns -EIO for good. */
 static const char *fault_file;
 static k_ops_t fault_ops;
 static int (*real_attention)(k_backend_t *, const k_kv_arena_t *, const k_attn_args_t *);
+static int fault_stuck; /* 0, or -EIO once a sticky fault happened */
 
 static int faulty_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a) {
-  if (access(fault_file, F_OK) == 0) return -EIO;
-  return real_attention(be, kv, a);
+  if (fault_stuck) return fault_stuck;
+  FILE *f = fopen(fault_file, "r");
+  if (!f) return real_attention(be, kv, a);
+  char head[8] = "";
+  if (fread(head, 1, 6, f) == 6 && !memcmp(head, "sticky", 6)) fault_stuck = -EIO;
+  fclose(f);
+  return -EIO;
 }
+
+static int faulty_health(k_backend_t *be) { return fault_stuck; }
 
 static void inject_faults(k_backend_t *be) {
   fault_file = getenv("PRESSD_INJECT_DEVICE_ERROR");
@@ -28,6 +38,7 @@ static void inject_faults(k_backend_t *be) {
   fault_ops = *be->ops;
   real_attention = be->ops->attention;
   fault_ops.attention = faulty_attention;
+  fault_ops.health = faulty_health; /* the real backend's health is ignored here */
   be->ops = &fault_ops;
 }
 #endif

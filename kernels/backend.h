@@ -188,6 +188,10 @@ typedef struct k_ops {
    * tensor, i, scale) for i in [first, first + n), computed on the device. */
   int (*fill_dummy)(k_backend_t *be, void *dst, k_dtype_t t, int64_t first, int64_t n,
                     uint64_t seed, uint32_t tensor, float scale, float offset);
+  /* Optional (NULL: always healthy): 0 while the backend can go on after
+   * an op failed; -EIO once it cannot (a sticky device error: only a new
+   * process recovers). */
+  int (*health)(k_backend_t *be);
   /* Optional (NULL: host memory, not sized by the backend): the device's
    * free and total memory in bytes. */
   int (*mem_info)(k_backend_t *be, size_t *free_bytes, size_t *total_bytes);

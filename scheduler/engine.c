@@ -81,6 +81,7 @@ struct sched_engine {
   sched_stats_t pub;
   int64_t step_start_ns; /* atomic: monotonic start of the running step, 0 between steps */
   bool thread_done;      /* atomic: engine_main returned */
+  bool step_failed;      /* engine thread: the last step's forward failed */
   bool stopping;
   bool started;
   pthread_t thread;
@@ -311,6 +312,12 @@ static void seq_done(void *ctx, sched__seq_t *s) {
   seq_free(e, s, true);
 }
 
+static void fail_all(sched_engine_t *e, const char *msg) {
+  while (e->sc.n_running)
+    finish_now(e, e->sc.running[e->sc.n_running - 1], SCHED_FINISH_ERROR, msg);
+  while (e->sc.waiting.head) finish_now(e, e->sc.waiting.head, SCHED_FINISH_ERROR, msg);
+}
+
 static void abort_all(sched_engine_t *e) {
   while (e->sc.n_running)
     finish_now(e, e->sc.running[e->sc.n_running - 1], SCHED_FINISH_ABORT, NULL);
@@ -459,6 +466,7 @@ static void step(sched_engine_t *e) {
   };
   int rc = model_group_forward(&e->model, &b, e->logits);
   e->st.steps++;
+  if (rc) e->step_failed = true;
 
   int32_t li = 0;
   for (int32_t i = 0; i < n; i++) {
@@ -586,7 +594,17 @@ static void *engine_main(void *arg) {
     }
     int64_t t0 = sched__now_ns();
     __atomic_store_n(&e->step_start_ns, t0, __ATOMIC_RELAXED);
+    e->step_failed = false;
     step(e);
+    if (e->step_failed && e->be->ops->health && e->be->ops->health(e->be)) {
+      /* the device cannot go on: end everything, and let the process restart */
+      __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
+      fail_all(e, "the compute device failed and cannot recover; the server is restarting");
+      flush_stage(e);
+      notify(e);
+      if (e->cfg.fatal) e->cfg.fatal(e->cfg.fatal_ctx);
+      break;
+    }
     char why[200];
     if (e->cfg.debug_checks && check_accounting(e, why, sizeof why)) {
       fprintf(stderr, "pressd: KV accounting broken after step %llu: %s\n",

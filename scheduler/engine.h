@@ -111,6 +111,13 @@ typedef struct sched_engine_config {
   /* After every step, check the KV block accounting (pool against the
    * sequences' tables) and abort on a mismatch: for tests and soak runs. */
   bool debug_checks;
+  /* Called once from the engine thread when the backend can no longer run
+   * (a failed step and its health op says the failure sticks): every
+   * request has then ended with an error and the thread has stopped; the
+   * process should exit so that a service manager restarts it. NULL: the
+   * thread just stops. */
+  void (*fatal)(void *ctx);
+  void *fatal_ctx;
   /* Tensor parallelism (tp_size > 1): the forward runs on tp_size ranks, rank
    * r with the shard tp_weights[r] on tp_backends[r], summing through
    * tp_comm; sched_engine_new's w and be stay the whole model and the

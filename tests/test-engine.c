@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "model/gguf.h"
 #include "model/tokenizer.h"
@@ -497,6 +498,53 @@ static void test_backend_error(void) {
   be->ops = g_real_ops;
 }
 
+/* A failure the backend cannot recover from (its health op says so): every
+ * request, running or waiting, ends with an error; the fatal callback runs
+ * once and the engine thread stops. */
+static int g_sick; /* the health the wrapped backend reports */
+static int g_fatal_calls;
+static int sick_health(k_backend_t *b) { return __atomic_load_n(&g_sick, __ATOMIC_RELAXED); }
+static void on_fatal(void *ctx) { __atomic_add_fetch((int *)ctx, 1, __ATOMIC_RELAXED); }
+
+static void test_backend_fatal(void) {
+  static k_ops_t ops;
+  g_real_ops = be->ops;
+  ops = *be->ops;
+  ops.attention = failing_attention;
+  ops.health = sick_health;
+  be->ops = &ops;
+  sched_engine_config_t c = config();
+  c.max_num_seqs = 1; /* the second request waits */
+  c.fatal = on_fatal;
+  c.fatal_ctx = &g_fatal_calls;
+  sched_engine_t *e = engine(&c, true);
+  spec_t sp = spec_of(2);
+  sp.max_tokens = 60;
+  sp.ignore_eos = true;
+  out_t o[2];
+  submit(e, 1, &o[0], &sp);
+  submit(e, 2, &o[1], &sp);
+  run_until(e, has_events, &o[0]);
+  __atomic_store_n(&g_sick, -EIO, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_fail_in, 3, __ATOMIC_RELAXED);
+  run_until(e, all_done, &(outs_ref_t){o, 2});
+  CHECK_INT_EQ(o[0].finish, SCHED_FINISH_ERROR);
+  CHECK_INT_EQ(o[1].finish, SCHED_FINISH_ERROR); /* it never ran */
+  CHECK_INT_EQ(o[1].n, 0);
+  sched_stats_t st;
+  for (int i = 0; i < 500; i++) {
+    sched_engine_stats(e, &st);
+    if (st.stopped) break;
+    usleep(10000);
+  }
+  CHECK(st.stopped);
+  CHECK_INT_EQ(__atomic_load_n(&g_fatal_calls, __ATOMIC_RELAXED), 1);
+  sched_engine_free(e);
+  be->ops = g_real_ops;
+  __atomic_store_n(&g_sick, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_fail_in, -1, __ATOMIC_RELAXED);
+}
+
 /* (e) refused requests. */
 static void test_refused(void) {
   sched_engine_config_t c = config();
@@ -772,6 +820,7 @@ int main(int argc, char **argv) {
   RUN(test_abort);
   RUN(test_alive);
   RUN(test_backend_error);
+  RUN(test_backend_fatal);
   RUN(test_chunked_prefill);
 
   model_tok_free(tok);

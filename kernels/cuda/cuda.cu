@@ -880,6 +880,13 @@ static void kc_destroy(k_backend_t *be) {
   be->impl = NULL;
 }
 
+/* Once a device error is recorded every op returns -EIO (kc_enter): only a
+ * new process recovers, so the engine stops and the daemon exits. */
+static int kc_health(k_backend_t *be) {
+  kc_t *c = kc_of(be);
+  return c->error == cudaSuccess ? 0 : -EIO;
+}
+
 static k_ops_t kc_make_ops(void) {
   k_ops_t o;
   memset(&o, 0, sizeof o);
@@ -901,6 +908,7 @@ static k_ops_t kc_make_ops(void) {
   o.attn_prepare = kc_attn_prepare;
   o.fill_dummy = kc_fill_dummy;
   o.mem_info = k_cuda_mem_info;
+  o.health = kc_health;
   o.kv_move = kc_kv_move;
   return o;
 }

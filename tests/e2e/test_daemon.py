@@ -410,6 +410,38 @@ def device_error_recovery():
                 srv.proc.kill()
 
 
+def device_error_sticky():
+    """A device error that sticks (as a sticky CUDA error does; the
+    fault-injection build's trigger file says "sticky"): the running requests
+    end with an error that says so, and the daemon exits non-zero by itself,
+    so that systemd (Restart=on-failure) starts a fresh process."""
+    ver = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout
+    if "fault-injection" not in ver:
+        print("     (this build has no fault injection: device_error_sticky not run)")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        trigger = os.path.join(d, "fail-now")
+        srv = Server(env=dict(os.environ, PRESSD_INJECT_DEVICE_ERROR=trigger))
+        try:
+            st = Stream(srv.port, 1500)
+            st.start()
+            check(st.first.wait(60) and not st.error and st.status == 200,
+                  f"stream did not start: {st.status} {st.error}")
+            with open(trigger, "w") as f:
+                f.write("sticky\n")
+            st.join(60)
+            errs = [ev["error"] for ev in st.events if "error" in ev]
+            check(errs and ("model failed" in errs[-1]["message"] or
+                            "cannot recover" in errs[-1]["message"]),
+                  f"no final error event: {st.events[-2:]}")
+            rc = srv.wait(30)
+            check(rc not in (0, "killed"), f"exit {rc}: the daemon should exit non-zero by itself")
+            check("cannot recover" in srv.text(), srv.text()[-1500:])
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+
+
 def install_layout():
     """scripts/install --destdir: binary, unit and configuration in place; the
     unit passes systemd-analyze verify; the installed configuration loads."""
@@ -454,7 +486,7 @@ def main():
         return 77
     for fn in (notify_protocol, graceful_drain, shutdown_timeout_aborts, request_log_and_sighup,
                api_keys_and_metrics, max_tokens_limit, startup_faults, device_error_recovery,
-               install_layout):
+               device_error_sticky, install_layout):
         case(fn)
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0
