@@ -33,8 +33,9 @@ class Server(Daemon):
                           NAME, "--max-model-len", "2048", "--kv-cache-memory", "512M", *extra])
         self.base = f"http://127.0.0.1:{self.port}"
 
-    def client(self, key="none"):
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
+    def client(self, key="none", timeout=120):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,
+                             timeout=timeout)
 
     def raw(self, method, path, body=None, headers=None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -360,7 +361,7 @@ def main():
                     "kvcompress", "--kv-compression-ratio", "4", "--kv-compression-interval", "16")
 
     def kv_compression_packs_more():
-        pc = packed.client()
+        pc = packed.client(timeout=600)  # 8 long requests at once: minutes under ASan
         ps = [passkey_prompt(10000 + 7 * i, n=28, depth=i / 8) for i in range(8)]
         out = [None] * len(ps)
         peak = [0]
