@@ -312,16 +312,10 @@ static void seq_done(void *ctx, sched__seq_t *s) {
   seq_free(e, s, true);
 }
 
-static void fail_all(sched_engine_t *e, const char *msg) {
-  while (e->sc.n_running)
-    finish_now(e, e->sc.running[e->sc.n_running - 1], SCHED_FINISH_ERROR, msg);
-  while (e->sc.waiting.head) finish_now(e, e->sc.waiting.head, SCHED_FINISH_ERROR, msg);
-}
-
-static void abort_all(sched_engine_t *e) {
-  while (e->sc.n_running)
-    finish_now(e, e->sc.running[e->sc.n_running - 1], SCHED_FINISH_ABORT, NULL);
-  while (e->sc.waiting.head) finish_now(e, e->sc.waiting.head, SCHED_FINISH_ABORT, NULL);
+/* Finish every running and waiting request with fin (and msg). */
+static void finish_all(sched_engine_t *e, sched_finish_t fin, const char *msg) {
+  while (e->sc.n_running) finish_now(e, e->sc.running[e->sc.n_running - 1], fin, msg);
+  while (e->sc.waiting.head) finish_now(e, e->sc.waiting.head, fin, msg);
 }
 
 /* ---- sampling and stop rules --------------------------------------------- */
@@ -587,7 +581,7 @@ static void *engine_main(void *arg) {
     }
     for (size_t i = 0; i < n_ab; i++) abort_id(e, ab[i]);
     if (stop) {
-      abort_all(e);
+      finish_all(e, SCHED_FINISH_ABORT, NULL);
       flush_stage(e);
       notify(e);
       break;
@@ -599,7 +593,8 @@ static void *engine_main(void *arg) {
     if (e->step_failed && e->be->ops->health && e->be->ops->health(e->be)) {
       /* the device cannot go on: end everything, and let the process restart */
       __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
-      fail_all(e, "the compute device failed and cannot recover; the server is restarting");
+      finish_all(e, SCHED_FINISH_ERROR,
+                 "the compute device failed and cannot recover; the server is restarting");
       flush_stage(e);
       notify(e);
       if (e->cfg.fatal) e->cfg.fatal(e->cfg.fatal_ctx);

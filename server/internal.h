@@ -322,7 +322,7 @@ struct srv_server {
   uv_timer_t drain_timer;
   uv_timer_t beat_timer; /* the loop's sign of life, every SRV_BEAT_MS */
   bool listener_open, wake_open, ctl_open, drain_timer_open, beat_timer_open, loop_open;
-  atomic_llong beat_ms;  /* CLOCK_MONOTONIC ms of the last beat */
+  atomic_llong beat_ns;  /* srv__now_ns() of the last beat; 0 before the loop runs */
 
   srv_config_t cfg;
   char *host, *model_name; /* owns; cfg's pointers point here */

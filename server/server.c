@@ -84,20 +84,14 @@ static void on_wake(uv_async_t *a) { drain_events(a->data); }
 
 #define SRV_BEAT_MS 1000
 
-static long long mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void on_beat(uv_timer_t *t) {
   srv_server_t *s = t->data;
-  atomic_store(&s->beat_ms, mono_ms());
+  atomic_store(&s->beat_ns, (long long)srv__now_ns());
 }
 
 double srv_server_loop_age(const srv_server_t *s) {
-  long long beat = s ? atomic_load(&s->beat_ms) : 0;
-  return beat > 0 ? (double)(mono_ms() - beat) / 1000.0 : 0.0; /* 0: not running yet */
+  long long beat = s ? atomic_load(&s->beat_ns) : 0;
+  return beat > 0 ? (double)((long long)srv__now_ns() - beat) * 1e-9 : 0.0; /* 0: not running yet */
 }
 
 void srv_server_notify(void *ctx) {
@@ -303,7 +297,7 @@ int srv_server_port(const srv_server_t *s) { return s ? s->port : -1; }
 
 int srv_server_run(srv_server_t *s) {
   if (!s->stopping) {
-    atomic_store(&s->beat_ms, mono_ms());
+    atomic_store(&s->beat_ns, (long long)srv__now_ns());
     drain_events(s); /* events posted before the loop ran */
     on_ctl(&s->ctl); /* a stop requested before the loop ran */
     uv_run(&s->loop, UV_RUN_DEFAULT);

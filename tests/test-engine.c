@@ -466,12 +466,21 @@ static int failing_attention(k_backend_t *b, const k_kv_arena_t *kv, const k_att
   return g_real_ops->attention(b, kv, a);
 }
 
-static void test_backend_error(void) {
+/* The test backend with failing_attention (and health, where given) in
+ * place of its own; unwrap_backend puts the real ops back. */
+static void wrap_backend(int (*health)(k_backend_t *)) {
   static k_ops_t ops;
   g_real_ops = be->ops;
   ops = *be->ops;
   ops.attention = failing_attention;
+  if (health) ops.health = health;
   be->ops = &ops;
+}
+
+static void unwrap_backend(void) { be->ops = g_real_ops; }
+
+static void test_backend_error(void) {
+  wrap_backend(NULL);
   sched_engine_config_t c = config();
   sched_engine_t *e = engine(&c, true);
   spec_t sp = spec_of(2);
@@ -495,7 +504,7 @@ static void test_backend_error(void) {
   CHECK_INT_EQ(d.n, 10);
   check_idle(e);
   sched_engine_free(e);
-  be->ops = g_real_ops;
+  unwrap_backend();
 }
 
 /* A failure the backend cannot recover from (its health op says so): every
@@ -507,12 +516,7 @@ static int sick_health(k_backend_t *b) { return __atomic_load_n(&g_sick, __ATOMI
 static void on_fatal(void *ctx) { __atomic_add_fetch((int *)ctx, 1, __ATOMIC_RELAXED); }
 
 static void test_backend_fatal(void) {
-  static k_ops_t ops;
-  g_real_ops = be->ops;
-  ops = *be->ops;
-  ops.attention = failing_attention;
-  ops.health = sick_health;
-  be->ops = &ops;
+  wrap_backend(sick_health);
   sched_engine_config_t c = config();
   c.max_num_seqs = 1; /* the second request waits */
   c.fatal = on_fatal;
@@ -540,7 +544,7 @@ static void test_backend_fatal(void) {
   CHECK(st.stopped);
   CHECK_INT_EQ(__atomic_load_n(&g_fatal_calls, __ATOMIC_RELAXED), 1);
   sched_engine_free(e);
-  be->ops = g_real_ops;
+  unwrap_backend();
   __atomic_store_n(&g_sick, 0, __ATOMIC_RELAXED);
   __atomic_store_n(&g_fail_in, -1, __ATOMIC_RELAXED);
 }

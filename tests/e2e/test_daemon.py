@@ -361,20 +361,27 @@ def startup_faults():
                ["log-file"])
 
 
+def fault_server(d, name):
+    """A Server whose attention calls fail while the file d/fail-now exists,
+    and that path; None where the build has no fault injection."""
+    ver = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout
+    if "fault-injection" not in ver:
+        print(f"     (this build has no fault injection: {name} not run)")
+        return None, None
+    trigger = os.path.join(d, "fail-now")
+    return Server(env=dict(os.environ, PRESSD_INJECT_DEVICE_ERROR=trigger)), trigger
+
+
 def device_error_recovery():
     """A device error at run time (a fault-injection build makes every
     attention call fail while a file exists): the requests running then end
     with an error (a final stream event; 500 with an OpenAI error body), the
     daemon keeps serving, and the next requests succeed with their blocks
     returned. Builds without fault injection skip this case."""
-    ver = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout
-    if "fault-injection" not in ver:
-        print("     (this build has no fault injection: device_error_recovery not run)")
-        return
     with tempfile.TemporaryDirectory() as d:
-        trigger = os.path.join(d, "fail-now")
-        env = dict(os.environ, PRESSD_INJECT_DEVICE_ERROR=trigger)
-        srv = Server(env=env)
+        srv, trigger = fault_server(d, "device_error_recovery")
+        if not srv:
+            return
         try:
             ok = {"model": "m", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
                   "ignore_eos": True}
@@ -415,13 +422,10 @@ def device_error_sticky():
     fault-injection build's trigger file says "sticky"): the running requests
     end with an error that says so, and the daemon exits non-zero by itself,
     so that systemd (Restart=on-failure) starts a fresh process."""
-    ver = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout
-    if "fault-injection" not in ver:
-        print("     (this build has no fault injection: device_error_sticky not run)")
-        return
     with tempfile.TemporaryDirectory() as d:
-        trigger = os.path.join(d, "fail-now")
-        srv = Server(env=dict(os.environ, PRESSD_INJECT_DEVICE_ERROR=trigger))
+        srv, trigger = fault_server(d, "device_error_sticky")
+        if not srv:
+            return
         try:
             st = Stream(srv.port, 1500)
             st.start()
