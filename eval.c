@@ -14,7 +14,10 @@
  * with the server's default pooling, and the observation_window the job's
  * configs ask for (the server's default 32 where they name none; one value
  * per job, and 0, the whole prompt) apart, so both kinds of config are
- * evaluated from one prefill:
+ * evaluated from one prefill. A config with a prefill_chunk (and a
+ * compression) is prefilled on its own, compressed between chunks as the
+ * server does it; list such configs last, since the shared prefill is
+ * redone for any config after them:
  *   {"id", "config", "n_context", "kv_tokens_kept", "kv_tokens_evicted",
  *    "kept_fraction", "nll_sum", "n_eval", "ppl" | "tokens", "text",
  *    ["forced_tokens"], "seconds"}
@@ -180,7 +183,8 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     sched_kv_compression_default(&def);
     if (srv_parse_kv_compression(cf, &def, max_len, &k, err, sizeof err)) continue; /* reported below */
     bool scored = k.plan.policy == KV_POLICY_KVCOMPRESS || k.plan.policy == KV_POLICY_DBUDGET;
-    int32_t w = scored && k.observation_window < (int32_t)n_ctx ? k.observation_window : 0;
+    if (k.prefill_chunk > 0 && k.plan.policy != KV_POLICY_NONE) continue; /* a prefill of its own */
+    int32_t w = scored && sched_kv_window(&k) < (int32_t)n_ctx ? sched_kv_window(&k) : 0;
     if (w && window && w != window) {
       free(jb.ids);
       return job_error(id, "the configs of one job may ask for one observation_window (and 0)");
@@ -193,6 +197,7 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     return job_error(id, "the prefill failed");
   }
   double t_prefill = cli_now_s() - t0;
+  bool plain = true; /* the snapshot is the shared prefill's */
   int32_t heads = sched_kveval_heads(*ev);
   /* out, then the first config's tokens (teacher forcing) */
   int32_t *out = malloc((size_t)(jb.max_tokens > 0 ? jb.max_tokens : 1) * 2 * sizeof *out);
@@ -209,6 +214,19 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     }
     int64_t kept = 0, evicted = 0;
     cJSON *extra = cJSON_CreateObject();
+    /* compressed between prefill chunks: a prefill of its own */
+    bool chunked = k.prefill_chunk > 0 && k.plan.policy != KV_POLICY_NONE;
+    if (chunked || !plain) {
+      rc = chunked ? sched_kveval_prefill_chunked(*ev, jb.ids, (int32_t)n_ctx, &k)
+                   : sched_kveval_prefill(*ev, jb.ids, (int32_t)n_ctx, window);
+      plain = !chunked;
+      if (rc) {
+        job_error(id, rc == -EINVAL ? "prefill_chunk needs a ratio or max_cache_tokens"
+                                    : "the prefill failed");
+        cJSON_Delete(extra);
+        continue;
+      }
+    }
     if ((rc = sched_kveval_compress(*ev, &k, &kept, &evicted))) {
       job_error(id, "the compression failed");
     } else if (jb.ppl) {

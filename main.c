@@ -456,6 +456,7 @@ static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, 
   k->plan.dbudget_threshold = (float)o->kv_dbudget_threshold;
   k->observation_window = (int32_t)o->observation_window;
   k->interval = (int32_t)o->kv_compression_interval;
+  k->prefill_chunk = (int32_t)o->kv_prefill_chunk;
   k->plan.per_query = !strcmp(o->kv_score, "mean");
   kv_policy_t p = k->plan.policy;
   if ((p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_STREAMING || p == KV_POLICY_RANDOM) &&
@@ -465,7 +466,17 @@ static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, 
              o->kv_compression);
     return -EINVAL;
   }
+  if (k->prefill_chunk > 0 && k->prefill_chunk < 64) {
+    snprintf(err, errlen, "--kv-prefill-chunk: must be 0 or at least 64, got %d", k->prefill_chunk);
+    return -EINVAL;
+  }
   return 0;
+}
+
+/* Whether every request compresses with a bounded budget by default, so
+ * that the KV cache may hold less than one max_model_len sequence. */
+static bool kv_compression_bounded(const sched_kv_compression_t *k) {
+  return k->plan.policy != KV_POLICY_NONE && (k->plan.ratio > 1 || k->plan.max_cache_tokens > 0);
 }
 
 static int cmd_serve(cfg_options_t *o) {
@@ -534,6 +545,7 @@ static int cmd_serve(cfg_options_t *o) {
       .tp_weights = m.tp_w,
       .tp_backends = m.tp_be,
       .tp_comm = m.tp_comm,
+      .kv_below_max_len = kv_compression_bounded(&kvc) && m.be->host_memory,
   };
   notify_status("allocating the KV cache");
   if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
@@ -546,6 +558,10 @@ static int cmd_serve(cfg_options_t *o) {
            "max-model-len %d: %.2f",
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
            cap.max_concurrency);
+  if (cap.kv_tokens < max_len)
+    log_info("the KV cache holds fewer tokens than max-model-len %d: longer requests are served "
+             "compressed between prefill chunks; uncompressed ones up to %lld tokens",
+             max_len, (long long)cap.kv_tokens);
   if (m.tp > 1)
     log_info("tensor parallel: %d ranks (%s communicator), %d KV heads and %d MLP columns each",
              m.tp, m.tp_comm->ops->name, m.tp_w[0].cfg.n_kv_heads, m.tp_w[0].cfg.n_ff);
@@ -577,6 +593,7 @@ static int cmd_serve(cfg_options_t *o) {
   sc.body_timeout_ms = (int64_t)(o->request_timeout * 1000);
   sc.max_model_len = max_len;
   sc.kv_compression = kvc;
+  sc.kv_tokens = cap.kv_tokens;
   char *name = model_name_of(o);
   rc = name ? srv_server_new(&srv, &sc, eng, m.tok, have_chat ? &chat : NULL, name, err, sizeof err)
             : -ENOMEM;

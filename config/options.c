@@ -70,11 +70,16 @@ static const opt_t opts[] = {
      "how the budget is split over layers: KV-Compress's global greedy, equal, or ZigZagKV"},
     {"protected-window", OPT_INT, O(protected_window), "32", 0, 1 << 24, NULL,
      "newest tokens never evicted"},
-    {"observation-window", OPT_INT, O(observation_window), "32", 0, 1 << 24, NULL,
-     "last prompt tokens whose attention scores the prompt's KV (0: the whole prompt)"},
+    {"observation-window", OPT_INT, O(observation_window), "-1", -1, 1 << 24, NULL,
+     "last prompt tokens whose attention scores the prompt's KV (0: the whole prompt; -1: 32, "
+     "or the whole prompt for dbudget)"},
     {"kv-compression-interval", OPT_INT, O(kv_compression_interval), "32", 0, 1 << 24, NULL,
      "decode steps between compressions of a sequence (0: after the prefill and under "
      "memory pressure only)"},
+    {"kv-prefill-chunk", OPT_INT, O(kv_prefill_chunk), "0", 0, 1 << 24, NULL,
+     "with a compression ratio or max cache tokens, prompts longer than this are compressed "
+     "after every chunk of this many tokens during the prefill (0: only prompts whose whole KV "
+     "would not fit in the KV cache)"},
     {"kv-sinks", OPT_INT, O(kv_sinks), "4", 0, 1 << 24, NULL,
      "first tokens never evicted (attention sinks)"},
     {"kv-score", OPT_STR, O(kv_score), "sum", 0, 0, "sum|mean",

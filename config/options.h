@@ -52,6 +52,7 @@ typedef struct cfg_options {
   int64_t protected_window;
   int64_t observation_window;
   int64_t kv_compression_interval;
+  int64_t kv_prefill_chunk;
   int64_t kv_sinks;
   double kv_dbudget_threshold;
   char *kv_score;             /* sum | mean */

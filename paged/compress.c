@@ -628,3 +628,34 @@ int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
   if (!rc) kv_compress_apply(pl, seq, pool);
   return rc;
 }
+
+/* ---- scores across prefill chunks ------------------------------------------- */
+
+void kv_scores_set_aside(const kv_seq_t *seq, float *score, int32_t fresh, float *prev) {
+  const int32_t B = seq->block_size, lh = seq->n_layers * seq->n_heads;
+  const size_t per_head = (size_t)seq->max_blocks * (size_t)B;
+  for (int32_t i = 0; i < lh; i++) {
+    const int32_t *table = seq->blocks + (size_t)i * (size_t)seq->max_blocks;
+    float *p = prev + (size_t)i * per_head;
+    int32_t j = 0;
+    for (; j < seq->ctx[i] - fresh; j++) {
+      float *sc = &score[(int64_t)table[j / B] * B + j % B];
+      p[j] = *sc;
+      *sc = 0.0f;
+    }
+    memset(p + j, 0, (per_head - (size_t)j) * sizeof *p); /* and slots the window appends */
+  }
+}
+
+void kv_scores_merge_max(const kv_seq_t *seq, float *score, const float *prev) {
+  const int32_t B = seq->block_size, lh = seq->n_layers * seq->n_heads;
+  const size_t per_head = (size_t)seq->max_blocks * (size_t)B;
+  for (int32_t i = 0; i < lh; i++) {
+    const int32_t *table = seq->blocks + (size_t)i * (size_t)seq->max_blocks;
+    const float *p = prev + (size_t)i * per_head;
+    for (int32_t j = 0; j < seq->ctx[i]; j++) {
+      float *sc = &score[(int64_t)table[j / B] * B + j % B];
+      if (p[j] > *sc) *sc = p[j];
+    }
+  }
+}

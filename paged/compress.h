@@ -136,4 +136,19 @@ int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
                     const kv_compress_input_t *in, k_backend_t *be, const k_kv_arena_t *arena,
                     kv_seq_t *seq, kv_pool_t *pool);
 
+/* Scores of a sequence compressed between prefill chunks, where each
+ * chunk's observation window scores the KVs in turn and a KV keeps the
+ * most any one window gave it (summed, the KVs that survived earlier
+ * chunks would outweigh the newest chunk's, however much the newest window
+ * looks at them). prev is [n_layers * n_heads][max_blocks * block_size] by
+ * logical slot.
+ *
+ * Before a window: each head's slots but its newest `fresh` ones (appended,
+ * not yet computed) have their scores moved into prev and zeroed; prev is 0
+ * for the rest of the head's row (the fresh slots and any the window will
+ * append). */
+void kv_scores_set_aside(const kv_seq_t *seq, float *score, int32_t fresh, float *prev);
+/* After it: score = max(score, prev) over the sequence's slots. */
+void kv_scores_merge_max(const kv_seq_t *seq, float *score, const float *prev);
+
 #endif

@@ -163,16 +163,29 @@ static int32_t fit_tokens(const sched__seq_t *s, int32_t m, int32_t free_blocks)
   return lo;
 }
 
-/* A chunk of m tokens of s that does not end inside the prompt's last
- * obs_window tokens unless it ends the prompt: the observation window of a
- * compressing sequence is scored in one attention call. When only the window
- * is left and it does not fit, the chunk ends inside it (the window is then
- * partly observed) rather than waiting. */
+/* A chunk of at most m tokens of s that does not cross the end of its
+ * segment (the prompt, or the chunk after which it is compressed) nor end
+ * inside the segment's last obs_window tokens unless it ends the segment:
+ * the observation window of a compressing sequence is scored in one
+ * attention call. When only the window is left and it does not fit, the
+ * chunk ends inside it (the window is then partly observed) rather than
+ * waiting. */
 static int32_t window_cap(const sched__seq_t *s, int32_t m) {
+  int32_t seg = sched__seg_end(s);
+  if (m > seg - s->n_computed) m = seg - s->n_computed;
   if (s->obs_window <= 0) return m;
-  int32_t end = s->n_computed + m, wstart = s->n_tokens - s->obs_window;
-  if (end >= s->n_tokens || end <= wstart || wstart <= s->n_computed) return m;
+  int32_t end = s->n_computed + m, wstart = seg - s->obs_window;
+  if (end >= seg || end <= wstart || wstart <= s->n_computed) return m;
   return wstart - s->n_computed;
+}
+
+/* Blocks s needs in all for its prompt, from empty: the whole prompt's, or
+ * when it is compressed between chunks, its peak. */
+static int32_t need_blocks(const sched__sched_t *sc, const sched__seq_t *s) {
+  if (s->fill_chunk <= 0) return prompt_blocks(sc, s->n_tokens);
+  int32_t peak = sched__kvc_fill_peak(s, sc->block_size);
+  int32_t whole = s->n_tokens + sc->block_size; /* never more than uncompressed */
+  return sc->heads * ceil_div(peak < whole ? peak : whole, sc->block_size);
 }
 
 /* The newest running sequence after index i that has nothing scheduled. */
@@ -236,13 +249,18 @@ int32_t sched__pick(sched__sched_t *sc) {
   for (int32_t i = 0; i < sc->n_running; i++) {
     const sched__seq_t *s = sc->running[i];
     int32_t after = s->n_computed + s->chunk;
-    if (after < s->n_tokens)
+    if (after >= s->n_tokens) continue;
+    if (s->fill_chunk > 0) {
+      int64_t more = (int64_t)need_blocks(sc, s) - kv_seq_blocks_held(&s->kv);
+      reserved += more > 0 ? (int32_t)more : 0;
+    } else {
       reserved += sc->heads * (ceil_div(s->n_tokens, sc->block_size) -
                                ceil_div(after, sc->block_size));
+    }
   }
   while (budget > 0 && sc->n_running < sc->max_num_seqs && sc->waiting.head) {
     sched__seq_t *s = sc->waiting.head;
-    int32_t need = prompt_blocks(sc, s->n_tokens);
+    int32_t need = need_blocks(sc, s);
     int32_t avail = kv_pool_free_count(sc->pool) - reserved;
     if (sc->n_running > 0 ? avail - need < sc->watermark : avail < need) break;
     sched__queue_remove(&sc->waiting, s);

@@ -48,10 +48,12 @@ struct sched__seq {
   int64_t t_admitted_ns;     /* monotonic: first admitted (0: not yet) */
   /* KV compression (kvc.c) */
   int32_t obs_window;        /* picker: keep the last obs_window prompt tokens in one chunk */
+  int32_t fill_chunk;        /* > 0: compressed after every fill_chunk prompt tokens */
   int32_t since_compress;    /* decode steps since the last compression */
   bool prefill_compressed;   /* the compression after the prefill ran */
   bool kvc_counted;          /* counted among the engine's compressing sequences */
   float *obs_mass, *obs_last; /* owns: the prefill's observations, until it is compressed */
+  float *obs_prev;           /* owns: with fill_chunk, the scores before this window */
   int64_t kv_evicted;        /* KV entries evicted, all heads */
   sched_sampler_t smp;
   model_detok_t dt;
@@ -150,6 +152,17 @@ void sched__kvc_after(sched__kvc_t *k, sched__seq_t *s);
  * pressure; 0: the policy's budget only). s must have no slot appended
  * but not yet computed. Returns the blocks freed. */
 int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free);
+/* The end of the prompt segment s is prefilling: n_tokens, or with
+ * fill_chunk the next multiple of it (s is compressed there). */
+static inline int32_t sched__seg_end(const sched__seq_t *s) {
+  if (s->fill_chunk <= 0) return s->n_tokens;
+  int32_t end = (s->n_computed / s->fill_chunk + 1) * s->fill_chunk;
+  return end < s->n_tokens ? end : s->n_tokens;
+}
+/* With fill_chunk: the tokens per head s holds at most while it prefills
+ * (its budget at n_tokens, the protected positions, one chunk, slack for
+ * partly filled blocks). */
+int32_t sched__kvc_fill_peak(const sched__seq_t *s, int32_t block_size);
 /* KV entries s holds, all heads. */
 int64_t sched__kvc_held(const sched__seq_t *s);
 void sched__kvc_seq_free(sched__seq_t *s);

@@ -29,6 +29,8 @@
 #include "scheduler/engine-internal.h"
 
 #define BLOCK_SIZE 16
+/* The smallest KV pool with kv_below_max_len, in tokens per head. */
+#define MIN_POOL_TOKENS 1024
 #define DETOK_CAP 512 /* >= 256, as model_detok_push asks, plus a flush */
 #define HELD_SLACK (2 * DETOK_CAP)
 #define MAX_HASH_BUCKETS (1u << 20)
@@ -94,6 +96,7 @@ sched_request_t *sched_request_new(void) {
   if (!r) return NULL;
   r->logprobs = -1;
   sched_sample_params_default(&r->sample);
+  sched_kv_compression_default(&r->kvc);
   return r;
 }
 
@@ -160,8 +163,37 @@ static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
     return -ENOMEM;
   }
   memcpy(s->tokens, r->prompt, (size_t)r->n_prompt * sizeof *s->tokens);
-  if (sched__kvc_enabled(s)) s->obs_window = r->kvc.observation_window;
+  if (sched__kvc_enabled(s)) s->obs_window = sched_kv_window(&r->kvc);
   *out = s;
+  return 0;
+}
+
+/* How s fits in the pool, which may hold less than max_model_len
+ * (kv_below_max_len): uncompressed, its length is capped at what the pool
+ * holds; compressed with a bounded budget, a prompt whose KV would not fit
+ * is compressed between prefill chunks of a size the pool allows (or the
+ * request's prefill_chunk). -ENOSPC when it cannot fit either way. */
+static int seq_fit(const sched_engine_t *e, sched__seq_t *s) {
+  const sched_kv_compression_t *k = &s->req->kvc;
+  const int32_t B = BLOCK_SIZE, heads = e->n_layers * e->n_kv_heads;
+  const int64_t pool_tokens = (int64_t)(e->pool.n_blocks / heads) * B;
+  const bool bounded = sched__kvc_enabled(s) && e->be->host_memory &&
+                       (k->plan.ratio > 1 || k->plan.max_cache_tokens > 0);
+  if (!bounded) {
+    if (s->n_prompt >= pool_tokens) return -ENOSPC;
+    if (s->cap > pool_tokens) s->cap = (int32_t)pool_tokens;
+    return 0;
+  }
+  const bool fits = (int64_t)s->n_prompt + 1 <= pool_tokens;
+  if (fits && (k->prefill_chunk <= 0 || s->n_prompt <= k->prefill_chunk)) return 0;
+  int64_t keep = kv_compress_budget_tokens(&k->plan, s->n_prompt, B);
+  int64_t fixed = (int64_t)k->plan.protected_window + k->plan.sinks;
+  int64_t room = pool_tokens - (keep > fixed ? keep : fixed) - 2 * B;
+  int64_t c = k->prefill_chunk > 0 ? k->prefill_chunk : room / 2 < 2048 ? room / 2 : 2048;
+  if (c > room) c = room;
+  c -= c % B;
+  if (c < 64) return fits ? 0 : -ENOSPC;
+  s->fill_chunk = (int32_t)c;
   return 0;
 }
 
@@ -378,7 +410,7 @@ static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row) {
   if (r->logprobs >= 0) fill_logprobs(e, ev, id, r->logprobs);
 
   const bool eog = !r->ignore_eos && model_tok_is_eog(e->tok, id);
-  const bool len = s->n_gen >= r->max_tokens || s->n_tokens >= e->cfg.max_model_len;
+  const bool len = s->n_gen >= r->max_tokens || s->n_tokens >= s->cap; /* max_model_len, pool */
   const bool last = eog || len;
   size_t n = 0;
   if (!eog) n = model_detok_push(&s->dt, e->tok, id, e->detok, sizeof e->detok);
@@ -660,7 +692,14 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   const int64_t per_seq = heads * ((cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE);
   int64_t n_blocks = cfg->kv_cache_memory > 0 ? cfg->kv_cache_memory / (int64_t)block_bytes : 0;
   if (n_blocks > INT32_MAX) n_blocks = INT32_MAX;
-  if (n_blocks < per_seq)
+  const int64_t floor_blocks = heads * (MIN_POOL_TOKENS / BLOCK_SIZE);
+  if (cfg->kv_below_max_len && n_blocks < per_seq && n_blocks < floor_blocks)
+    return fail(err, errlen, -EINVAL,
+                "kv_cache_memory of %lld bytes holds %lld tokens, fewer than %d: raise it to at "
+                "least %lld bytes",
+                (long long)cfg->kv_cache_memory, (long long)(n_blocks / heads * BLOCK_SIZE),
+                MIN_POOL_TOKENS, (long long)(floor_blocks * (int64_t)block_bytes));
+  if (!cfg->kv_below_max_len && n_blocks < per_seq)
     return fail(err, errlen, -EINVAL,
                 "kv_cache_memory of %lld bytes holds %lld tokens, fewer than one sequence of "
                 "max_model_len %d needs: raise kv_cache_memory to at least %lld bytes or lower "
@@ -803,6 +842,10 @@ int sched_engine_submit(sched_engine_t *e, sched_request_t *r) {
   sched__seq_t *s;
   int rc = seq_new(e, r, &s);
   if (rc) return rc;
+  if ((rc = seq_fit(e, s))) {
+    seq_free(e, s, false); /* the caller keeps r */
+    return rc;
+  }
   pthread_mutex_lock(&e->mu);
   if (e->stopping || e->n_inbox + e->n_waiting >= e->cfg.max_waiting) {
     rc = -EAGAIN;

@@ -24,17 +24,29 @@ typedef struct sched_engine sched_engine_t;
 /* How one request's KV cache is compressed (ALGORITHMS.md): the planner's
  * parameters (policy KV_POLICY_NONE: never), the prefill observation window
  * (last prompt queries whose attention scores the prompt's KVs), the
- * max-pool width of those scores, and the decode steps between
- * compressions (0: only after the prefill and under memory pressure). */
+ * max-pool width of those scores, the decode steps between compressions
+ * (0: only after the prefill and under memory pressure), and the prefill
+ * chunk: with a bounded budget (a ratio or max_cache_tokens), a prompt
+ * longer than prefill_chunk tokens is prefilled prefill_chunk tokens at a
+ * time and compressed to its budget after each chunk, the chunk's last
+ * observation_window queries scoring it, so that its KV never holds the
+ * whole prompt (0: only where the whole prompt's KV would not fit in the
+ * KV cache, with a chunk the cache allows). */
 typedef struct sched_kv_compression {
   kv_compress_params_t plan;
   int32_t observation_window;
   int32_t pool;
   int32_t interval;
+  int32_t prefill_chunk;
 } sched_kv_compression_t;
 
-/* Defaults: policy none, window 0 (the whole prompt), pool 7, interval 32. */
+/* Defaults: policy none, window -1 (see sched_kv_window), pool 7,
+ * interval 32, prefill chunk 0. */
 void sched_kv_compression_default(sched_kv_compression_t *k);
+/* The observation window k asks for: observation_window, or where that is
+ * -1, 32 (0 for DBudgetKV, whose stop is better served by the whole
+ * prompt's scores). */
+int32_t sched_kv_window(const sched_kv_compression_t *k);
 
 typedef struct sched_request {
   uint64_t id;          /* chosen by the caller, unique among live requests */
@@ -50,7 +62,8 @@ typedef struct sched_request {
   sched_kv_compression_t kvc; /* KV compression of this request */
 } sched_request_t;
 
-sched_request_t *sched_request_new(void); /* zeroed, logprobs = -1, default sampling */
+sched_request_t *sched_request_new(void); /* zeroed, logprobs = -1, default sampling and
+                                            * KV compression (none) */
 void sched_request_free(sched_request_t *r); /* NULL-safe */
 
 typedef enum sched_finish {
@@ -111,6 +124,14 @@ typedef struct sched_engine_config {
   /* After every step, check the KV block accounting (pool against the
    * sequences' tables) and abort on a mismatch: for tests and soak runs. */
   bool debug_checks;
+  /* The KV pool may hold fewer tokens than one sequence of max_model_len
+   * (kv_cache_memory is then checked against a floor of 1,024 tokens only):
+   * a request whose tokens would not fit in the pool runs only when its
+   * compression has a bounded budget and a host-memory backend, compressed
+   * between prefill chunks; submit refuses the others with -ENOSPC, and an
+   * uncompressed request's completion ends ("length") when the pool is
+   * full. */
+  bool kv_below_max_len;
   /* Called once from the engine thread when the backend can no longer run
    * (a failed step and its health op says the failure sticks): every
    * request has then ended with an error and the thread has stopped; the
@@ -172,7 +193,9 @@ int sched_engine_start(sched_engine_t *e);  /* spawns the engine thread */
 void sched_engine_free(sched_engine_t *e);
 
 /* Thread-safe. 0: the engine owns r now. -EAGAIN: the waiting queue is full
- * (caller keeps r). -EINVAL: the prompt does not fit max_model_len. */
+ * (caller keeps r). -EINVAL: the prompt does not fit max_model_len.
+ * -ENOSPC: the prompt does not fit in the KV pool, even compressed between
+ * prefill chunks (see kv_below_max_len). */
 int sched_engine_submit(sched_engine_t *e, sched_request_t *r);
 /* Thread-safe; the request finishes with SCHED_FINISH_ABORT and its blocks
  * return to the pool at the next step. Unknown ids are ignored. */

@@ -258,6 +258,52 @@ int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n, int3
   return 0;
 }
 
+int sched_kveval_prefill_chunked(sched_kveval_t *ev, const int32_t *ids, int32_t n,
+                                 const sched_kv_compression_t *k) {
+  const int32_t c = k->prefill_chunk, W = sched_kv_window(k);
+  kv_compress_params_t prm = k->plan;
+  if (n <= 0 || c <= 0 || prm.policy == KV_POLICY_NONE || !(prm.ratio > 1 || prm.max_cache_tokens))
+    return -EINVAL;
+  if (n > ev->max_len) return -E2BIG;
+  /* as between the engine's chunks: the budget for all n tokens, and
+   * DBudgetKV's cap in place of its stop */
+  if (prm.policy == KV_POLICY_DBUDGET) prm.policy = KV_POLICY_KVCOMPRESS;
+  prm.max_cache_tokens = kv_compress_budget_tokens(&prm, n, BLOCK);
+  kv_seq_reset(&ev->seq, &ev->pool);
+  ev->n_past = 0;
+  size_t lh = heads_of(ev), slots = (size_t)ev->seq.max_blocks * BLOCK;
+  float *prev = ev->mass_all; /* [lh][slots], unused by this kind of prefill */
+  int rc = 0;
+  for (int32_t a = 0; a < n && !rc; a += c) {
+    int32_t b = a + c < n ? a + c : n;
+    bool windowed = W > 0 && W < b - a; /* else the whole chunk observes */
+    int32_t ws = windowed ? b - W : a;
+    memset(ev->obs_mass, 0, lh * slots * sizeof(float));
+    if ((rc = feed(ev, ids + a, ws - a, 0, false, NULL, NULL))) break;
+    if (windowed) kv_scores_set_aside(&ev->seq, ev->arena.score, 0, prev);
+    if ((rc = feed(ev, ids + ws, b - ws, 1, false, NULL, NULL))) break;
+    if (windowed) kv_scores_merge_max(&ev->seq, ev->arena.score, prev);
+    if (b == n) break;
+    kv_compress_input_t in = {
+        .seq = &ev->seq,
+        .score = ev->arena.score,
+        .pos = ev->arena.pos,
+        .n_tokens = b,
+        .last_pos = b - 1,
+        .group = ev->group,
+        .obs_mass = k->plan.policy == KV_POLICY_KVCOMPRESS && prm.layer_budget == KV_LAYER_ZIGZAG
+                        ? ev->obs_mass
+                        : NULL,
+        .obs_start = W > 0 && W < b ? b - W : 0,
+    };
+    rc = kv_compress_run(&ev->plan, &prm, &in, ev->be, &ev->arena, &ev->seq, &ev->pool);
+  }
+  if (rc) return rc;
+  ev->window = W > 0 && W < n ? W : 0;
+  snapshot(ev, true);
+  return 0;
+}
+
 /* with_obs: the prefill's observations, of the window (whole false) or of
  * the whole prompt (whole true). */
 static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool with_obs,
@@ -278,7 +324,7 @@ static int compress(sched_kveval_t *ev, const kv_compress_params_t *prm, bool wi
 
 int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, int64_t *kept,
                           int64_t *evicted) {
-  const int32_t w = k->observation_window;
+  const int32_t w = sched_kv_window(k);
   const bool scored = k->plan.policy == KV_POLICY_KVCOMPRESS || k->plan.policy == KV_POLICY_DBUDGET;
   const bool whole = w == 0 || w >= ev->snap_past; /* a window as long as the prompt is all of it */
   if (scored && !whole && w != ev->window) return -EINVAL; /* the prefill did not observe it */
@@ -286,8 +332,8 @@ int sched_kveval_compress(sched_kveval_t *ev, const sched_kv_compression_t *k, i
   if (whole && ev->window > 0) /* add the scores of the queries before the window */
     for (size_t i = 0; i < (size_t)ev->arena.n_blocks * BLOCK; i++)
       ev->arena.score[i] += ev->score_head[i];
-  int64_t before = 0, after = 0;
-  for (size_t i = 0; i < heads_of(ev); i++) before += ev->seq.ctx[i];
+  /* every token of the context, evicted between prefill chunks or now */
+  int64_t before = (int64_t)ev->snap_past * (int64_t)heads_of(ev), after = 0;
   int rc = k->plan.policy == KV_POLICY_NONE ? 0 : compress(ev, &k->plan, true, whole);
   for (size_t i = 0; i < heads_of(ev); i++) after += ev->seq.ctx[i];
   if (kept) *kept = after;

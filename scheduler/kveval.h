@@ -28,6 +28,14 @@ void sched_kveval_free(sched_kveval_t *ev); /* NULL-safe */
  * evaluated. -E2BIG past max_len. */
 int sched_kveval_prefill(sched_kveval_t *ev, const int32_t *ids, int32_t n, int32_t window);
 
+/* Prefill ids as the engine does with k when k->prefill_chunk > 0: chunk
+ * by chunk, each chunk's last k->observation_window queries observed and
+ * the cache compressed to k's budget for all n tokens after every chunk but
+ * the last; then snapshot. sched_kveval_compress with k finishes it as
+ * after any prefill. -EINVAL without a bounded budget. */
+int sched_kveval_prefill_chunked(sched_kveval_t *ev, const int32_t *ids, int32_t n,
+                                 const sched_kv_compression_t *k);
+
 /* Back to the snapshot, then compress with k (policy none: not at all).
  * kept/evicted (where not NULL): KV entries, all heads. -EINVAL when k's
  * observation_window is neither 0 nor the prefill's window. */

@@ -95,8 +95,13 @@ void srv__handle_generate(srv_req_t *req, srv_api_t api) {
       srv__error(&e, 400, api == SRV_API_CHAT ? "messages" : "prompt",
                  "the prompt does not fit the model's context (max_model_len %d)",
                  s->cfg.max_model_len);
-    } else {
-      srv__error(&e, 503, NULL, "the engine cannot take requests now (%s)", strerror(-rc));
+    } else if (rc == -ENOSPC) {
+      srv__error(&e, 400, api == SRV_API_CHAT ? "messages" : "prompt",
+                 "the prompt's %d tokens do not fit in the KV cache, which holds %lld tokens per "
+                 "sequence: ask for kv_compression with a 'ratio' or 'max_cache_tokens' (the "
+                 "prompt is then compressed between prefill chunks) or shorten the prompt",
+                 req->n_prompt, (long long)s->cfg.kv_tokens);
+      e.code = "context_length_exceeded";
     }
     srv__respond_error(req, &e);
     return;

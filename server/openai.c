@@ -457,7 +457,8 @@ static int kvc_enum(const cJSON *o, const char *key, const char *const *names, i
 
 /* The request's "kv_compression" object over the server's defaults:
  * {"method", "ratio", "max_cache_tokens", "layer_budget", "protected_window",
- *  "observation_window", "interval", "sinks", "threshold", "score"}. */
+ *  "observation_window", "interval", "sinks", "threshold", "score",
+ *  "prefill_chunk"}. */
 static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t ctx_len,
                      sched_kv_compression_t *k, srv_error_t *e) {
   *k = *def;
@@ -466,7 +467,7 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
     return srv__error(e, 400, "kv_compression", "'kv_compression' must be an object");
   static const char *const known[] = {"method", "ratio", "max_cache_tokens", "layer_budget",
                                       "protected_window", "observation_window", "interval",
-                                      "sinks", "threshold", "score"};
+                                      "sinks", "threshold", "score", "prefill_chunk"};
   for (const cJSON *f = o->child; f; f = f->next) {
     size_t i = 0;
     while (i < sizeof known / sizeof *known && strcmp(f->string, known[i])) i++;
@@ -504,6 +505,13 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
   if (rc) k->interval = (int32_t)v;
   if ((rc = opt_int(o, "sinks", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
   if (rc) k->plan.sinks = (int32_t)v;
+  if ((rc = opt_int(o, "prefill_chunk", 0, ctx_len, &v, e)) < 0) return kvc_fail(e);
+  if (rc) {
+    if (v > 0 && v < 64)
+      return srv__error(e, 400, "kv_compression.prefill_chunk",
+                        "'prefill_chunk' must be 0 or at least 64, got %lld", (long long)v);
+    k->prefill_chunk = (int32_t)v;
+  }
   if ((rc = opt_number(o, "threshold", &d, e)) < 0) return kvc_fail(e);
   if (rc) {
     if (!(d > 0.0 && d < 1.0))
@@ -518,6 +526,10 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
       !k->plan.max_cache_tokens)
     return srv__error(e, 400, "kv_compression.ratio",
                       "'%s' needs 'ratio' or 'max_cache_tokens'", methods[m]);
+  if (get(o, "prefill_chunk") && k->prefill_chunk > 0 && k->plan.policy != KV_POLICY_NONE &&
+      !(k->plan.ratio > 1) && !k->plan.max_cache_tokens)
+    return srv__error(e, 400, "kv_compression.prefill_chunk",
+                      "'prefill_chunk' needs a budget: 'ratio' above 1 or 'max_cache_tokens'");
   return 0;
 }
 

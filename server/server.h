@@ -58,6 +58,7 @@ typedef struct srv_config {
   int64_t body_timeout_ms;       /* from the last header to the end of the body (<= 0: none) */
   int32_t max_model_len;         /* prompt + completion tokens at most (> 0) */
   sched_kv_compression_t kv_compression; /* default for requests (policy none: off) */
+  int64_t kv_tokens;             /* tokens one sequence's KV may hold (0: max_model_len) */
 } srv_config_t;
 
 /* 127.0.0.1:8000, 4 MiB bodies, 16 KiB headers, 1024 connections,

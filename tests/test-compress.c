@@ -982,6 +982,42 @@ static void test_random(void) {
 
 /* ---- bad input ---------------------------------------------------------------------- */
 
+/* Scores across prefill chunks: set aside before a window (the fresh slots
+ * and the rest of each row 0 in prev, the old scores zeroed), then the
+ * larger of the two per slot. Heads of different lengths, shuffled blocks. */
+static void test_scores_across_chunks(void) {
+  fx_t f;
+  fx_init(&f, 2, 2, 4, 24, 99);
+  const int32_t ctx[4] = {10, 7, 13, 4};
+  fx_fill(&f, 13, ctx);
+  const int32_t L = 2 * 2, per_head = f.seq.max_blocks * f.B;
+  for (int32_t i = 0; i < L; i++)
+    for (int32_t j = 0; j < ctx[i]; j++) fx_set_score(&f, i, j, (float)(i * 100 + j));
+  float *prev = malloc((size_t)L * per_head * sizeof *prev);
+  for (int32_t x = 0; x < L * per_head; x++) prev[x] = NAN; /* stale */
+  const int32_t fresh = 3;
+  kv_scores_set_aside(&f.seq, f.score, fresh, prev);
+  for (int32_t i = 0; i < L; i++)
+    for (int32_t j = 0; j < per_head; j++) {
+      bool old = j < ctx[i] - fresh;
+      CHECK(prev[(size_t)i * per_head + j] == (old ? (float)(i * 100 + j) : 0.0f));
+      if (j < ctx[i] && old) CHECK(f.score[fx_slot(&f, i, j)] == 0.0f);
+      if (j < ctx[i] && !old) CHECK(f.score[fx_slot(&f, i, j)] == (float)(i * 100 + j));
+    }
+  /* the window scores every slot; half above what was set aside */
+  for (int32_t i = 0; i < L; i++)
+    for (int32_t j = 0; j < ctx[i]; j++) fx_set_score(&f, i, j, j % 2 ? 1000.0f : 0.5f);
+  kv_scores_merge_max(&f.seq, f.score, prev);
+  for (int32_t i = 0; i < L; i++)
+    for (int32_t j = 0; j < ctx[i]; j++) {
+      float before = j < ctx[i] - fresh ? (float)(i * 100 + j) : 0.0f;
+      float now = j % 2 ? 1000.0f : 0.5f;
+      CHECK(f.score[fx_slot(&f, i, j)] == (before > now ? before : now));
+    }
+  free(prev);
+  fx_destroy(&f);
+}
+
 static void test_invalid(void) {
   fx_t f;
   tiny_setup(&f);
@@ -1363,6 +1399,7 @@ int main(void) {
   RUN(test_pressure);
   RUN(test_streaming);
   RUN(test_random);
+  RUN(test_scores_across_chunks);
   RUN(test_invalid);
   RUN(test_randomized);
   RUN(test_attention_after_compaction);

@@ -7,7 +7,9 @@
  *   - forced preemption (a KV pool for ~1.5 sequences) changes nothing;
  *   - stop strings never leak into the text; EOS; logprobs;
  *   - aborts return every block; bad requests and a full queue are refused;
- *   - chunked prefill (32-token budget) equals a 512-token budget.
+ *   - chunked prefill (32-token budget) equals a 512-token budget;
+ *   - a KV pool smaller than the prompt: compressed between prefill chunks
+ *     (the tokens pressd eval-kv gets), refused uncompressed.
  *
  * `test-engine --bench` instead times the batch picker alone (no model) at
  * 1, 64, 256 and 1024 running sequences; it is not part of the suite. */
@@ -22,6 +24,7 @@
 #include "paged/pool.h"
 #include "scheduler/engine-internal.h"
 #include "scheduler/engine.h"
+#include "scheduler/kveval.h"
 #include "tests/test.h"
 
 static model_gguf_t g;
@@ -56,6 +59,7 @@ typedef struct out {
   bool done;
   sched_finish_t finish;
   int32_t prompt_tokens, completion_tokens;
+  int32_t kv_kept, kv_evicted;
   int32_t logprobs; /* what the request asked, for the checks in collect() */
 } out_t;
 
@@ -93,6 +97,8 @@ static void collect(sched_event_t *ev) {
     o->finish = ev->finish;
     o->prompt_tokens = ev->prompt_tokens;
     o->completion_tokens = ev->completion_tokens;
+    o->kv_kept = ev->kv_tokens_kept;
+    o->kv_evicted = ev->kv_tokens_evicted;
     CHECK_INT_EQ(o->completion_tokens, o->n);
   }
   sched_event_clear(ev);
@@ -623,6 +629,69 @@ static void test_chunked_prefill(void) {
           (unsigned long long)steps[0], (unsigned long long)steps[1]);
 }
 
+/* (g) A pool that holds fewer tokens than the prompt (kv_below_max_len): the
+ * prompt runs compressed between prefill chunks, and gives the tokens that
+ * eval-kv's chunked prefill of it gives; uncompressed it is refused, and an
+ * uncompressed request that fits ends ("length") when the pool is full. */
+static void test_compress_between_chunks(void) {
+  static int32_t big[2048];
+  int32_t n_big = 0;
+  char *buf = calloc(1, 16384);
+  for (int i = 0; strlen(buf) < 6000; i++) {
+    strcat(buf, texts[(i * 3) % N_PROMPTS]);
+    strcat(buf, " ");
+  }
+  encode(buf, big, 2048, &n_big);
+  free(buf);
+  sched_engine_config_t c = config();
+  c.max_model_len = 2048;
+  c.kv_cache_memory = 48ll << 20;
+  sched_engine_t *e;
+  CHECK_INT_EQ(sched_engine_new(&e, &c, &w, be, tok, err, sizeof err), -EINVAL);
+  c.kv_below_max_len = true;
+  e = engine(&c, true);
+  sched_capacity_t cap;
+  sched_engine_capacity(e, &cap);
+  if (n_big <= cap.kv_tokens || n_big >= 2000)
+    FAIL_AT("a prompt of %d tokens for a pool of %lld", n_big, (long long)cap.kv_tokens);
+
+  out_t o[2];
+  spec_t sp = {.ids = big, .n = n_big, .max_tokens = 8, .ignore_eos = true, .logprobs = -1};
+  sched_request_t *r = request(1, &o[0], &sp);
+  CHECK_INT_EQ(sched_engine_submit(e, r), -ENOSPC); /* uncompressed: does not fit */
+  r->kvc.plan.policy = KV_POLICY_KVCOMPRESS;
+  r->kvc.plan.ratio = 4;
+  r->kvc.prefill_chunk = 256;
+  sched_kv_compression_t kvc = r->kvc;
+  CHECK_INT_EQ(sched_engine_submit(e, r), 0);
+  run_until(e, all_done, &(outs_ref_t){o, 1});
+  CHECK_INT_EQ(o[0].n, 8);
+  CHECK(o[0].kv_evicted > 0);
+  CHECK(o[0].kv_kept <= n_big / 4 + 16 && o[0].kv_kept + o[0].kv_evicted == n_big + 7);
+  check_idle(e);
+
+  sp = (spec_t){.ids = big, .n = 1000, .max_tokens = 200, .ignore_eos = true, .logprobs = -1};
+  submit(e, 2, &o[1], &sp);
+  run_until(e, all_done, &(outs_ref_t){&o[1], 1});
+  CHECK_INT_EQ(o[1].finish, SCHED_FINISH_LENGTH);
+  CHECK_INT_EQ(o[1].n, cap.kv_tokens - 1000);
+  check_idle(e);
+  sched_engine_free(e);
+
+  /* the same compression through eval-kv's chunked prefill */
+  sched_kveval_t *ev;
+  if (sched_kveval_new(&ev, &w, be, n_big + 16, c.max_num_batched_tokens, err, sizeof err))
+    FAIL_AT("%s", err);
+  int32_t got[8];
+  CHECK_INT_EQ(sched_kveval_prefill_chunked(ev, big, n_big, &kvc), 0);
+  CHECK_INT_EQ(sched_kveval_compress(ev, &kvc, NULL, NULL), 0);
+  CHECK_INT_EQ(sched_kveval_greedy(ev, &kvc, 8, NULL, got), 0);
+  for (int i = 0; i < 8; i++) CHECK_INT_EQ(got[i], o[0].tokens[i]);
+  sched_kveval_free(ev);
+  fprintf(stderr, "   %d-token prompt in a %lld-token pool: kept %d, evicted %d\n", n_big,
+          (long long)cap.kv_tokens, o[0].kv_kept, o[0].kv_evicted);
+}
+
 /* ---- the picker alone (no model) ------------------------------------------- */
 
 typedef struct sim {
@@ -826,6 +895,7 @@ int main(int argc, char **argv) {
   RUN(test_backend_error);
   RUN(test_backend_fatal);
   RUN(test_chunked_prefill);
+  RUN(test_compress_between_chunks);
 
   model_tok_free(tok);
   model_weights_destroy(&w);

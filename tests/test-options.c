@@ -337,6 +337,7 @@ static void check_same_options(const cfg_options_t *a, const cfg_options_t *b) {
   SAME(idle_timeout); SAME(shutdown_timeout); SAME_STR(kv_compression);
   SAME(kv_compression_ratio); SAME(kv_max_cache_tokens); SAME_STR(kv_layer_budget);
   SAME(protected_window); SAME(observation_window); SAME(kv_compression_interval);
+  SAME(kv_prefill_chunk);
   SAME(kv_sinks); SAME(kv_dbudget_threshold); SAME_STR(kv_score); SAME_STR(prompt);
   SAME_STR(prompt_file); SAME(chat); SAME(max_tokens); SAME(temperature); SAME(top_k);
   SAME(top_p); SAME(min_p); SAME(repetition_penalty); SAME(presence_penalty);
@@ -372,6 +373,7 @@ static const char *const all_options[] = {
     "--protected-window", "16",
     "--observation-window", "8",
     "--kv-compression-interval", "0",
+    "--kv-prefill-chunk", "256",
     "--kv-sinks", "2",
     "--kv-score", "mean",
     "--kv-dbudget-threshold", "1e-6",

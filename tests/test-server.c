@@ -629,6 +629,12 @@ static void test_validation_errors(void) {
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"retio\":4}}", 400, "kv_compression"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"score\":\"max\"}}", 400,
        "kv_compression.score"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"prefill_chunk\":10}}", 400,
+       "kv_compression.prefill_chunk"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"prefill_chunk\":-1}}", 400,
+       "kv_compression.prefill_chunk"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\",\"prefill_chunk\":512}}",
+       400, "kv_compression.prefill_chunk"},
       {C, "{\"prompt\":\"hi\",\"model\":\"gpt-4\"}", 404, "model"},
       {C, "{\"prompt\":\"hi\",\"model\":5}", 400, "model"},
       {C, "{\"prompt\":\"hi\",\"user\":5}", 400, "user"},
@@ -756,12 +762,24 @@ static void test_validation_ok(void) {
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4}}", &gp);
   CHECK_INT_EQ(r->kvc.plan.policy, KV_POLICY_KVCOMPRESS); /* a budget alone: kvcompress */
-  CHECK_INT_EQ(r->kvc.observation_window, 32); /* the default window */
+  CHECK_INT_EQ(r->kvc.observation_window, -1); /* the default window: */
+  CHECK_INT_EQ(sched_kv_window(&r->kvc), 32);  /* 32 for kvcompress */
   CHECK(!r->kvc.plan.per_query); /* KV-Compress's sums */
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"score\":\"mean\"}}", &gp);
   CHECK(r->kvc.plan.per_query);
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\"}}", &gp);
+  CHECK_INT_EQ(sched_kv_window(&r->kvc), 0); /* DBudgetKV: the whole prompt's scores */
+  CHECK_INT_EQ(r->kvc.prefill_chunk, 0);
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\",\"ratio\":8,"
+                   "\"observation_window\":16,\"prefill_chunk\":512}}", &gp);
+  CHECK_INT_EQ(sched_kv_window(&r->kvc), 16);
+  CHECK_INT_EQ(r->kvc.prefill_chunk, 512);
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
 
@@ -1890,7 +1908,7 @@ static int load_model(void) {
   free(tmpl);
   free(bos_s);
   free(eos_s);
-  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN, {{0}, 0, 0, 0}, 0};
+  g_api = (srv_api_ctx_t){g_tok, &g_chat, MODEL_NAME, MAX_MODEL_LEN, {{0}, 0, 0, 0, 0}, 0};
   sched_kv_compression_default(&g_api.kvc);
   return 0;
 }
