@@ -584,6 +584,11 @@ def run_eval_kv_cases():
          "mode": "ppl", "eval_tokens": 16,
          "configs": [{"ratio": 2, "protected_window": 8, "observation_window": 16},
                      {"ratio": 2, "protected_window": 8, "observation_window": 0}]},
+        # compressed between prefill chunks of 64 tokens: a prefill of its own, the same budget
+        {"id": "chunked", "prompt": "The quick brown fox jumps over the lazy dog. " * 30,
+         "mode": "ppl", "eval_tokens": 16,
+         "configs": [{"ratio": 2, "protected_window": 8, "prefill_chunk": 64},
+                     {"ratio": 2, "protected_window": 8}]},
         {"id": "two-windows", "prompt": "hello there " * 20, "mode": "ppl", "eval_tokens": 4,
          "configs": [{"ratio": 2, "observation_window": 8},
                      {"ratio": 2, "observation_window": 16}]},
@@ -615,6 +620,11 @@ def run_eval_kv_cases():
         elif (len(by.get("window", [])) != 2 or any(r.get("kv_tokens_evicted", 0) <= 0 for r in by["window"])
               or abs(by["window"][1]["ppl"] - ok[1]["ppl"]) > 0.05 * ok[1]["ppl"]):
             problem = "observation window job: %r (whole-prompt config %r)" % (by.get("window"), ok[1:2])
+        elif (len(by.get("chunked", [])) != 2 or any(not r.get("ppl", 0) > 1 for r in by["chunked"])
+              or abs(by["chunked"][0]["kv_tokens_kept"] - by["chunked"][1]["kv_tokens_kept"]) > 16
+              or by["chunked"][0]["kv_tokens_kept"] + by["chunked"][0]["kv_tokens_evicted"]
+              != by["chunked"][0]["n_context"]):
+            problem = "chunked prefill job: %r" % by.get("chunked")
         elif not all("error" in by.get(k, [{}])[0] for k in ("bad-mode", "bad-config", "too-long",
                                                               "two-windows")):
             problem = "bad jobs not reported as errors: %r" % rows

@@ -25,6 +25,7 @@ BIN = os.environ.get("PRESSD_BIN", "build/pressd")
 MODEL = os.environ.get("PRESSD_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
 NAME = "smollm2"
 failures = []
+ran = []
 
 
 class Server(Daemon):
@@ -64,6 +65,10 @@ class Server(Daemon):
 
 def case(fn):
     name = fn.__name__
+    only = os.environ.get("PRESSD_E2E_ONLY")  # a comma list of cases, to run some alone
+    if only and name not in only.split(","):
+        return
+    ran.append(name)
     try:
         fn()
         print(f"ok   {name}")
@@ -394,6 +399,47 @@ def main():
     case(kv_compression_packs_more)
     packed.stop()
 
+    # A KV cache of 1,072 tokens per sequence under a max_model_len of 4,096:
+    # prompts longer than the cache run compressed between prefill chunks.
+    cramped = Server("--kv-cache-memory", "48M", "--max-model-len", "4096", "--kv-compression",
+                     "kvcompress", "--kv-compression-ratio", "8", "--debug-checks")
+
+    def kv_compression_between_prefill_chunks():
+        cc = cramped.client(timeout=600)
+        pool = int(cramped.metric("pressd:kv_blocks_total")) // (30 * 3) * 16  # layers x KV heads
+        check(pool == 1072, f"pool of {pool} tokens")
+        p = passkey_prompt(4242, n=80)
+        r = cc.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0)
+        u = r.usage.model_dump()
+        n = u["prompt_tokens"] + u["completion_tokens"]
+        check(u["prompt_tokens"] > pool and r.usage.completion_tokens == 8, u)
+        check(u["kv_tokens_kept"] <= n / 8 + 24 and u["kv_tokens_kept"] + u["kv_tokens_evicted"] in (n - 1, n), u)
+        chunks = list(cc.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"kv_compression": {"ratio": 4, "prefill_chunk": 256}}))
+        check(chunks[-1].usage.prompt_tokens > pool and chunks[-1].usage.completion_tokens == 8,
+              chunks[-1].usage)
+        # uncompressed: too long for the cache is a 400 that says why
+        try:
+            cc.completions.create(model=NAME, prompt=p, max_tokens=8,
+                                  extra_body={"kv_compression": {"method": "none"}})
+            check(False, "an uncompressed prompt longer than the KV cache was accepted")
+        except openai.BadRequestError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            check(body.get("param") == "prompt" and body.get("code") == "context_length_exceeded"
+                  and "1072 tokens" in body.get("message", ""), body)
+        # uncompressed and short enough: the completion ends when the cache is full
+        r = cc.completions.create(model=NAME, prompt=passkey_prompt(7, n=38), max_tokens=400,
+                                  temperature=0, extra_body={"kv_compression": {"method": "none"},
+                                                             "ignore_eos": True})
+        check(r.choices[0].finish_reason == "length"
+              and r.usage.prompt_tokens + r.usage.completion_tokens == pool, r.usage)
+        check(cramped.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks not all returned")
+
+    case(kv_compression_between_prefill_chunks)
+    cramped.stop()
+
     def tensor_parallel_same_outputs():
         """--tensor-parallel-size 3 (SmolLM2's 3 KV heads, one per rank) serves
         the greedy outputs of one rank, streamed and batched, with compression;
@@ -448,9 +494,9 @@ def main():
               f"tp 0: exit {r.returncode} {r.stderr[-300:]!r}")
 
     case(tensor_parallel_same_outputs)
-    n_cases = 15
+    n_cases = len(ran)
     if failures:  # what the daemons said, for the failures above
-        for name, s in (("main", srv), ("packed", packed)):
+        for name, s in (("main", srv), ("packed", packed), ("cramped", cramped)):
             print(f"--- {name} server log (tail):\n" + "".join(s.log[-15:]))
     print(f"openai e2e: {n_cases - len(failures)} of {n_cases} cases ok")
     return 1 if failures else 0
