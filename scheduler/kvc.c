@@ -5,6 +5,11 @@
  *    the whole prompt) score the prompt's KVs (and, for the per-layer and
  *    dynamic budgets, keep the attention mass and the last query's p^2);
  *  - right after that chunk the sequence is compressed to its budget;
+ *  - with fill_chunk (a prompt too long for the pool, or prefill_chunk),
+ *    the same happens at the end of every fill_chunk prompt tokens: each
+ *    segment's last observation_window queries score the cache, a KV keeps
+ *    the highest score any one window gave it, and the budget is the whole
+ *    prompt's;
  *  - on decode steps the kernels add every query's p^2 to the scores, and
  *    every `interval` decode steps the sequence is compressed again;
  *  - under memory pressure the engine compresses at once (sched__kvc_compress
