@@ -102,6 +102,8 @@ void srv__handle_generate(srv_req_t *req, srv_api_t api) {
                  "prompt is then compressed between prefill chunks) or shorten the prompt",
                  req->n_prompt, (long long)s->cfg.kv_tokens);
       e.code = "context_length_exceeded";
+    } else {
+      srv__error(&e, 503, NULL, "the engine cannot take requests now (%s)", strerror(-rc));
     }
     srv__respond_error(req, &e);
     return;

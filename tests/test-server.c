@@ -917,7 +917,7 @@ typedef struct fake {
   sched_event_t out[4096];
   size_t n_out;
   srv_server_t *srv;
-  atomic_int eagain;
+  atomic_int refuse; /* nonzero: what submit returns */
   atomic_int n_submitted, n_aborted;
   int delay_us;
   _Atomic double step_seconds; /* what stats reports: liveness */
@@ -1000,7 +1000,8 @@ static void *fake_thread(void *arg) {
 
 static int fake_submit(void *eng, sched_request_t *r) {
   fake_t *f = eng;
-  if (atomic_load(&f->eagain)) return -EAGAIN;
+  int refuse = atomic_load(&f->refuse);
+  if (refuse) return refuse;
   fake_req_t *q = calloc(1, sizeof *q);
   CHECK(q);
   q->r = r;
@@ -1318,12 +1319,23 @@ static void test_http_basic(void) {
   CHECK_INT_EQ(r.status, 200);
   resp_free(&r);
 
-  /* 429 when the engine's queue is full */
-  atomic_store(&g_fake.eagain, 1);
+  /* 429 when the engine's queue is full; 400 when the prompt does not fit
+   * in the KV cache; 503 for anything else the engine refuses with */
+  atomic_store(&g_fake.refuse, -EAGAIN);
   roundtrip("POST", "/v1/completions", "{\"prompt\":\"x\"}", AUTHZ, &r);
   check_error_body(&r, 429, NULL);
   resp_free(&r);
-  atomic_store(&g_fake.eagain, 0);
+  atomic_store(&g_fake.refuse, -ENOSPC);
+  roundtrip("POST", "/v1/completions", "{\"prompt\":\"x\"}", AUTHZ, &r);
+  check_error_body(&r, 400, "prompt");
+  CHECK(strstr(r.body, "context_length_exceeded") && strstr(r.body, "KV cache"));
+  resp_free(&r);
+  atomic_store(&g_fake.refuse, -EIO);
+  roundtrip("POST", "/v1/chat/completions", "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
+            AUTHZ, &r);
+  check_error_body(&r, 503, NULL);
+  resp_free(&r);
+  atomic_store(&g_fake.refuse, 0);
 }
 
 static void test_http_generate(void) {
