@@ -632,14 +632,13 @@ int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
 /* ---- scores across prefill chunks ------------------------------------------- */
 
 void kv_scores_set_aside(const kv_seq_t *seq, float *score, int32_t fresh, float *prev) {
-  const int32_t B = seq->block_size, lh = seq->n_layers * seq->n_heads;
-  const size_t per_head = (size_t)seq->max_blocks * (size_t)B;
+  const int32_t H = seq->n_heads, lh = seq->n_layers * H;
+  const size_t per_head = (size_t)seq->max_blocks * (size_t)seq->block_size;
   for (int32_t i = 0; i < lh; i++) {
-    const int32_t *table = seq->blocks + (size_t)i * (size_t)seq->max_blocks;
     float *p = prev + (size_t)i * per_head;
     int32_t j = 0;
     for (; j < seq->ctx[i] - fresh; j++) {
-      float *sc = &score[(int64_t)table[j / B] * B + j % B];
+      float *sc = &score[kv_seq_slot(seq, i / H, i % H, j)];
       p[j] = *sc;
       *sc = 0.0f;
     }
@@ -648,13 +647,12 @@ void kv_scores_set_aside(const kv_seq_t *seq, float *score, int32_t fresh, float
 }
 
 void kv_scores_merge_max(const kv_seq_t *seq, float *score, const float *prev) {
-  const int32_t B = seq->block_size, lh = seq->n_layers * seq->n_heads;
-  const size_t per_head = (size_t)seq->max_blocks * (size_t)B;
+  const int32_t H = seq->n_heads, lh = seq->n_layers * H;
+  const size_t per_head = (size_t)seq->max_blocks * (size_t)seq->block_size;
   for (int32_t i = 0; i < lh; i++) {
-    const int32_t *table = seq->blocks + (size_t)i * (size_t)seq->max_blocks;
     const float *p = prev + (size_t)i * per_head;
     for (int32_t j = 0; j < seq->ctx[i]; j++) {
-      float *sc = &score[(int64_t)table[j / B] * B + j % B];
+      float *sc = &score[kv_seq_slot(seq, i / H, i % H, j)];
       if (p[j] > *sc) *sc = p[j];
     }
   }

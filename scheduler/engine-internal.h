@@ -159,9 +159,12 @@ static inline int32_t sched__seg_end(const sched__seq_t *s) {
   int32_t end = (s->n_computed / s->fill_chunk + 1) * s->fill_chunk;
   return end < s->n_tokens ? end : s->n_tokens;
 }
+/* What a sequence of n tokens compressed between prefill chunks holds per
+ * head besides the chunk itself: its budget (or its protected positions,
+ * if more) and slack for partly filled blocks. */
+int64_t sched__kvc_fill_base(const kv_compress_params_t *p, int32_t n, int32_t block_size);
 /* With fill_chunk: the tokens per head s holds at most while it prefills
- * (its budget at n_tokens, the protected positions, one chunk, slack for
- * partly filled blocks). */
+ * (sched__kvc_fill_base at n_tokens, plus one chunk). */
 int32_t sched__kvc_fill_peak(const sched__seq_t *s, int32_t block_size);
 /* KV entries s holds, all heads. */
 int64_t sched__kvc_held(const sched__seq_t *s);

@@ -186,9 +186,7 @@ static int seq_fit(const sched_engine_t *e, sched__seq_t *s) {
   }
   const bool fits = (int64_t)s->n_prompt + 1 <= pool_tokens;
   if (fits && (k->prefill_chunk <= 0 || s->n_prompt <= k->prefill_chunk)) return 0;
-  int64_t keep = kv_compress_budget_tokens(&k->plan, s->n_prompt, B);
-  int64_t fixed = (int64_t)k->plan.protected_window + k->plan.sinks;
-  int64_t room = pool_tokens - (keep > fixed ? keep : fixed) - 2 * B;
+  int64_t room = pool_tokens - sched__kvc_fill_base(&k->plan, s->n_prompt, B);
   int64_t c = k->prefill_chunk > 0 ? k->prefill_chunk : room / 2 < 2048 ? room / 2 : 2048;
   if (c > room) c = room;
   c -= c % B;

@@ -180,11 +180,14 @@ int32_t sched__kvc_compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free) 
   return compress(k, s, min_free, false);
 }
 
-int32_t sched__kvc_fill_peak(const sched__seq_t *s, int32_t block_size) {
-  const kv_compress_params_t *p = &s->req->kvc.plan;
-  int64_t keep = kv_compress_budget_tokens(p, s->n_tokens, block_size);
+int64_t sched__kvc_fill_base(const kv_compress_params_t *p, int32_t n, int32_t block_size) {
+  int64_t keep = kv_compress_budget_tokens(p, n, block_size);
   int64_t fixed = (int64_t)p->protected_window + p->sinks;
-  int64_t peak = (keep > fixed ? keep : fixed) + s->fill_chunk + 2 * block_size;
+  return (keep > fixed ? keep : fixed) + 2 * block_size;
+}
+
+int32_t sched__kvc_fill_peak(const sched__seq_t *s, int32_t block_size) {
+  int64_t peak = sched__kvc_fill_base(&s->req->kvc.plan, s->n_tokens, block_size) + s->fill_chunk;
   return peak < INT32_MAX ? (int32_t)peak : INT32_MAX;
 }
 
