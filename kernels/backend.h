@@ -199,6 +199,11 @@ typedef struct k_ops {
    * src[i]. No slot is both a source and a destination. */
   int (*kv_move)(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
                  const int32_t *dst, int64_t n);
+  /* Optional (NULL: the caller reads the rows back): ids[i] = the column of
+   * the largest x[i][0..n), for m rows; the lowest column on ties, NaN
+   * counted as -inf, 0 for a row with nothing above -inf. ids is backend
+   * memory. Greedy decoding without copying the logits off the device. */
+  int (*argmax)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n);
 } k_ops_t;
 
 struct k_backend {

@@ -103,6 +103,10 @@ void model_group_destroy(model_group_t *g) {
   memset(g, 0, sizeof *g);
 }
 
+bool model_group_can_argmax(const model_group_t *g) {
+  return g->n == 1 && model_can_argmax(&g->ranks[0]);
+}
+
 int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits) {
   if (g->n == 1) return model_forward(&g->ranks[0], b, logits);
   pthread_mutex_lock(&g->mu);

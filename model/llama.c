@@ -45,8 +45,9 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
   m->d_tokens = alloc(be, T * sizeof(int32_t));
   m->d_pos = alloc(be, T * sizeof(int32_t));
   m->d_rows = alloc(be, T * sizeof(int32_t));
+  m->d_ids = alloc(be, (size_t)cap_logits * sizeof(int32_t));
   if (!m->x || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
-      !m->logits || !m->inv_freq || !m->d_tokens || !m->d_pos || !m->d_rows) {
+      !m->logits || !m->inv_freq || !m->d_tokens || !m->d_pos || !m->d_rows || !m->d_ids) {
     model_destroy(m);
     snprintf(err, errlen, "model: out of memory for activations (%d tokens)", cap_tokens);
     return -ENOMEM;
@@ -85,7 +86,7 @@ void model_destroy(model_t *m) {
                     &m->logits, &m->inv_freq};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
     if (*bufs[i]) m->be->ops->free(m->be, *bufs[i]);
-  int32_t **ibufs[] = {&m->d_tokens, &m->d_pos, &m->d_rows};
+  int32_t **ibufs[] = {&m->d_tokens, &m->d_pos, &m->d_rows, &m->d_ids};
   for (size_t i = 0; i < sizeof ibufs / sizeof *ibufs; i++)
     if (*ibufs[i]) m->be->ops->free(m->be, *ibufs[i]);
   memset(m, 0, sizeof *m);
@@ -131,6 +132,8 @@ static int gather_logits(model_t *m, int32_t n_logits, float *logits) {
   return 0;
 }
 
+bool model_can_argmax(const model_t *m) { return !m->comm && m->be->ops->argmax; }
+
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const model_weights_t *w = m->w;
   const model_config_t *c = &w->cfg;
@@ -138,7 +141,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   k_backend_t *be = m->be;
   const int64_t T = b->n_tokens, E = c->n_embd, F = c->n_ff, D = c->head_dim;
   const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
-  if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0)
+  if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
+      (b->argmax && !model_can_argmax(m)))
     return -EINVAL;
 
   TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
@@ -195,6 +199,11 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   TRY(op->embed(be, m->xn, &xw, m->d_rows, b->n_logits)); /* gather rows */
   TRY(op->rmsnorm(be, m->xn, m->xn, w->out_norm, b->n_logits, E, c->rms_eps));
   TRY(op->matmul(be, m->logits, m->xn, &w->output, b->n_logits));
-  TRY(gather_logits(m, b->n_logits, logits));
+  if (b->argmax) {
+    TRY(op->argmax(be, m->d_ids, m->logits, b->n_logits, c->n_vocab));
+    TRY(op->download(be, b->argmax, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
+  } else {
+    TRY(gather_logits(m, b->n_logits, logits));
+  }
   return op->sync(be);
 }

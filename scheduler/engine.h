@@ -165,7 +165,8 @@ typedef struct sched_stats {
    * is between steps or idle), and whether the engine thread has ended. */
   double step_seconds;
   bool stopped;
-  double busy_seconds; /* time spent in steps, in all */
+  double busy_seconds;    /* time spent in steps, in all */
+  double forward_seconds; /* of which in the model's forward passes (waits on a device included) */
   /* KV compression: blocks freed, compressions run, their durations
    * (histogram over SCHED_KVC_BOUNDS, plus the sum), memory-pressure
    * compressions, and plans where pressure overrode the dynamic budget. */

@@ -381,6 +381,11 @@ static int32_t sample_stochastic(sched_sampler_t *s, const float *l, float lmax)
   return draw_from(idx, kept, w, min_p, r);
 }
 
+bool sched_sampler_greedy(const sched_sampler_t *s) {
+  return s->p.temperature == 0.0f && s->p.repetition_penalty == 1.0f &&
+         s->p.presence_penalty == 0.0f && s->p.frequency_penalty == 0.0f;
+}
+
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob) {
   assert(s && logits && s->n_vocab > 0);
   const int32_t V = s->n_vocab;

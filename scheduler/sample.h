@@ -46,6 +46,10 @@ void sched_sampler_accept(sched_sampler_t *s, int32_t id);
  * raw (penalised, unscaled) distribution. */
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob);
 
+/* Whether sched_sample is a plain argmax of the raw logits (temperature 0,
+ * no penalties): a device can then pick the token without the row. */
+bool sched_sampler_greedy(const sched_sampler_t *s);
+
 /* Greedy argmax (lowest id wins ties). */
 int32_t sched_argmax(const float *logits, int32_t n);
 

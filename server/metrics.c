@@ -152,6 +152,11 @@ void srv__metrics_format(srv_buf_t *b, const srv_metrics_t *m, const sched_stats
   srv__buf_adds(b, "pressd:engine_busy_seconds_total");
   label(b, model);
   srv__buf_printf(b, " %.6f\n", st->busy_seconds);
+  meta(b, "pressd:engine_forward_seconds_total", "counter",
+       "Of the engine's step time, the time in the model's forward passes.");
+  srv__buf_adds(b, "pressd:engine_forward_seconds_total");
+  label(b, model);
+  srv__buf_printf(b, " %.6f\n", st->forward_seconds);
 
   /* KV compression */
   counter(b, "pressd:kv_blocks_freed_total", "KV blocks freed by compression.", model,

@@ -316,6 +316,52 @@ static void test_silu_mul_add(void) {
   }
 }
 
+/* argmax: the first maximum of each row; NaN never wins; a row with nothing
+ * above -inf gives 0. Crafted rows, then random ones against a plain scan. */
+static void test_argmax(void) {
+  enum { M = 9, N = 1000 };
+  uint64_t rng = 31;
+  float *x = test_rand_floats(&rng, (size_t)M * N, 10.0f);
+  int32_t want[M];
+  float *r = x + 1 * N; /* ties: the lower column */
+  for (int i = 0; i < N; i++) r[i] = 1.0f;
+  r[900] = r[5] = 3.0f;
+  want[1] = 5;
+  r = x + 2 * N; /* NaN around the maximum */
+  for (int i = 0; i < N; i++) r[i] = -5.0f;
+  r[0] = r[8] = NAN;
+  r[7] = 2.0f;
+  want[2] = 7;
+  r = x + 3 * N; /* all -inf */
+  for (int i = 0; i < N; i++) r[i] = -INFINITY;
+  want[3] = 0;
+  r = x + 4 * N; /* one finite value, last */
+  for (int i = 0; i < N; i++) r[i] = -INFINITY;
+  r[N - 1] = -1e30f;
+  want[4] = N - 1;
+  r = x + 5 * N; /* all NaN */
+  for (int i = 0; i < N; i++) r[i] = NAN;
+  want[5] = 0;
+  r = x + 6 * N; /* +inf beats everything, even a later +inf */
+  r[300] = r[301] = INFINITY;
+  want[6] = 300;
+  for (int row = 0; row < M; row++) {
+    if (row >= 1 && row <= 6) continue;
+    const float *q = x + (size_t)row * N;
+    want[row] = 0;
+    for (int i = 1; i < N; i++)
+      if (q[i] > q[want[row]]) want[row] = i;
+  }
+  int32_t got[M + 1];
+  got[M] = -7;
+  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, M, N), 0);
+  for (int row = 0; row < M; row++) CHECK_INT_EQ(got[row], want[row]);
+  CHECK_INT_EQ(got[M], -7);
+  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, 0, N), 0);
+  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, 1, 0), -EINVAL);
+  free(x);
+}
+
 static void test_embed(void) {
   enum { ROWS = 10, COLS = 64 };
   const int32_t ids[5] = {3, 0, 9, 3, 5};
@@ -982,6 +1028,7 @@ int main(void) {
   RUN(test_rmsnorm);
   RUN(test_rope);
   RUN(test_silu_mul_add);
+  RUN(test_argmax);
   RUN(test_embed);
   RUN(test_kv_write);
   RUN(test_kv_move);

@@ -226,6 +226,23 @@ static int cpu_add(k_backend_t *be, float *y, const float *x, int64_t n) {
   return 0;
 }
 
+static int cpu_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n) {
+  (void)be;
+  if (m < 0 || n <= 0) return -EINVAL;
+  for (int64_t r = 0; r < m; r++) {
+    const float *row = x + r * n;
+    int64_t best = 0;
+    float top = -INFINITY; /* NaN > top is false: NaN never wins */
+    for (int64_t i = 0; i < n; i++)
+      if (row[i] > top) {
+        top = row[i];
+        best = i;
+      }
+    ids[r] = (int32_t)best;
+  }
+  return 0;
+}
+
 static int cpu_embed(k_backend_t *be, float *y, const k_weight_t *table, const int32_t *ids,
                      int64_t m) {
   size_t rb = k_row_bytes(table->type, table->cols);
@@ -790,6 +807,7 @@ static const k_ops_t cpu_ops = {
     .kv_write = cpu_kv_write,
     .attention = cpu_attention,
     .kv_move = cpu_kv_move,
+    .argmax = cpu_argmax,
 };
 
 int k_cpu_backend_new(k_backend_t **out, int32_t threads) {

@@ -680,6 +680,64 @@ static int kc_add(k_backend_t *be, float *y, const float *x, int64_t n) {
   return launched(c);
 }
 
+/* Greedy argmax, one block per row: each thread scans a strided part of the
+ * row keeping its first maximum, then the block reduces (larger value, then
+ * lower column). NaN never wins (v > top is false); a row with nothing above
+ * -inf keeps the sentinel n, reported as 0 as the CPU backend does. */
+#define KC_ARGMAX_THREADS 1024
+__device__ __forceinline__ void argmax_pick(float &v, int64_t &i, float ov, int64_t oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+__global__ void argmax_kernel(int32_t *ids, const float *x, int64_t m, int64_t n) {
+  __shared__ float sv[KC_ARGMAX_THREADS / 32];
+  __shared__ int64_t si[KC_ARGMAX_THREADS / 32];
+  for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
+    const float *row = x + r * n;
+    float top = -INFINITY;
+    int64_t best = n;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const float v = row[i];
+      if (v > top) {
+        top = v;
+        best = i;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1)
+      argmax_pick(top, best, __shfl_down_sync(0xffffffffu, top, o),
+                  __shfl_down_sync(0xffffffffu, best, o));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    if (lane == 0) {
+      sv[warp] = top;
+      si[warp] = best;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      top = lane < nw ? sv[lane] : -INFINITY;
+      best = lane < nw ? si[lane] : n;
+      for (int o = 16; o > 0; o >>= 1)
+        argmax_pick(top, best, __shfl_down_sync(0xffffffffu, top, o),
+                    __shfl_down_sync(0xffffffffu, best, o));
+      if (lane == 0) ids[r] = best < n ? (int32_t)best : 0;
+    }
+    __syncthreads();
+  }
+}
+
+static int kc_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n) {
+  kc_t *c = kc_of(be);
+  int rc = kc_enter(c);
+  if (rc) return rc;
+  if (m < 0 || n <= 0 || n > INT32_MAX) return -EINVAL;
+  if (m == 0) return 0;
+  const unsigned grid = (unsigned)(m < 65535 ? m : 65535);
+  argmax_kernel<<<grid, KC_ARGMAX_THREADS, 0, c->stream>>>(ids, x, m, n);
+  return launched(c);
+}
+
 /* Rows of a table, one block per row (grid-stride over rows). An id outside
  * the table (which the CPU backend refuses with -EINVAL; here the ids are in
  * device memory) gives a row of NaNs rather than a read out of bounds. */
@@ -910,6 +968,7 @@ static k_ops_t kc_make_ops(void) {
   o.mem_info = k_cuda_mem_info;
   o.health = kc_health;
   o.kv_move = kc_kv_move;
+  o.argmax = kc_argmax;
   return o;
 }
 

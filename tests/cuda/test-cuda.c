@@ -353,10 +353,12 @@ static void test_silu_mul_add(void) {
     GOK(g_gpu, g_gpu->ops->silu_mul(g_gpu, dg + off, dg + off, du + off, n));
     d_get(g_gpu, got, dg + off, (size_t)n * sizeof(float));
     for (int64_t i = 0; i < n; i++) check_close("silu_mul in place", (size_t)i, got[i], want[i], 1e-6);
-    /* add: one float addition per element, exactly the CPU's */
+    /* add: one float addition per element, exactly the CPU's (on the same
+     * operands: the CPU's silu_mul result, not the device's) */
     float *sum = test_xmalloc((size_t)n * sizeof *sum);
     memcpy(sum, want, (size_t)n * sizeof *sum);
     CHECK_INT_EQ(g_cpu->ops->add(g_cpu, sum, u, n), 0);
+    GOK(g_gpu, g_gpu->ops->upload(g_gpu, dg + off, want, (size_t)n * sizeof(float)));
     GOK(g_gpu, g_gpu->ops->add(g_gpu, dg + off, du + off, n));
     d_get(g_gpu, got, dg + off, (size_t)n * sizeof(float));
     for (int64_t i = 0; i < n; i++)
@@ -370,6 +372,46 @@ static void test_silu_mul_add(void) {
     free(got);
     free(sum);
   }
+}
+
+/* Greedy argmax of logit rows (Llama-3's vocabulary), exactly the CPU's:
+ * random rows, and rows of ties, NaN, -inf and +inf. */
+static void test_argmax(void) {
+  const int64_t m = 300, n = 128256;
+  uint64_t rng = 17;
+  float *x = test_rand_floats(&rng, (size_t)(m * n), 12.0f);
+  for (int64_t i = 0; i < n; i++) {
+    x[0 * n + i] = 1.0f;                         /* all equal: column 0 */
+    x[1 * n + i] = -INFINITY;                    /* nothing above -inf: 0 */
+    x[2 * n + i] = NAN;                          /* all NaN: 0 */
+    x[3 * n + i] = (float)(i % 1000) * 1e-3f;    /* 128 ties of the maximum */
+    x[4 * n + i] = i % 3 ? NAN : -(float)i;      /* NaN around a maximum at 0 */
+  }
+  x[5 * n + n - 1] = INFINITY; /* the last column */
+  x[6 * n + 77] = x[6 * n + 99000] = INFINITY;
+  x[7 * n + 5] = 1e30f;
+  x[7 * n + 6] = NAN;
+  int32_t *want = test_xmalloc((size_t)m * sizeof *want), *got = test_xmalloc((size_t)m * sizeof *got);
+  CHECK_INT_EQ(g_cpu->ops->argmax(g_cpu, want, x, m, n), 0);
+  float *dx = d_new(g_gpu, (size_t)(m * n) * sizeof(float));
+  int32_t *dids = d_new(g_gpu, (size_t)m * sizeof(int32_t));
+  GOK(g_gpu, g_gpu->ops->upload(g_gpu, dx, x, (size_t)(m * n) * sizeof(float)));
+  GOK(g_gpu, g_gpu->ops->argmax(g_gpu, dids, dx, m, n));
+  d_get(g_gpu, got, dids, (size_t)m * sizeof(int32_t));
+  for (int64_t r = 0; r < m; r++)
+    if (got[r] != want[r]) FAIL_AT("argmax row %lld: %d vs %d", (long long)r, got[r], want[r]);
+  CHECK_INT_EQ(want[0], 0);
+  CHECK_INT_EQ(want[1], 0);
+  CHECK_INT_EQ(want[3], 999);
+  CHECK_INT_EQ(want[5], (int)(n - 1));
+  CHECK_INT_EQ(want[6], 77);
+  CHECK_INT_EQ(want[7], 5);
+  printf("   argmax: %lld rows of %lld, equal to the CPU's\n", (long long)m, (long long)n);
+  g_gpu->ops->free(g_gpu, dx);
+  g_gpu->ops->free(g_gpu, dids);
+  free(x);
+  free(want);
+  free(got);
 }
 
 static void test_embed(void) {
@@ -647,6 +689,7 @@ int main(void) {
   RUN(test_rmsnorm);
   RUN(test_rope);
   RUN(test_silu_mul_add);
+  RUN(test_argmax);
   RUN(test_embed);
   RUN(test_fill_dummy);
   RUN(test_kv_move);
