@@ -204,6 +204,13 @@ typedef struct k_ops {
    * counted as -inf, 0 for a row with nothing above -inf. ids is backend
    * memory. Greedy decoding without copying the logits off the device. */
   int (*argmax)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n);
+  /* Optional (NULL: host memory only; see host_memory): row i of dst (host
+   * memory, n * row_bytes) = row rows[i] of src (backend memory), for
+   * n rows of row_bytes (a multiple of 4); rows is a host array, each
+   * within src. Returns once dst holds them. The compression planner reads
+   * a sequence's scores and positions through it. */
+  int (*read_rows)(k_backend_t *be, void *dst, const void *src, const int32_t *rows, int64_t n,
+                   size_t row_bytes);
 } k_ops_t;
 
 struct k_backend {

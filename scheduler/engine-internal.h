@@ -52,7 +52,7 @@ struct sched__seq {
   int32_t since_compress;    /* decode steps since the last compression */
   bool prefill_compressed;   /* the compression after the prefill ran */
   bool kvc_counted;          /* counted among the engine's compressing sequences */
-  float *obs_mass, *obs_last; /* owns: the prefill's observations, until it is compressed */
+  float *obs_mass, *obs_last; /* owns (backend memory): the prefill's observations, until it is compressed */
   float *obs_prev;           /* owns: with fill_chunk, the scores before this window */
   int64_t kv_evicted;        /* KV entries evicted, all heads */
   sched_sampler_t smp;
@@ -125,8 +125,13 @@ int64_t sched__now_ns(void);
 
 /* ---- KV compression (kvc.c) ---------------------------------------------
  * When a sequence's KV is compressed and what the kernels must observe for
- * it. The plan (paged/compress) reads scores and positions in host memory:
- * backends whose memory is not host memory do not compress yet. */
+ * it. The plan (paged/compress) reads scores and positions in host memory.
+ * On a device (or with via_backend) the kernels write them, and the prefill's
+ * observations, in backend memory; each compression first reads the
+ * sequence's blocks of them back (read_rows) into a host mirror of the
+ * arena's score and pos arrays, indexed by slot like the arena itself, so
+ * the planner runs unchanged. Compression between prefill chunks needs the
+ * scores in host memory (set aside and merged in place): host backends only. */
 typedef struct sched__kvc {
   k_backend_t *be;              /* borrows */
   const k_kv_arena_t *arena;    /* borrows */
@@ -134,10 +139,24 @@ typedef struct sched__kvc {
   sched_stats_t *st;            /* borrows: counters */
   int32_t n_layers, n_kv_heads, group;
   kv_compress_plan_t plan;
+  bool via_backend;             /* scores read back through the backend (above) */
+  float *m_score;               /* owns (host, via_backend): [n_slots] mirror, pages touched lazily */
+  int32_t *m_pos;               /* owns (host, via_backend): [n_slots] mirror */
+  int32_t *rows;                /* owns: [cap_rows] block ids of the sequence read back */
+  float *stage;                 /* owns: [cap_stage] their rows (block_size floats each) */
+  size_t cap_rows, cap_stage;
+  float *h_mass, *h_last;       /* owns: host copies of a sequence's observations */
+  size_t cap_mass, cap_last;    /* floats */
 } sched__kvc_t;
 
+/* via_backend: plan from scores read back through the backend even where
+ * they are in host memory (a device backend always does): tests run the
+ * device's path on the CPU. */
 void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
-                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group);
+                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group,
+                     bool via_backend);
+/* Whether this engine can compress s between prefill chunks (host scores). */
+bool sched__kvc_chunks_ok(const sched__kvc_t *k);
 void sched__kvc_destroy(sched__kvc_t *k); /* NULL-safe */
 /* Whether s compresses at all. */
 bool sched__kvc_enabled(const sched__seq_t *s);
@@ -168,7 +187,7 @@ int64_t sched__kvc_fill_base(const kv_compress_params_t *p, int32_t n, int32_t b
 int32_t sched__kvc_fill_peak(const sched__seq_t *s, int32_t block_size);
 /* KV entries s holds, all heads. */
 int64_t sched__kvc_held(const sched__seq_t *s);
-void sched__kvc_seq_free(sched__seq_t *s);
+void sched__kvc_seq_free(sched__kvc_t *k, sched__seq_t *s);
 
 /* ---- stop strings (stop.c) ----------------------------------------------- */
 

@@ -132,7 +132,7 @@ static void seq_free(sched_engine_t *e, sched__seq_t *s, bool free_request) {
     e->st.kv_kept_fraction_sum += (double)held / (double)(held + s->kv_evicted);
     e->st.kv_compressed_requests++;
   }
-  sched__kvc_seq_free(s);
+  sched__kvc_seq_free(&e->kvc, s);
   if (s->kvc_counted) e->n_kvc_live--;
   kv_seq_destroy(&s->kv, &e->pool);
   sched_sampler_destroy(&s->smp);
@@ -178,7 +178,7 @@ static int seq_fit(const sched_engine_t *e, sched__seq_t *s) {
   const sched_kv_compression_t *k = &s->req->kvc;
   const int32_t B = BLOCK_SIZE, heads = e->n_layers * e->n_kv_heads;
   const int64_t pool_tokens = (int64_t)(e->pool.n_blocks / heads) * B;
-  const bool bounded = sched__kvc_enabled(s) && e->be->host_memory &&
+  const bool bounded = sched__kvc_enabled(s) && sched__kvc_chunks_ok(&e->kvc) &&
                        (k->plan.ratio > 1 || k->plan.max_cache_tokens > 0);
   if (!bounded) {
     if (s->n_prompt >= pool_tokens) return -ENOSPC;
@@ -759,7 +759,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
       goto fail;
   }
   sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
-                  c->n_heads / c->n_kv_heads);
+                  c->n_heads / c->n_kv_heads, cfg->kv_via_backend);
   if ((rc = sched__sched_init(&e->sc, &e->pool, S, T, c->n_layers, c->n_kv_heads, BLOCK_SIZE)))
     goto fail_rc;
   e->sc.prepare = seq_prepare;

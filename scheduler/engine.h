@@ -132,6 +132,11 @@ typedef struct sched_engine_config {
    * uncompressed request's completion ends ("length") when the pool is
    * full. */
   bool kv_below_max_len;
+  /* Plan KV compressions from scores read back through the backend's
+   * read_rows, as a device backend always does, even on host memory (tests
+   * run the device's path on the CPU); compression between prefill chunks
+   * is then off, as on a device. */
+  bool kv_via_backend;
   /* Called once from the engine thread when the backend can no longer run
    * (a failed step and its health op says the failure sticks): every
    * request has then ended with an error and the thread has stopped; the

@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "scheduler/engine-internal.h"
 
@@ -38,13 +39,31 @@ void sched_kv_compression_default(sched_kv_compression_t *k) {
 }
 
 void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
-                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group) {
-  *k = (sched__kvc_t){be, arena, pool, st, n_layers, n_kv_heads, group, {0}};
+                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group,
+                     bool via_backend) {
+  *k = (sched__kvc_t){.be = be, .arena = arena, .pool = pool, .st = st, .n_layers = n_layers,
+                      .n_kv_heads = n_kv_heads, .group = group,
+                      .via_backend = via_backend || !be->host_memory};
   kv_compress_plan_init(&k->plan);
 }
 
 void sched__kvc_destroy(sched__kvc_t *k) {
-  if (k) kv_compress_plan_destroy(&k->plan);
+  if (!k) return;
+  kv_compress_plan_destroy(&k->plan);
+  free(k->m_score);
+  free(k->m_pos);
+  free(k->rows);
+  free(k->stage);
+  free(k->h_mass);
+  free(k->h_last);
+}
+
+bool sched__kvc_chunks_ok(const sched__kvc_t *k) { return !k->via_backend; }
+
+/* Whether this engine can score and compress at all: host scores, or a
+ * backend that reads them back. */
+static bool can_compress(const sched__kvc_t *k) {
+  return !k->via_backend || k->be->ops->read_rows;
 }
 
 int32_t sched_kv_window(const sched_kv_compression_t *k) {
@@ -65,11 +84,81 @@ static bool wants_scores(const sched__seq_t *s) {
   return p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_DBUDGET;
 }
 
-void sched__kvc_seq_free(sched__seq_t *s) {
-  free(s->obs_mass);
-  free(s->obs_last);
+void sched__kvc_seq_free(sched__kvc_t *k, sched__seq_t *s) {
+  k->be->ops->free(k->be, s->obs_mass); /* backend memory */
+  k->be->ops->free(k->be, s->obs_last);
   free(s->obs_prev);
   s->obs_mass = s->obs_last = s->obs_prev = NULL;
+}
+
+/* n floats of backend memory for the kernels' observations, zeroed when
+ * they add into it. */
+static float *obs_alloc(sched__kvc_t *k, size_t n, bool zero) {
+  float *p = k->be->ops->alloc(k->be, n * sizeof(float));
+  if (!p || !zero) return p;
+  float *z = calloc(n, sizeof *z);
+  if (!z || k->be->ops->upload(k->be, p, z, n * sizeof *z)) {
+    free(z);
+    k->be->ops->free(k->be, p);
+    return NULL;
+  }
+  free(z);
+  return p;
+}
+
+static int grow(void **p, size_t *cap, size_t n, size_t el) {
+  if (n <= *cap) return 0;
+  void *q = realloc(*p, n * el);
+  if (!q) return -ENOMEM;
+  *p = q;
+  *cap = n;
+  return 0;
+}
+
+/* Read s's scores and positions back into the host mirror, and its
+ * observations into host copies: the planner's input (via_backend). */
+static int read_back(sched__kvc_t *k, const sched__seq_t *s, kv_compress_input_t *in) {
+  const kv_seq_t *kv = &s->kv;
+  const int32_t LH = kv->n_layers * kv->n_heads, B = kv->block_size;
+  const size_t n_slots = (size_t)k->arena->n_blocks * (size_t)B;
+  /* calloc of this size maps zero pages: only the blocks read back are
+   * ever touched */
+  if (!k->m_score && !(k->m_score = calloc(n_slots, sizeof *k->m_score))) return -ENOMEM;
+  if (!k->m_pos && !(k->m_pos = calloc(n_slots, sizeof *k->m_pos))) return -ENOMEM;
+  int64_t n = 0;
+  for (int32_t i = 0; i < LH; i++) n += kv->n_blocks[i];
+  if (grow((void **)&k->rows, &k->cap_rows, (size_t)n, sizeof *k->rows) ||
+      grow((void **)&k->stage, &k->cap_stage, (size_t)n * (size_t)B, sizeof *k->stage))
+    return -ENOMEM;
+  n = 0;
+  for (int32_t i = 0; i < LH; i++)
+    for (int32_t b = 0; b < kv->n_blocks[i]; b++) k->rows[n++] = kv->blocks[(int64_t)i * kv->max_blocks + b];
+  const size_t row = (size_t)B * sizeof(float);
+  int rc = k->be->ops->read_rows(k->be, k->stage, k->arena->score, k->rows, n, row);
+  for (int64_t j = 0; !rc && j < n; j++)
+    memcpy(k->m_score + (size_t)k->rows[j] * B, k->stage + j * B, row);
+  if (!rc) rc = k->be->ops->read_rows(k->be, k->stage, k->arena->pos, k->rows, n, row);
+  for (int64_t j = 0; !rc && j < n; j++)
+    memcpy(k->m_pos + (size_t)k->rows[j] * B, k->stage + j * B, row);
+  if (rc) return rc;
+  in->score = k->m_score;
+  in->pos = k->m_pos;
+  const size_t per_head = (size_t)kv->max_blocks * (size_t)B;
+  if (s->obs_mass) {
+    size_t nf = (size_t)LH * per_head;
+    if (grow((void **)&k->h_mass, &k->cap_mass, nf, sizeof(float)) ||
+        (rc = k->be->ops->download(k->be, k->h_mass, s->obs_mass, nf * sizeof(float))))
+      return rc ? rc : -ENOMEM;
+    in->obs_mass = k->h_mass;
+  }
+  if (s->obs_last) {
+    size_t nf = (size_t)LH * (size_t)k->group * per_head;
+    if (grow((void **)&k->h_last, &k->cap_last, nf, sizeof(float)) ||
+        (rc = k->be->ops->download(k->be, k->h_last, s->obs_last, nf * sizeof(float))))
+      return rc ? rc : -ENOMEM;
+    in->obs_last = k->h_last;
+  }
+  return 0;
 }
 
 /* Compressed between prefill chunks, each chunk's window scores the KVs
@@ -94,9 +183,9 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   if (!sched__kvc_enabled(s)) return 0;
   if (s->n_computed == 0) { /* (re)computing from the start */
     s->prefill_compressed = false;
-    sched__kvc_seq_free(s);
+    sched__kvc_seq_free(k, s);
   }
-  if (!wants_scores(s) || !k->be->host_memory) return 0;
+  if (!wants_scores(s) || !can_compress(k)) return 0;
   const sched_kv_compression_t *c = &s->req->kvc;
   if (s->prefill_compressed) {
     v->n_obs = -1; /* decode: p^2 of every step */
@@ -115,10 +204,10 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   size_t per_head = (size_t)s->kv.max_blocks * (size_t)s->kv.block_size;
   size_t lh = (size_t)k->n_layers * (size_t)k->n_kv_heads;
   if (c->plan.layer_budget == KV_LAYER_ZIGZAG && c->plan.policy == KV_POLICY_KVCOMPRESS &&
-      !s->obs_mass && !(s->obs_mass = calloc(lh * per_head, sizeof(float))))
+      !s->obs_mass && !(s->obs_mass = obs_alloc(k, lh * per_head, true)))
     return -ENOMEM;
   if (c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
-      !(s->obs_last = malloc(lh * (size_t)k->group * per_head * sizeof(float))))
+      !(s->obs_last = obs_alloc(k, lh * (size_t)k->group * per_head, false)))
     return -ENOMEM;
   v->obs_pool = c->pool;
   v->obs_mass = s->obs_mass;
@@ -130,7 +219,7 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
  * of the tokens so far; DBudgetKV's cap stands in for its stop, which needs
  * the prompt's last query). */
 static int32_t compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free, bool mid) {
-  if (!sched__kvc_enabled(s) || !k->be->host_memory || s->n_computed == 0) return 0;
+  if (!sched__kvc_enabled(s) || !can_compress(k) || s->n_computed == 0) return 0;
   kv_compress_params_t prm = s->req->kvc.plan;
   /* The dynamic budget is decided once, from the prompt's last query; later
    * compressions (pressure) rank by the accumulated scores alone. */
@@ -157,13 +246,14 @@ static int32_t compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free, bool
   };
   int64_t t0 = sched__now_ns();
   int32_t freed = 0;
-  if (!kv_compress_run(&k->plan, &prm, &in, k->be, k->arena, &s->kv, k->pool)) {
+  if ((!k->via_backend || !read_back(k, s, &in)) &&
+      !kv_compress_run(&k->plan, &prm, &in, k->be, k->arena, &s->kv, k->pool)) {
     freed = k->plan.blocks_freed;
     s->kv_evicted += k->plan.tokens_evicted;
     if (k->plan.pressure_overrode) k->st->kv_budget_overrides++;
   }
   /* the prefill's observations served their one plan */
-  sched__kvc_seq_free(s);
+  sched__kvc_seq_free(k, s);
   s->since_compress = 0;
   double dt = (double)(sched__now_ns() - t0) * 1e-9;
   int b = 0;

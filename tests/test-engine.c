@@ -692,6 +692,65 @@ static void test_compress_between_chunks(void) {
           (long long)cap.kv_tokens, o[0].kv_kept, o[0].kv_evicted);
 }
 
+/* A device backend's compression path, run on the CPU (kv_via_backend):
+ * scores, positions and the prefill's observations read back through
+ * read_rows and download into a host mirror. Every policy plans exactly as
+ * from the arena in place: the same tokens, the same KVs kept and evicted.
+ * Compression between prefill chunks is off on that path. */
+static void test_compress_via_backend(void) {
+  static int32_t big[1024];
+  int32_t n_big = 0;
+  char *buf = calloc(1, 8192);
+  for (int i = 0; strlen(buf) < 2400; i++) {
+    strcat(buf, texts[(i * 5 + 1) % N_PROMPTS]);
+    strcat(buf, " ");
+  }
+  encode(buf, big, 1024, &n_big);
+  free(buf);
+  enum { N_POL = 5 };
+  static const kv_policy_t pol[N_POL] = {KV_POLICY_KVCOMPRESS, KV_POLICY_KVCOMPRESS,
+                                         KV_POLICY_DBUDGET, KV_POLICY_STREAMING,
+                                         KV_POLICY_KVCOMPRESS};
+  out_t o[2][N_POL + 1];
+  for (int via = 0; via < 2; via++) {
+    sched_engine_config_t c = config();
+    c.max_model_len = 1024;
+    c.kv_via_backend = via;
+    sched_engine_t *e = engine(&c, true);
+    for (int i = 0; i <= N_POL; i++) {
+      spec_t sp = {.ids = big, .n = i < N_POL ? n_big - 7 * i : n_big, .max_tokens = 40,
+                   .ignore_eos = true, .logprobs = -1};
+      sched_request_t *r = request((uint64_t)i, &o[via][i], &sp);
+      const int p = i < N_POL ? i : 0;
+      r->kvc.plan.policy = pol[p];
+      if (pol[p] != KV_POLICY_DBUDGET) r->kvc.plan.ratio = 4;
+      if (p == 1) r->kvc.plan.layer_budget = KV_LAYER_ZIGZAG;
+      if (p == 4) r->kvc.plan.layer_budget = KV_LAYER_UNIFORM;
+      r->kvc.interval = 8; /* decode scores, compressed again every 8 steps */
+      if (i == N_POL) r->kvc.prefill_chunk = 128;
+      CHECK_INT_EQ(sched_engine_submit(e, r), 0);
+    }
+    run_until(e, all_done, &(outs_ref_t){o[via], N_POL + 1});
+    sched_stats_t st;
+    sched_engine_stats(e, &st);
+    CHECK(st.kv_compressions >= 2 * (N_POL + 1));
+    check_idle(e);
+    sched_engine_free(e);
+  }
+  for (int i = 0; i < N_POL; i++) {
+    check_same(&o[1][i], &o[0][i]);
+    CHECK_INT_EQ(o[1][i].kv_kept, o[0][i].kv_kept);
+    CHECK_INT_EQ(o[1][i].kv_evicted, o[0][i].kv_evicted);
+    if (o[0][i].kv_evicted <= 0) FAIL_AT("request %d evicted nothing", i);
+    fprintf(stderr, "   policy %d, %d tokens: kept %d, evicted %d, either way\n", (int)pol[i],
+            n_big - 7 * i, o[0][i].kv_kept, o[0][i].kv_evicted);
+  }
+  /* through the backend a prefill_chunk is not used: request 0's run */
+  check_same(&o[1][N_POL], &o[1][0]);
+  CHECK_INT_EQ(o[1][N_POL].kv_kept, o[1][0].kv_kept);
+  CHECK_INT_EQ(o[1][N_POL].kv_evicted, o[1][0].kv_evicted);
+}
+
 /* ---- the picker alone (no model) ------------------------------------------- */
 
 typedef struct sim {
@@ -896,6 +955,7 @@ int main(int argc, char **argv) {
   RUN(test_backend_fatal);
   RUN(test_chunked_prefill);
   RUN(test_compress_between_chunks);
+  RUN(test_compress_via_backend);
 
   model_tok_free(tok);
   model_weights_destroy(&w);

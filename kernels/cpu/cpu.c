@@ -243,6 +243,16 @@ static int cpu_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, 
   return 0;
 }
 
+static int cpu_read_rows(k_backend_t *be, void *dst, const void *src, const int32_t *rows,
+                         int64_t n, size_t row_bytes) {
+  (void)be;
+  if (n < 0 || row_bytes == 0 || row_bytes % 4) return -EINVAL;
+  for (int64_t i = 0; i < n; i++)
+    memcpy((char *)dst + (size_t)i * row_bytes, (const char *)src + (size_t)rows[i] * row_bytes,
+           row_bytes);
+  return 0;
+}
+
 static int cpu_embed(k_backend_t *be, float *y, const k_weight_t *table, const int32_t *ids,
                      int64_t m) {
   size_t rb = k_row_bytes(table->type, table->cols);
@@ -808,6 +818,7 @@ static const k_ops_t cpu_ops = {
     .attention = cpu_attention,
     .kv_move = cpu_kv_move,
     .argmax = cpu_argmax,
+    .read_rows = cpu_read_rows,
 };
 
 int k_cpu_backend_new(k_backend_t **out, int32_t threads) {

@@ -139,6 +139,10 @@ typedef struct kc_core {
   size_t x16_cap;
   int32_t *idx;         /* owns: kv_move's slot lists */
   size_t idx_cap;
+  int32_t *ridx;        /* owns: read_rows' row list */
+  size_t ridx_cap;
+  void *rbuf;           /* owns: read_rows' gathered rows */
+  size_t rbuf_cap;
   char *stage;          /* owns: pinned host memory, KC_STAGE bytes (NULL: none) */
   size_t stage_off;     /* next free byte of stage */
   cudaEvent_t stage_ev; /* owns: after the last copy out of stage */
@@ -879,6 +883,41 @@ __global__ void kv_move_kernel(U *k, U *v, float *score, int32_t *pos, const int
   }
 }
 
+/* Row i of dst = row rows[i] of src, `words` 4-byte words a row (one block
+ * per row, grid-stride). */
+__global__ void gather_rows_kernel(uint32_t *dst, const uint32_t *src, const int32_t *rows,
+                                   int64_t n, int64_t words) {
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int64_t f = rows[i];
+    for (int64_t e = threadIdx.x; e < words; e += blockDim.x) dst[i * words + e] = src[f * words + e];
+  }
+}
+
+/* rows is a host array; dst host memory: gathered on the device, then one
+ * copy back. */
+static int kc_read_rows(k_backend_t *be, void *dst, const void *src, const int32_t *rows,
+                        int64_t n, size_t row_bytes) {
+  kc_t *c = kc_of(be);
+  kc_core_t *k = core_of(c);
+  int rc = kc_enter(c);
+  if (rc) return rc;
+  if (n < 0 || row_bytes == 0 || row_bytes % 4) return -EINVAL;
+  if (n == 0) return 0;
+  for (int64_t i = 0; i < n; i++)
+    if (rows[i] < 0) return -EINVAL;
+  if ((rc = scratch_reserve(c, (void **)&k->ridx, &k->ridx_cap, (size_t)n * sizeof(int32_t))) ||
+      (rc = scratch_reserve(c, &k->rbuf, &k->rbuf_cap, (size_t)n * row_bytes)) ||
+      (rc = copy_in(c, k->ridx, rows, (size_t)n * sizeof(int32_t))))
+    return rc;
+  gather_rows_kernel<<<grid_for(c, n, 1), 64, 0, c->stream>>>(
+      (uint32_t *)k->rbuf, (const uint32_t *)src, k->ridx, n, (int64_t)(row_bytes / 4));
+  if ((rc = launched(c))) return rc;
+  if ((rc = kc_check(c, cudaMemcpyAsync(dst, k->rbuf, (size_t)n * row_bytes,
+                                        cudaMemcpyDeviceToHost, c->stream))))
+    return rc;
+  return kc_check(c, cudaStreamSynchronize(c->stream));
+}
+
 /* src and dst are host arrays (the compaction planner's). */
 static int kc_kv_move(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
                       const int32_t *dst, int64_t n) {
@@ -926,6 +965,8 @@ static void kc_destroy(k_backend_t *be) {
     cudaFree(k->ws);
     cudaFree(k->x16);
     cudaFree(k->idx);
+    cudaFree(k->ridx);
+    cudaFree(k->rbuf);
     if (k->stage) cudaFreeHost(k->stage);
     if (k->stage_ev) cudaEventDestroy(k->stage_ev);
     if (k->t0) cudaEventDestroy(k->t0);
@@ -969,6 +1010,7 @@ static k_ops_t kc_make_ops(void) {
   o.health = kc_health;
   o.kv_move = kc_kv_move;
   o.argmax = kc_argmax;
+  o.read_rows = kc_read_rows;
   return o;
 }
 
