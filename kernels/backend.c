@@ -1,5 +1,7 @@
 #include "kernels/backend.h"
 
+#include "kernels/profile.h"
+
 #ifdef PRESSD_CUDA
 #include "kernels/cuda/cuda.h"
 #endif
@@ -62,6 +64,9 @@ int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err,
 #ifdef PRESSD_FAULT_INJECTION
   if (!rc) inject_faults(*out);
 #endif
+  const char *profile = getenv("PRESSD_PROFILE_OPS"); /* profile.h */
+  if (!rc && profile && *profile && k_profile_wrap(*out))
+    fprintf(stderr, "PRESSD_PROFILE_OPS: cannot profile the backend (out of memory)\n");
   return rc;
 }
 

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "kernels/backend.h"
+#include "kernels/profile.h"
 #include "model/quant.h"
 #include "tests/test.h"
 
@@ -993,6 +994,45 @@ static void test_attention_bad_args(void) {
   arena_free(&a);
 }
 
+/* The op profiler: every call counted under its kind, the table sorted,
+ * the backend's results unchanged, and the wrapper gone on free. */
+static void test_profile(void) {
+  k_backend_t *b;
+  CHECK_INT_EQ(k_cpu_backend_new(&b, 1), 0);
+  const k_ops_t *real = b->ops;
+  CHECK_INT_EQ(k_profile_wrap(b), 0);
+  CHECK_INT_EQ(k_profile_wrap(b), -EBUSY);
+  CHECK(b->ops != real);
+  uint64_t rng = 5;
+  float *wf = test_rand_floats(&rng, 64 * 32, 1.0f), *x = test_rand_floats(&rng, 3 * 32, 1.0f);
+  float y[3 * 64], want[3 * 64];
+  k_weight_t w = {.type = K_F32, .rows = 64, .cols = 32, .data = wf};
+  for (int i = 0; i < 5; i++) CHECK_INT_EQ(b->ops->matmul(b, y, x, &w, 3), 0);
+  CHECK_INT_EQ(b->ops->matmul(b, y, x, &w, 1), 0);
+  CHECK_INT_EQ(b->ops->add(b, y, y, 64), 0);
+  CHECK_INT_EQ(real->matmul(b, want, x, &w, 1), 0);
+  CHECK_INT_EQ(real->add(b, want, want, 64), 0);
+  for (int i = 0; i < 64; i++) CHECK_NEAR(y[i], want[i], 0);
+  CHECK_INT_EQ(k_profile_report(g_be, stdout), -ENOENT);
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&buf, &len);
+  CHECK_INT_EQ(k_profile_report(b, f), 0);
+  fclose(f);
+  printf("%s", buf);
+  CHECK(strstr(buf, "backend cpu: 7 calls") != NULL);
+  CHECK(strstr(buf, "matmul f32 64x32 rows 2-4") != NULL);
+  CHECK(strstr(buf, "matmul f32 64x32 rows 1 ") != NULL);
+  const char *five = strstr(buf, "rows 2-4"), *one = strstr(buf, "rows 1 "), *add = strstr(buf, "\nadd ");
+  CHECK(five && one && add);
+  CHECK_INT_EQ(strtol(five + strlen("rows 2-4"), NULL, 10), 5); /* its calls */
+  CHECK_INT_EQ(strtol(one + strlen("rows 1"), NULL, 10), 1);
+  free(buf);
+  k_backend_free(b); /* the wrapper's destroy, then the CPU's (ASan: no leak) */
+  free(wf);
+  free(x);
+}
+
 static void test_backend_new(void) {
   k_backend_t *be = NULL;
   char err[128];
@@ -1024,6 +1064,7 @@ int main(void) {
   CHECK_INT_EQ(k_cpu_backend_new(&g_be, 2), 0);
   CHECK_INT_EQ(k_cpu_backend_new(&g_be1, 1), 0);
   RUN(test_backend_new);
+  RUN(test_profile);
   RUN(test_matmul);
   RUN(test_rmsnorm);
   RUN(test_rope);

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/profile.h"
 #include "tests/test.h"
 
 /* PRESSD_REQUIRE_GPU=1 (scripts/gpu-check): a machine without a usable GPU
@@ -39,6 +40,9 @@ static inline int gpu_test_open(const char *who, k_backend_t **be) {
     fprintf(stderr, "%s: k_backend_new_cuda: %d: %s\n", who, rc, err);
     return 1;
   }
+  /* an op-by-op table of the run, written when the backend is freed */
+  const char *prof = getenv("PRESSD_PROFILE_OPS");
+  if (prof && *prof && k_profile_wrap(*be)) return 1;
   return 0;
 }
 
