@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/draw.h"
+
 /* Weight element types. The Q types are GGML's block layouts, kept as they
  * are in the file (32 elements per block): Q8_0 = fp16 scale + 32 int8;
  * Q4_0 = fp16 scale + 16 bytes of nibbles (q - 8); Q4_1 = fp16 scale,
@@ -199,11 +201,13 @@ typedef struct k_ops {
    * src[i]. No slot is both a source and a destination. */
   int (*kv_move)(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
                  const int32_t *dst, int64_t n);
-  /* Optional (NULL: the caller reads the rows back): ids[i] = the column of
-   * the largest x[i][0..n), for m rows; the lowest column on ties, NaN
-   * counted as -inf, 0 for a row with nothing above -inf. ids is backend
-   * memory. Greedy decoding without copying the logits off the device. */
-  int (*argmax)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n);
+  /* Optional (NULL: the caller reads the rows back): ids[i] = the token
+   * drawn from row i of x[m][n] as draws[i] says (kernels/draw.h: the
+   * argmax, or a Gumbel-max draw with temperature and min-p); draws is a
+   * host array, NULL for the argmax of every row. ids is backend memory.
+   * Decoding without copying the logits off the device. */
+  int (*sample)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
+                const k_draw_t *draws);
   /* Optional (NULL: host memory only; see host_memory): row i of dst (host
    * memory, n * row_bytes) = row rows[i] of src (backend memory), for
    * n rows of row_bytes (a multiple of 4); rows is a host array, each

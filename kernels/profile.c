@@ -162,10 +162,11 @@ static int p_download(k_backend_t *be, void *dst, const void *src, size_t bytes)
   return end(p, be, "download", t, p->real->download(be, dst, src, bytes));
 }
 
-static int p_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n) {
+static int p_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
+                    const k_draw_t *draws) {
   prof_t *p = prof_of(be);
   double t = begin(p, be);
-  return end(p, be, "argmax", t, p->real->argmax(be, ids, x, m, n));
+  return end(p, be, "sample", t, p->real->sample(be, ids, x, m, n, draws));
 }
 
 static int p_kv_move(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
@@ -241,7 +242,7 @@ int k_profile_wrap(k_backend_t *be) {
   o->upload = p_upload;
   o->download = p_download;
   if (o->attn_prepare) o->attn_prepare = p_attn_prepare;
-  if (o->argmax) o->argmax = p_argmax;
+  if (o->sample) o->sample = p_sample;
   if (o->kv_move) o->kv_move = p_kv_move;
   if (o->read_rows) o->read_rows = p_read_rows;
   be->ops = o;

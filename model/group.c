@@ -103,8 +103,8 @@ void model_group_destroy(model_group_t *g) {
   memset(g, 0, sizeof *g);
 }
 
-bool model_group_can_argmax(const model_group_t *g) {
-  return g->n == 1 && model_can_argmax(&g->ranks[0]);
+bool model_group_can_sample(const model_group_t *g) {
+  return g->n == 1 && model_can_sample(&g->ranks[0]);
 }
 
 int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits) {

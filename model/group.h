@@ -41,7 +41,7 @@ void model_group_destroy(model_group_t *g); /* NULL-safe, half-init safe */
  * whole model]. The first error of any rank, the others' collectives
  * aborted so that none waits. */
 int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits);
-/* model_can_argmax of the group: one rank that can. */
-bool model_group_can_argmax(const model_group_t *g);
+/* model_can_sample of the group: one rank that can. */
+bool model_group_can_sample(const model_group_t *g);
 
 #endif

@@ -132,7 +132,7 @@ static int gather_logits(model_t *m, int32_t n_logits, float *logits) {
   return 0;
 }
 
-bool model_can_argmax(const model_t *m) { return !m->comm && m->be->ops->argmax; }
+bool model_can_sample(const model_t *m) { return !m->comm && m->be->ops->sample; }
 
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const model_weights_t *w = m->w;
@@ -142,7 +142,7 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const int64_t T = b->n_tokens, E = c->n_embd, F = c->n_ff, D = c->head_dim;
   const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
-      (b->argmax && !model_can_argmax(m)))
+      (b->ids && !model_can_sample(m)))
     return -EINVAL;
 
   TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
@@ -199,9 +199,9 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   TRY(op->embed(be, m->xn, &xw, m->d_rows, b->n_logits)); /* gather rows */
   TRY(op->rmsnorm(be, m->xn, m->xn, w->out_norm, b->n_logits, E, c->rms_eps));
   TRY(op->matmul(be, m->logits, m->xn, &w->output, b->n_logits));
-  if (b->argmax) {
-    TRY(op->argmax(be, m->d_ids, m->logits, b->n_logits, c->n_vocab));
-    TRY(op->download(be, b->argmax, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
+  if (b->ids) {
+    TRY(op->sample(be, m->d_ids, m->logits, b->n_logits, c->n_vocab, b->draws));
+    TRY(op->download(be, b->ids, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
   } else {
     TRY(gather_logits(m, b->n_logits, logits));
   }

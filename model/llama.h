@@ -22,10 +22,12 @@ typedef struct model_batch {
   const k_seq_kv_t *seqs;      /* [n_seqs] each sequence's KV, new slots appended */
   int32_t n_logits;            /* rows that need logits */
   const int32_t *logit_rows;   /* [n_logits] token rows, ascending */
-  /* Optional [n_logits] (host), only where model_can_argmax: each row's
-   * greedy token (the backend's argmax) instead of its logits, which are
-   * then left unwritten: no [n_logits][n_vocab] copy off the device. */
-  int32_t *argmax;
+  /* Optional [n_logits] (host), only where model_can_sample: each row's
+   * token, drawn by the backend as draws[i] says (kernels/draw.h; draws
+   * NULL: the argmax of every row), instead of its logits, which are then
+   * left unwritten: no [n_logits][n_vocab] copy off the device. */
+  int32_t *ids;
+  const k_draw_t *draws;
 } model_batch_t;
 
 typedef struct model {
@@ -39,7 +41,7 @@ typedef struct model {
   float *logits;                               /* owns: [cap_logits][n_vocab] */
   float *inv_freq;                             /* owns: backend copy */
   int32_t *d_tokens, *d_pos, *d_rows;          /* owns: backend copies of batch arrays */
-  int32_t *d_ids;                              /* owns: [cap_logits] argmax results */
+  int32_t *d_ids;                              /* owns: [cap_logits] drawn tokens */
   /* A tensor-parallel rank (w->shard.n_ranks > 1): */
   k_comm_t *comm;     /* borrows: sums the partial results of the ranks */
   int32_t *h_ids;     /* owns (host): [cap_tokens] ids in this rank's vocabulary slice */
@@ -60,9 +62,9 @@ void model_destroy(model_t *m); /* NULL-safe, half-init safe */
  * vocabulary); every rank of the group must run the same step at once
  * (model/group.h does). */
 int model_forward(model_t *m, const model_batch_t *b, float *logits);
-/* Whether model_forward takes a batch's argmax (an unsharded model on a
- * backend with the argmax op). */
-bool model_can_argmax(const model_t *m);
+/* Whether model_forward draws a batch's tokens (b->ids): an unsharded
+ * model on a backend with the sample op. */
+bool model_can_sample(const model_t *m);
 
 /* model_init for one rank of sharded weights (model_weights_shard) whose
  * partial sums go through comm. */

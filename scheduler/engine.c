@@ -56,7 +56,8 @@ struct sched_engine {
   int32_t *pos;      /* owns: [max_num_batched_tokens] */
   int32_t *q_start;  /* owns: [max_num_seqs + 1] */
   int32_t *rows;     /* owns: [max_num_seqs] logit rows */
-  int32_t *ids;      /* owns: [max_num_seqs] the rows' greedy tokens, from the device */
+  int32_t *ids;      /* owns: [max_num_seqs] the rows' tokens, drawn by the backend */
+  k_draw_t *draws;   /* owns: [max_num_seqs] how the backend draws them */
   k_seq_kv_t *views; /* owns: [max_num_seqs] the batch's KV as the kernels read it */
   float *logits;     /* owns: [max_num_seqs][n_vocab] */
   float *lp_row;     /* owns: [n_vocab] raw logits of a row, for logprobs */
@@ -387,22 +388,23 @@ static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int3
   for (int32_t j = 0; j < k; j++) top[j].logprob = (float)((double)top[j].logprob - lse);
 }
 
-/* Whether s's next token can be picked on the device: the plain argmax of
- * its logits, with no log-probabilities asked for. */
-static bool greedy_on_device(const sched__seq_t *s) {
-  return s->req->logprobs < 0 && sched_sampler_greedy(&s->smp);
+/* Whether s's next token can be drawn on the device (kernels/draw.h), with
+ * no log-probabilities asked for. */
+static bool draw_on_device(const sched__seq_t *s) {
+  return s->req->logprobs < 0 && sched_sampler_on_device(&s->smp);
 }
 
-/* Sample s's next token from its logits row (or take the device's argmax,
- * row NULL), post its event, and mark s finished when a stop rule fires. */
-static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row, int32_t greedy_id) {
+/* Sample s's next token from its logits row (or take the one the backend
+ * drew, row NULL), post its event, and mark s finished when a stop rule
+ * fires. */
+static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row, int32_t drawn) {
   const sched_request_t *r = s->req;
   if (!s->prompt_counted) {
     e->st.prompt_tokens += (uint64_t)s->n_prompt;
     s->prompt_counted = true;
   }
   if (row && r->logprobs >= 0) memcpy(e->lp_row, row, (size_t)e->n_vocab * sizeof *row);
-  const int32_t id = row ? sched_sample(&s->smp, row, NULL) : greedy_id;
+  const int32_t id = row ? sched_sample(&s->smp, row, NULL) : drawn;
   sched_sampler_accept(&s->smp, id);
   assert(s->n_tokens < s->cap);
   s->tokens[s->n_tokens++] = id;
@@ -473,11 +475,11 @@ static void step(sched_engine_t *e) {
   if (n == 0) return;
 
   int32_t t = 0, n_logits = 0;
-  bool greedy = model_group_can_argmax(&e->model);
+  bool on_device = model_group_can_sample(&e->model);
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
-    if (s->n_computed + m == s->n_tokens) greedy &= greedy_on_device(s);
+    if (s->n_computed + m == s->n_tokens) on_device &= draw_on_device(s);
     if (sched__kvc_view(&e->kvc, s, &e->views[i])) e->views[i].n_obs = 0; /* no scores */
     e->q_start[i] = t;
     memcpy(e->tokens + t, s->tokens + s->n_computed, (size_t)m * sizeof *e->tokens);
@@ -486,6 +488,10 @@ static void step(sched_engine_t *e) {
     if (s->n_computed + m == s->n_tokens) e->rows[n_logits++] = t - 1;
   }
   e->q_start[n] = t;
+  /* every row's draw (the generator advanced only when the device draws) */
+  for (int32_t i = 0, li = 0; on_device && i < n; i++)
+    if (sc->batch[i]->n_computed + sc->batch[i]->chunk == sc->batch[i]->n_tokens)
+      sched_sampler_next_draw(&sc->batch[i]->smp, &e->draws[li++]);
 
   model_batch_t b = {
       .n_seqs = n,
@@ -496,7 +502,8 @@ static void step(sched_engine_t *e) {
       .seqs = e->views,
       .n_logits = n_logits,
       .logit_rows = e->rows,
-      .argmax = greedy ? e->ids : NULL,
+      .ids = on_device ? e->ids : NULL,
+      .draws = on_device ? e->draws : NULL,
   };
   const int64_t f0 = sched__now_ns();
   int rc = model_group_forward(&e->model, &b, e->logits);
@@ -515,7 +522,8 @@ static void step(sched_engine_t *e) {
     s->n_computed += s->chunk;
     sched__kvc_after(&e->kvc, s);
     if (s->n_computed == s->n_tokens) {
-      emit_token(e, s, greedy ? NULL : e->logits + (int64_t)li * e->n_vocab, greedy ? e->ids[li] : 0);
+      emit_token(e, s, on_device ? NULL : e->logits + (int64_t)li * e->n_vocab,
+                 on_device ? e->ids[li] : 0);
       li++;
     }
   }
@@ -773,11 +781,12 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->q_start = malloc(((size_t)S + 1) * sizeof *e->q_start);
   e->rows = malloc((size_t)S * sizeof *e->rows);
   e->ids = malloc((size_t)S * sizeof *e->ids);
+  e->draws = malloc((size_t)S * sizeof *e->draws);
   e->views = malloc((size_t)S * sizeof *e->views);
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
-  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->views ||
+  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -829,6 +838,7 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->q_start);
   free(e->rows);
   free(e->ids);
+  free(e->draws);
   free(e->views);
   free(e->logits);
   free(e->lp_row);

@@ -5,7 +5,9 @@
  *   2. temperature 0: argmax, lowest id on ties;
  *   3. otherwise top-k, softmax with temperature, top-p (smallest prefix of
  *      the sorted distribution whose mass reaches top_p, at least one token),
- *      min-p (keep p >= min_p * p_max), then one draw from xoshiro256**.
+ *      min-p (keep p >= min_p * p_max), then one draw from xoshiro256**;
+ *      without top-k and top-p the draw is kernels/draw.h's Gumbel-max (one
+ *      xoshiro256** output as its key), which a device makes the same way.
  * top-k and top-p select by partial quickselect; only the prefix that top-p
  * needs is sorted, grown geometrically. NaN logits count as -inf. */
 #include "scheduler/sample.h"
@@ -323,6 +325,10 @@ static int32_t sample_stochastic(sched_sampler_t *s, const float *l, float lmax)
   float *w = s->probs;   /* [V] unnormalised softmax(l / T) by id; the max weighs 1 */
   int32_t *idx = s->idx; /* [V] candidate ids */
   uint32_t st = 0x9e3779b9u;
+  if (K == (size_t)V && top_p >= 1.0f) { /* whole vocabulary, min-p at most: a device's draw */
+    const k_draw_t d = {T, min_p, xoshiro_next(s->rng)};
+    return k_draw_row(l, V, &d);
+  }
   const double r = uniform01(s->rng);
   /* min-p keeps w >= min_p (p / p_max >= min_p); the max always stays. */
 
@@ -333,24 +339,6 @@ static int32_t sample_stochastic(sched_sampler_t *s, const float *l, float lmax)
     for (size_t j = 0; j < K; j++) sum += w[idx[j]] = expf((l[idx[j]] - lmax) / T);
     size_t kept = top_p < 1.0f ? mass_prefix(idx, K, (double)top_p * sum, w, l, &st) : K;
     return draw_from(idx, kept, w, min_p, r);
-  }
-
-  if (top_p >= 1.0f) { /* whole vocabulary, min-p at most */
-    double total = 0.0;
-    for (int32_t i = 0; i < V; i++) {
-      w[i] = expf((l[i] - lmax) / T);
-      if (keep_w(w[i], min_p)) total += w[i];
-    }
-    const double target = r * total;
-    double cum = 0.0;
-    int32_t last = 0;
-    for (int32_t i = 0; i < V; i++) {
-      if (!keep_w(w[i], min_p)) continue;
-      cum += w[i];
-      last = i;
-      if (target < cum) return i;
-    }
-    return last;
   }
 
   double bin_mass[TOPP_BINS] = {0};
@@ -381,9 +369,18 @@ static int32_t sample_stochastic(sched_sampler_t *s, const float *l, float lmax)
   return draw_from(idx, kept, w, min_p, r);
 }
 
-bool sched_sampler_greedy(const sched_sampler_t *s) {
-  return s->p.temperature == 0.0f && s->p.repetition_penalty == 1.0f &&
-         s->p.presence_penalty == 0.0f && s->p.frequency_penalty == 0.0f;
+bool sched_sampler_on_device(const sched_sampler_t *s) {
+  const sched_sample_params_t *p = &s->p;
+  if (p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f)
+    return false;
+  return p->temperature == 0.0f ||
+         ((p->top_k <= 0 || p->top_k >= s->n_vocab) && p->top_p >= 1.0f);
+}
+
+void sched_sampler_next_draw(sched_sampler_t *s, k_draw_t *d) {
+  *d = (k_draw_t){0};
+  if (s->p.temperature > 0.0f)
+    *d = (k_draw_t){s->p.temperature, s->p.min_p, xoshiro_next(s->rng)};
 }
 
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob) {

@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/draw.h"
+
 typedef struct sched_sample_params {
   float temperature;        /* 0 = greedy */
   int32_t top_k;            /* <= 0: off */
@@ -46,9 +48,13 @@ void sched_sampler_accept(sched_sampler_t *s, int32_t id);
  * raw (penalised, unscaled) distribution. */
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob);
 
-/* Whether sched_sample is a plain argmax of the raw logits (temperature 0,
- * no penalties): a device can then pick the token without the row. */
-bool sched_sampler_greedy(const sched_sampler_t *s);
+/* Whether sched_sample's token is kernels/draw.h's draw of the raw logits
+ * (temperature 0, or a temperature with min-p at most: no top-k, top-p or
+ * penalties), which a device can then make without the row. */
+bool sched_sampler_on_device(const sched_sampler_t *s);
+/* The draw of the next token for a device (where sched_sampler_on_device),
+ * consuming what sched_sample would have. */
+void sched_sampler_next_draw(sched_sampler_t *s, k_draw_t *d);
 
 /* Greedy argmax (lowest id wins ties). */
 int32_t sched_argmax(const float *logits, int32_t n);

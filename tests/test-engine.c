@@ -166,6 +166,7 @@ typedef struct spec {
   float temperature;
   const char *stop[2];
   int32_t logprobs;
+  bool no_top_p; /* with a temperature: top_p 1 (drawn on the backend), else 0.9 */
 } spec_t;
 
 static sched_request_t *request(uint64_t id, out_t *o, const spec_t *sp) {
@@ -184,7 +185,7 @@ static sched_request_t *request(uint64_t id, out_t *o, const spec_t *sp) {
   r->sample.temperature = sp->temperature;
   r->sample.seed = 1234; /* the same draws for every run of a prompt */
   r->sample.has_seed = true;
-  if (sp->temperature > 0) r->sample.top_p = 0.9f;
+  if (sp->temperature > 0 && !sp->no_top_p) r->sample.top_p = 0.9f;
   for (int i = 0; i < 2 && sp->stop[i]; i++) r->n_stop++;
   if (r->n_stop) {
     r->stop = calloc((size_t)r->n_stop, sizeof *r->stop);
@@ -235,11 +236,16 @@ static int32_t ids[N_PROMPTS][128];
 static int32_t n_ids[N_PROMPTS];
 static int32_t long_ids[256];
 static int32_t n_long;
-static out_t alone[N_PROMPTS]; /* reference outputs, greedy except prompt 7 */
+/* Reference outputs: greedy, except prompt 7 (temperature and top-p, drawn
+ * on the host) and prompt 5 (temperature alone: drawn by the backend's
+ * sample op when no row of the step needs the host, by the host sampler
+ * otherwise, the same tokens either way). Prompt 3 asks for logprobs. */
+static out_t alone[N_PROMPTS];
 
 static spec_t spec_of(int i) {
   return (spec_t){.ids = ids[i], .n = n_ids[i], .max_tokens = 24, .ignore_eos = true,
-                  .temperature = i == 7 ? 0.8f : 0.0f, .logprobs = i == 3 ? 5 : -1};
+                  .temperature = i == 7 ? 0.8f : i == 5 ? 1.0f : 0.0f,
+                  .logprobs = i == 3 ? 5 : -1, .no_top_p = i == 5};
 }
 
 static void encode(const char *text, int32_t *out, int32_t cap, int32_t *n) {

@@ -317,9 +317,12 @@ static void test_silu_mul_add(void) {
   }
 }
 
-/* argmax: the first maximum of each row; NaN never wins; a row with nothing
- * above -inf gives 0. Crafted rows, then random ones against a plain scan. */
-static void test_argmax(void) {
+/* sample without draws: the first maximum of each row; NaN never wins; a
+ * row with nothing above -inf gives 0. Crafted rows, then random ones
+ * against a plain scan. With draws: temperature 0 is the argmax, min-p 1
+ * the maximum, one key one token, and the frequencies over many keys are
+ * softmax(l / T), min-p's cut included. */
+static void test_sample(void) {
   enum { M = 9, N = 1000 };
   uint64_t rng = 31;
   float *x = test_rand_floats(&rng, (size_t)M * N, 10.0f);
@@ -355,12 +358,52 @@ static void test_argmax(void) {
   }
   int32_t got[M + 1];
   got[M] = -7;
-  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, M, N), 0);
+  CHECK_INT_EQ(g_be->ops->sample(g_be, got, x, M, N, NULL), 0);
   for (int row = 0; row < M; row++) CHECK_INT_EQ(got[row], want[row]);
   CHECK_INT_EQ(got[M], -7);
-  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, 0, N), 0);
-  CHECK_INT_EQ(g_be->ops->argmax(g_be, got, x, 1, 0), -EINVAL);
+  CHECK_INT_EQ(g_be->ops->sample(g_be, got, x, 0, N, NULL), 0);
+  CHECK_INT_EQ(g_be->ops->sample(g_be, got, x, 1, 0, NULL), -EINVAL);
+
+  /* draws: rows 1-6 (ties, NaN, -inf, +inf) are the argmax at any
+   * temperature where the maximum is not finite or is kept alone */
+  k_draw_t d[M];
+  for (int row = 0; row < M; row++) d[row] = (k_draw_t){row % 2 ? 0.0f : 0.7f, 0.0f, 99u + row};
+  d[2].min_p = d[4].min_p = 1.0f; /* only the maximum */
+  CHECK_INT_EQ(g_be->ops->sample(g_be, got, x, M, N, d), 0);
+  for (int row = 1; row <= 6; row++)
+    if (row != 1 || d[row].temperature == 0.0f) CHECK_INT_EQ(got[row], want[row]);
+  int32_t again[M];
+  CHECK_INT_EQ(g_be->ops->sample(g_be, again, x, M, N, d), 0);
+  for (int row = 0; row < M; row++) CHECK_INT_EQ(again[row], got[row]); /* the key decides */
   free(x);
+
+  /* frequencies over 40,000 keys against softmax(l / T) */
+  enum { V = 5, DRAWS = 40000 };
+  const float l[V] = {1.0f, 2.0f, 0.5f, -1.0f, 1.5f};
+  const float temps[2] = {1.0f, 0.5f}, min_ps[2] = {0.0f, 0.3f};
+  for (int k = 0; k < 2; k++) {
+    int32_t count[V] = {0};
+    for (int t = 0; t < DRAWS; t++) {
+      k_draw_t dr = {temps[k], min_ps[k], 0x1234567ull * (uint64_t)(t + 1)};
+      int32_t id = -1;
+      CHECK_INT_EQ(g_be->ops->sample(g_be, &id, l, 1, V, &dr), 0);
+      CHECK(id >= 0 && id < V);
+      count[id]++;
+    }
+    double w[V], sum = 0;
+    for (int i = 0; i < V; i++) {
+      w[i] = exp((l[i] - 2.0) / temps[k]);
+      if (w[i] < min_ps[k]) w[i] = 0; /* p / p_max below min-p */
+      sum += w[i];
+    }
+    for (int i = 0; i < V; i++) {
+      double p = w[i] / sum, f = (double)count[i] / DRAWS;
+      double sd = sqrt(p * (1 - p) / DRAWS);
+      if (fabs(f - p) > 5 * sd + 1e-9)
+        FAIL_AT("T %g min_p %g: token %d drawn %.4f, softmax %.4f", (double)temps[k],
+                (double)min_ps[k], i, f, p);
+    }
+  }
 }
 
 static void test_embed(void) {
@@ -1069,7 +1112,7 @@ int main(void) {
   RUN(test_rmsnorm);
   RUN(test_rope);
   RUN(test_silu_mul_add);
-  RUN(test_argmax);
+  RUN(test_sample);
   RUN(test_embed);
   RUN(test_kv_write);
   RUN(test_kv_move);

@@ -226,20 +226,11 @@ static int cpu_add(k_backend_t *be, float *y, const float *x, int64_t n) {
   return 0;
 }
 
-static int cpu_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n) {
+static int cpu_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
+                      const k_draw_t *draws) {
   (void)be;
-  if (m < 0 || n <= 0) return -EINVAL;
-  for (int64_t r = 0; r < m; r++) {
-    const float *row = x + r * n;
-    int64_t best = 0;
-    float top = -INFINITY; /* NaN > top is false: NaN never wins */
-    for (int64_t i = 0; i < n; i++)
-      if (row[i] > top) {
-        top = row[i];
-        best = i;
-      }
-    ids[r] = (int32_t)best;
-  }
+  if (m < 0 || n <= 0 || n > INT32_MAX) return -EINVAL;
+  for (int64_t r = 0; r < m; r++) ids[r] = k_draw_row(x + r * n, n, draws ? &draws[r] : NULL);
   return 0;
 }
 
@@ -817,7 +808,7 @@ static const k_ops_t cpu_ops = {
     .kv_write = cpu_kv_write,
     .attention = cpu_attention,
     .kv_move = cpu_kv_move,
-    .argmax = cpu_argmax,
+    .sample = cpu_sample,
     .read_rows = cpu_read_rows,
 };
 

@@ -143,6 +143,8 @@ typedef struct kc_core {
   size_t ridx_cap;
   void *rbuf;           /* owns: read_rows' gathered rows */
   size_t rbuf_cap;
+  k_draw_t *draws;      /* owns: sample's per-row draws */
+  size_t draws_cap;
   char *stage;          /* owns: pinned host memory, KC_STAGE bytes (NULL: none) */
   size_t stage_off;     /* next free byte of stage */
   cudaEvent_t stage_ev; /* owns: after the last copy out of stage */
@@ -684,61 +686,98 @@ static int kc_add(k_backend_t *be, float *y, const float *x, int64_t n) {
   return launched(c);
 }
 
-/* Greedy argmax, one block per row: each thread scans a strided part of the
- * row keeping its first maximum, then the block reduces (larger value, then
- * lower column). NaN never wins (v > top is false); a row with nothing above
- * -inf keeps the sentinel n, reported as 0 as the CPU backend does. */
-#define KC_ARGMAX_THREADS 1024
-__device__ __forceinline__ void argmax_pick(float &v, int64_t &i, float ov, int64_t oi) {
+/* The draw of kernels/draw.h, one block per row: first the row's argmax
+ * (each thread's first maximum of a strided part, then the block's: larger
+ * value, then lower column; NaN never wins; nothing above -inf keeps the
+ * sentinel n, reported as 0), then, for a row with a temperature and a
+ * finite maximum, the same reduction over the Gumbel-max scores. */
+#define KC_SAMPLE_THREADS 1024
+template <typename V>
+__device__ __forceinline__ void best_pick(V &v, int64_t &i, V ov, int64_t oi) {
   if (ov > v || (ov == v && oi < i)) {
     v = ov;
     i = oi;
   }
 }
 
-__global__ void argmax_kernel(int32_t *ids, const float *x, int64_t m, int64_t n) {
-  __shared__ float sv[KC_ARGMAX_THREADS / 32];
-  __shared__ int64_t si[KC_ARGMAX_THREADS / 32];
+/* The block's best (value, column); every thread gets it. */
+template <typename V>
+__device__ void block_best(V &v, int64_t &i, V *sv, int64_t *si, int64_t none) {
+  for (int o = 16; o > 0; o >>= 1)
+    best_pick(v, i, __shfl_down_sync(0xffffffffu, v, o), __shfl_down_sync(0xffffffffu, i, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  if (lane == 0) {
+    sv[warp] = v;
+    si[warp] = i;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nw ? sv[lane] : (V)-INFINITY;
+    i = lane < nw ? si[lane] : none;
+    for (int o = 16; o > 0; o >>= 1)
+      best_pick(v, i, __shfl_down_sync(0xffffffffu, v, o), __shfl_down_sync(0xffffffffu, i, o));
+    if (lane == 0) {
+      sv[0] = v;
+      si[0] = i;
+    }
+  }
+  __syncthreads();
+  v = sv[0];
+  i = si[0];
+  __syncthreads(); /* sv, si free again */
+}
+
+__global__ void sample_kernel(int32_t *ids, const float *x, int64_t m, int64_t n,
+                              const k_draw_t *draws) {
+  __shared__ double sd[KC_SAMPLE_THREADS / 32];
+  __shared__ float sf[KC_SAMPLE_THREADS / 32];
+  __shared__ int64_t si[KC_SAMPLE_THREADS / 32];
   for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
     const float *row = x + r * n;
     float top = -INFINITY;
     int64_t best = n;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float v = row[i];
-      if (v > top) {
-        top = v;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      if (row[i] > top) {
+        top = row[i];
         best = i;
       }
+    block_best(top, best, sf, si, n);
+    const k_draw_t d = draws ? draws[r] : k_draw_t{0.0f, 0.0f, 0};
+    if (d.temperature > 0.0f && isfinite(top)) {
+      double bs = -INFINITY;
+      int64_t bi = n;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        if (!(row[i] > -INFINITY)) continue;
+        const double sc = k_draw_score(row[i], top, &d, i);
+        if (sc > bs) {
+          bs = sc;
+          bi = i;
+        }
+      }
+      block_best(bs, bi, sd, si, n);
+      if (bi < n) best = bi;
     }
-    for (int o = 16; o > 0; o >>= 1)
-      argmax_pick(top, best, __shfl_down_sync(0xffffffffu, top, o),
-                  __shfl_down_sync(0xffffffffu, best, o));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    if (lane == 0) {
-      sv[warp] = top;
-      si[warp] = best;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      top = lane < nw ? sv[lane] : -INFINITY;
-      best = lane < nw ? si[lane] : n;
-      for (int o = 16; o > 0; o >>= 1)
-        argmax_pick(top, best, __shfl_down_sync(0xffffffffu, top, o),
-                    __shfl_down_sync(0xffffffffu, best, o));
-      if (lane == 0) ids[r] = best < n ? (int32_t)best : 0;
-    }
-    __syncthreads();
+    if (threadIdx.x == 0) ids[r] = best < n ? (int32_t)best : 0;
   }
 }
 
-static int kc_argmax(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n) {
+static int kc_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
+                     const k_draw_t *draws) {
   kc_t *c = kc_of(be);
+  kc_core_t *k = core_of(c);
   int rc = kc_enter(c);
   if (rc) return rc;
   if (m < 0 || n <= 0 || n > INT32_MAX) return -EINVAL;
   if (m == 0) return 0;
+  k_draw_t *dd = NULL;
+  if (draws) {
+    if ((rc = scratch_reserve(c, (void **)&k->draws, &k->draws_cap, (size_t)m * sizeof *draws)) ||
+        (rc = copy_in(c, k->draws, draws, (size_t)m * sizeof *draws)))
+      return rc;
+    dd = k->draws;
+  }
   const unsigned grid = (unsigned)(m < 65535 ? m : 65535);
-  argmax_kernel<<<grid, KC_ARGMAX_THREADS, 0, c->stream>>>(ids, x, m, n);
+  sample_kernel<<<grid, KC_SAMPLE_THREADS, 0, c->stream>>>(ids, x, m, n, dd);
   return launched(c);
 }
 
@@ -967,6 +1006,7 @@ static void kc_destroy(k_backend_t *be) {
     cudaFree(k->idx);
     cudaFree(k->ridx);
     cudaFree(k->rbuf);
+    cudaFree(k->draws);
     if (k->stage) cudaFreeHost(k->stage);
     if (k->stage_ev) cudaEventDestroy(k->stage_ev);
     if (k->t0) cudaEventDestroy(k->t0);
@@ -1009,7 +1049,7 @@ static k_ops_t kc_make_ops(void) {
   o.mem_info = k_cuda_mem_info;
   o.health = kc_health;
   o.kv_move = kc_kv_move;
-  o.argmax = kc_argmax;
+  o.sample = kc_sample;
   o.read_rows = kc_read_rows;
   return o;
 }

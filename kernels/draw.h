@@ -1,0 +1,88 @@
+/* One token drawn from a row of logits, the same way wherever it is drawn:
+ * by the host sampler (scheduler/sample.c), the CPU backend's sample op or
+ * the CUDA kernel. So a request's tokens do not depend on whether its step
+ * sampled on the device or on the host.
+ *
+ * Temperature 0: the argmax, lowest column on ties, NaN never wins, 0 when
+ * nothing is above -inf. Otherwise the Gumbel-max draw, exact sampling from
+ * softmax(l / T) restricted by min-p:
+ *
+ *   id = argmax over kept i of  x_i + g_i,   x_i = (l_i - l_max) / T,
+ *   kept: w_i = exp(x_i) > 0 and w_i >= min_p,
+ *   g_i = -log(-log(u_i)),  u_i in (0, 1) from 53 bits of a hash of
+ *         (key, i),
+ *
+ * with the same argmax rule, and l_max the row's largest logit; a row
+ * whose maximum is not finite (all -inf, or +inf present) gives its argmax. key is one draw of the request's seeded generator per token.
+ * Only top-k and top-p (a sorted prefix) and the penalties (which rewrite
+ * the row from the request's history) stay on the host. Host and device
+ * agree up to the rounding of exp and log (1 ulp apart on CUDA), which
+ * decides only near-exact ties. */
+#ifndef PRESSD_KERNELS_DRAW_H
+#define PRESSD_KERNELS_DRAW_H
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define K_DRAW_FN static __host__ __device__ __forceinline__
+#else
+#define K_DRAW_FN static inline
+#endif
+
+/* One row's draw: temperature 0 for the argmax (min_p and key unused). */
+typedef struct k_draw {
+  float temperature;
+  float min_p;
+  uint64_t key;
+} k_draw_t;
+
+/* The splitmix64 finaliser. */
+K_DRAW_FN uint64_t k_draw_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* g_i: a standard Gumbel variate from (key, i). */
+K_DRAW_FN double k_draw_gumbel(uint64_t key, int64_t i) {
+  const uint64_t h = k_draw_mix(key ^ k_draw_mix((uint64_t)i + 0x9e3779b97f4a7c15ull));
+  const double u = ((double)(h >> 11) + 0.5) * 0x1.0p-53; /* (0, 1) */
+  return -log(-log(u));
+}
+
+/* The candidate's score x_i + g_i, or -inf when min-p (or underflow) drops
+ * it. l must be above -inf (not NaN). */
+K_DRAW_FN double k_draw_score(float l, float lmax, const k_draw_t *d, int64_t i) {
+  const float x = (l - lmax) / d->temperature;
+  const float w = expf(x);
+  if (!(w > 0.0f && w >= d->min_p)) return -INFINITY;
+  return (double)x + k_draw_gumbel(d->key, i);
+}
+
+#ifndef __CUDACC__
+/* The draw of one row of n logits on the host. */
+static inline int32_t k_draw_row(const float *l, int64_t n, const k_draw_t *d) {
+  int64_t best = 0;
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; i++)
+    if (l[i] > top) { /* NaN > top is false */
+      top = l[i];
+      best = i;
+    }
+  if (!d || d->temperature <= 0.0f || !isfinite(top)) return (int32_t)best;
+  double bs = -INFINITY;
+  for (int64_t i = 0; i < n; i++) {
+    if (!(l[i] > -INFINITY)) continue;
+    const double s = k_draw_score(l[i], top, d, i);
+    if (s > bs) {
+      bs = s;
+      best = i;
+    }
+  }
+  return (int32_t)best; /* the maximum itself is always kept */
+}
+#endif
+
+#endif
