@@ -588,6 +588,37 @@ static void kv_move_case(k_backend_t *gpu, int32_t head_dim, uint64_t seed) {
   free(pos);
 }
 
+/* read_rows: rows gathered in any order, repeated, of 4 to 256 bytes, as
+ * the CPU backend gathers them; bad arguments refused. */
+static void test_read_rows(void) {
+  const int64_t n_src = 5000;
+  static const size_t row_bytes[] = {4, 64, 256};
+  uint64_t rng = 23;
+  for (size_t k = 0; k < sizeof row_bytes / sizeof *row_bytes; k++) {
+    const size_t rb = row_bytes[k], nf = (size_t)n_src * rb / 4;
+    float *src = test_rand_floats(&rng, nf, 100.0f);
+    const int64_t n = 3001;
+    int32_t *rows = test_xmalloc((size_t)n * sizeof *rows);
+    for (int64_t i = 0; i < n; i++) rows[i] = (int32_t)((i * 7919 + (i % 3) * 11) % n_src);
+    rows[5] = rows[6] = (int32_t)(n_src - 1);
+    char *want = test_xmalloc((size_t)n * rb), *got = test_xmalloc((size_t)n * rb);
+    CHECK_INT_EQ(g_cpu->ops->read_rows(g_cpu, want, src, rows, n, rb), 0);
+    float *dsrc = d_new(g_gpu, nf * sizeof(float));
+    GOK(g_gpu, g_gpu->ops->upload(g_gpu, dsrc, src, nf * sizeof(float)));
+    memset(got, 0x55, (size_t)n * rb);
+    GOK(g_gpu, g_gpu->ops->read_rows(g_gpu, got, dsrc, rows, n, rb));
+    if (memcmp(got, want, (size_t)n * rb)) FAIL_AT("read_rows of %zu bytes differ", rb);
+    CHECK_INT_EQ(g_gpu->ops->read_rows(g_gpu, got, dsrc, rows, n, 6), -EINVAL);
+    rows[0] = -1;
+    CHECK_INT_EQ(g_gpu->ops->read_rows(g_gpu, got, dsrc, rows, n, rb), -EINVAL);
+    g_gpu->ops->free(g_gpu, dsrc);
+    free(src);
+    free(rows);
+    free(want);
+    free(got);
+  }
+}
+
 static void test_kv_move(void) {
   static const int32_t dims[] = {64, 128, 6, 5}; /* 16-byte, 4-byte and 2-byte rows */
   for (size_t i = 0; i < sizeof dims / sizeof *dims; i++) {
@@ -722,6 +753,7 @@ int main(void) {
   RUN(test_embed);
   RUN(test_fill_dummy);
   RUN(test_kv_move);
+  RUN(test_read_rows);
   /* the model: the CPU computes on the same bf16 weights */
   g_cpu->dense_type = K_BF16;
   RUN(test_model_smollm2);
