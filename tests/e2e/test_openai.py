@@ -151,6 +151,24 @@ def main():
                                   temperature=0.9, top_p=0.9, seed=7)
         check(a.choices[0].text == b.choices[0].text, f"{a.choices[0].text!r} vs {b.choices[0].text!r}")
 
+    def seeded_sampling_same_wherever_drawn():
+        # Temperature sampling (min-p at most) is drawn by the backend when no
+        # request of a step needs the host sampler, by the host otherwise: the
+        # same tokens either way. Alone, then while a logprobs request (drawn
+        # on the host) runs beside it for every step.
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=11,
+                  extra_body={"ignore_eos": True, "min_p": 0.02})
+        alone = cl.completions.create(**kw).choices[0].text
+        host = cl.completions.create(model=NAME, prompt="The history of the river", max_tokens=200,
+                                     temperature=0, logprobs=2, stream=True,
+                                     extra_body={"ignore_eos": True})
+        chunks = iter(host)
+        next(chunks)  # it runs: every step of the next request shares its batch
+        beside = cl.completions.create(**kw).choices[0].text
+        rest = sum(1 for _ in chunks)
+        check(rest > 24, f"the logprobs request ended too soon ({rest} chunks left)")
+        check(alone == beside, f"{alone!r} vs {beside!r}")
+
     def bad_requests():
         for kwargs, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
                               ({"top_p": 0}, "top_p"), ({"n": 2}, "n")]:
@@ -304,7 +322,8 @@ def main():
 
 
     for fn in [models_list, completion_greedy_matches_cli, completion_token_prompt_and_stream,
-               chat_and_stream, stop_strings, seeded_sampling_reproducible, bad_requests,
+               chat_and_stream, stop_strings, seeded_sampling_reproducible,
+               seeded_sampling_same_wherever_drawn, bad_requests,
                concurrent_streams_with_disconnects, batched_equals_alone, kv_compression_passkey,
                kv_compression_bad_requests]:
         case(fn)
