@@ -4,15 +4,50 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* The activations, one table for their sizes (model_activation_bytes) and
+ * their allocation (model_init): the buffer at act_field[i] has
+ * act_sizes()[i] bytes. */
+enum { N_ACT = 14 };
+
+static void act_sizes(const model_config_t *c, int32_t cap_tokens, int32_t cap_logits,
+                      size_t bytes[N_ACT]) {
+  const size_t T = (size_t)cap_tokens, L = (size_t)cap_logits, E = (size_t)c->n_embd,
+               F = (size_t)c->n_ff, QD = (size_t)c->n_heads * (size_t)c->head_dim,
+               KD = (size_t)c->n_kv_heads * (size_t)c->head_dim, fl = sizeof(float),
+               in = sizeof(int32_t);
+  const size_t b[N_ACT] = {
+      T * E * fl,  T * E * fl,  T * QD * fl, T * KD * fl,                 /* x xn q k */
+      T * KD * fl, T * QD * fl, T * F * fl,  T * F * fl,                  /* v att gate up */
+      L * (size_t)c->n_vocab * fl, (size_t)(c->head_dim / 2 + 1) * fl,    /* logits inv_freq */
+      T * in,      T * in,      T * in,      L * in};                     /* tokens pos rows ids */
+  memcpy(bytes, b, sizeof b);
+}
+
+/* Where buffer i's pointer lives in model_t (read and written with memcpy:
+ * the fields are float * and int32_t *). */
+static const size_t act_field[N_ACT] = {
+    offsetof(model_t, x),        offsetof(model_t, xn),       offsetof(model_t, q),
+    offsetof(model_t, k),        offsetof(model_t, v),        offsetof(model_t, att),
+    offsetof(model_t, gate),     offsetof(model_t, up),       offsetof(model_t, logits),
+    offsetof(model_t, inv_freq), offsetof(model_t, d_tokens), offsetof(model_t, d_pos),
+    offsetof(model_t, d_rows),   offsetof(model_t, d_ids)};
+
+static void *act_get(const model_t *m, int i) {
+  void *p;
+  memcpy(&p, (const char *)m + act_field[i], sizeof p);
+  return p;
+}
+
 size_t model_activation_bytes(const model_config_t *c, int32_t cap_tokens, int32_t cap_logits) {
-  size_t T = (size_t)cap_tokens, E = (size_t)c->n_embd, F = (size_t)c->n_ff;
-  size_t QD = (size_t)c->n_heads * (size_t)c->head_dim, KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-  return (T * (2 * E + 2 * QD + 2 * KD + 2 * F) + (size_t)cap_logits * (size_t)c->n_vocab +
-          (size_t)(c->head_dim / 2 + 1)) * sizeof(float) + 3 * T * sizeof(int32_t);
+  size_t bytes[N_ACT], sum = 0;
+  act_sizes(c, cap_tokens, cap_logits, bytes);
+  for (int i = 0; i < N_ACT; i++) sum += bytes[i];
+  return sum;
 }
 
 int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv_arena_t *kv,
@@ -28,29 +63,16 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
   m->kv = kv;
   m->cap_tokens = cap_tokens;
   m->cap_logits = cap_logits;
-  size_t T = (size_t)cap_tokens, E = (size_t)c->n_embd, F = (size_t)c->n_ff;
-  size_t QD = (size_t)c->n_heads * (size_t)c->head_dim;
-  size_t KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-  void *(*alloc)(k_backend_t *, size_t) = be->ops->alloc;
-  m->x = alloc(be, T * E * sizeof(float));
-  m->xn = alloc(be, T * E * sizeof(float));
-  m->q = alloc(be, T * QD * sizeof(float));
-  m->k = alloc(be, T * KD * sizeof(float));
-  m->v = alloc(be, T * KD * sizeof(float));
-  m->att = alloc(be, T * QD * sizeof(float));
-  m->gate = alloc(be, T * F * sizeof(float));
-  m->up = alloc(be, T * F * sizeof(float));
-  m->logits = alloc(be, (size_t)cap_logits * (size_t)c->n_vocab * sizeof(float));
-  m->inv_freq = alloc(be, (size_t)(c->head_dim / 2 + 1) * sizeof(float));
-  m->d_tokens = alloc(be, T * sizeof(int32_t));
-  m->d_pos = alloc(be, T * sizeof(int32_t));
-  m->d_rows = alloc(be, T * sizeof(int32_t));
-  m->d_ids = alloc(be, (size_t)cap_logits * sizeof(int32_t));
-  if (!m->x || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
-      !m->logits || !m->inv_freq || !m->d_tokens || !m->d_pos || !m->d_rows || !m->d_ids) {
-    model_destroy(m);
-    snprintf(err, errlen, "model: out of memory for activations (%d tokens)", cap_tokens);
-    return -ENOMEM;
+  size_t bytes[N_ACT];
+  act_sizes(c, cap_tokens, cap_logits, bytes);
+  for (int i = 0; i < N_ACT; i++) {
+    void *p = be->ops->alloc(be, bytes[i]);
+    memcpy((char *)m + act_field[i], &p, sizeof p);
+    if (!p) {
+      model_destroy(m);
+      snprintf(err, errlen, "model: out of memory for activations (%d tokens)", cap_tokens);
+      return -ENOMEM;
+    }
   }
   be->ops->upload(be, m->inv_freq, w->inv_freq, (size_t)(c->head_dim / 2 + 1) * sizeof(float));
   return 0;
@@ -82,13 +104,8 @@ void model_destroy(model_t *m) {
   if (!m || !m->be) return;
   free(m->h_ids);
   free(m->h_logits);
-  float **bufs[] = {&m->x, &m->xn, &m->q, &m->k, &m->v, &m->att, &m->gate, &m->up,
-                    &m->logits, &m->inv_freq};
-  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-    if (*bufs[i]) m->be->ops->free(m->be, *bufs[i]);
-  int32_t **ibufs[] = {&m->d_tokens, &m->d_pos, &m->d_rows, &m->d_ids};
-  for (size_t i = 0; i < sizeof ibufs / sizeof *ibufs; i++)
-    if (*ibufs[i]) m->be->ops->free(m->be, *ibufs[i]);
+  for (int i = 0; i < N_ACT; i++)
+    if (act_get(m, i)) m->be->ops->free(m->be, act_get(m, i));
   memset(m, 0, sizeof *m);
 }
 
