@@ -149,7 +149,9 @@ static int gather_logits(model_t *m, int32_t n_logits, float *logits) {
   return 0;
 }
 
-bool model_can_sample(const model_t *m) { return !m->comm && m->be->ops->sample; }
+bool model_can_sample(const model_t *m) {
+  return !m->comm && m->be->ops->sample && m->be->ops->read_rows;
+}
 
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const model_weights_t *w = m->w;
@@ -159,7 +161,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const int64_t T = b->n_tokens, E = c->n_embd, F = c->n_ff, D = c->head_dim;
   const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
-      (b->ids && !model_can_sample(m)))
+      (b->ids && !model_can_sample(m)) || b->n_host_rows < 0 ||
+      (b->ids && b->n_host_rows > b->n_logits))
     return -EINVAL;
 
   TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
@@ -219,6 +222,9 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   if (b->ids) {
     TRY(op->sample(be, m->d_ids, m->logits, b->n_logits, c->n_vocab, b->draws));
     TRY(op->download(be, b->ids, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
+    if (b->n_host_rows > 0)
+      TRY(op->read_rows(be, logits, m->logits, b->host_rows, b->n_host_rows,
+                        (size_t)c->n_vocab * sizeof(float)));
   } else {
     TRY(gather_logits(m, b->n_logits, logits));
   }

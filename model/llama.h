@@ -24,10 +24,14 @@ typedef struct model_batch {
   const int32_t *logit_rows;   /* [n_logits] token rows, ascending */
   /* Optional [n_logits] (host), only where model_can_sample: each row's
    * token, drawn by the backend as draws[i] says (kernels/draw.h; draws
-   * NULL: the argmax of every row), instead of its logits, which are then
-   * left unwritten: no [n_logits][n_vocab] copy off the device. */
+   * NULL: the argmax of every row). Then only the logits of the rows listed
+   * in host_rows (indices into the logit rows, ascending) are copied to the
+   * caller's logits, packed: [n_host_rows][n_vocab]. No copy of the other
+   * rows off the device. */
   int32_t *ids;
   const k_draw_t *draws;
+  const int32_t *host_rows;
+  int32_t n_host_rows;
 } model_batch_t;
 
 typedef struct model {
@@ -63,7 +67,7 @@ void model_destroy(model_t *m); /* NULL-safe, half-init safe */
  * (model/group.h does). */
 int model_forward(model_t *m, const model_batch_t *b, float *logits);
 /* Whether model_forward draws a batch's tokens (b->ids): an unsharded
- * model on a backend with the sample op. */
+ * model on a backend with the sample and read_rows ops. */
 bool model_can_sample(const model_t *m);
 
 /* model_init for one rank of sharded weights (model_weights_shard) whose

@@ -58,6 +58,7 @@ struct sched_engine {
   int32_t *rows;     /* owns: [max_num_seqs] logit rows */
   int32_t *ids;      /* owns: [max_num_seqs] the rows' tokens, drawn by the backend */
   k_draw_t *draws;   /* owns: [max_num_seqs] how the backend draws them */
+  int32_t *host_rows; /* owns: [max_num_seqs] rows the host samples (their logits come back) */
   k_seq_kv_t *views; /* owns: [max_num_seqs] the batch's KV as the kernels read it */
   float *logits;     /* owns: [max_num_seqs][n_vocab] */
   float *lp_row;     /* owns: [n_vocab] raw logits of a row, for logprobs */
@@ -474,24 +475,29 @@ static void step(sched_engine_t *e) {
   assert(n > 0 || sc->n_running == 0);
   if (n == 0) return;
 
-  int32_t t = 0, n_logits = 0;
-  bool on_device = model_group_can_sample(&e->model);
+  /* Each row's token is drawn by the backend where its request allows
+   * (kernels/draw.h: the same token the host sampler would draw); only the
+   * other rows' logits come back to the host (host_rows). */
+  const bool device = model_group_can_sample(&e->model);
+  int32_t t = 0, n_logits = 0, n_host = 0;
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
-    if (s->n_computed + m == s->n_tokens) on_device &= draw_on_device(s);
     if (sched__kvc_view(&e->kvc, s, &e->views[i])) e->views[i].n_obs = 0; /* no scores */
     e->q_start[i] = t;
     memcpy(e->tokens + t, s->tokens + s->n_computed, (size_t)m * sizeof *e->tokens);
     for (int32_t j = 0; j < m; j++) e->pos[t + j] = s->n_computed + j;
     t += m;
-    if (s->n_computed + m == s->n_tokens) e->rows[n_logits++] = t - 1;
+    if (s->n_computed + m < s->n_tokens) continue;
+    if (device && draw_on_device(s)) { /* the generator advances as sched_sample's would */
+      sched_sampler_next_draw(&s->smp, &e->draws[n_logits]);
+    } else {
+      e->draws[n_logits] = (k_draw_t){0};
+      e->host_rows[n_host++] = n_logits;
+    }
+    e->rows[n_logits++] = t - 1;
   }
   e->q_start[n] = t;
-  /* every row's draw (the generator advanced only when the device draws) */
-  for (int32_t i = 0, li = 0; on_device && i < n; i++)
-    if (sc->batch[i]->n_computed + sc->batch[i]->chunk == sc->batch[i]->n_tokens)
-      sched_sampler_next_draw(&sc->batch[i]->smp, &e->draws[li++]);
 
   model_batch_t b = {
       .n_seqs = n,
@@ -502,8 +508,10 @@ static void step(sched_engine_t *e) {
       .seqs = e->views,
       .n_logits = n_logits,
       .logit_rows = e->rows,
-      .ids = on_device ? e->ids : NULL,
-      .draws = on_device ? e->draws : NULL,
+      .ids = device ? e->ids : NULL,
+      .draws = device ? e->draws : NULL,
+      .host_rows = e->host_rows,
+      .n_host_rows = device ? n_host : 0,
   };
   const int64_t f0 = sched__now_ns();
   int rc = model_group_forward(&e->model, &b, e->logits);
@@ -511,7 +519,8 @@ static void step(sched_engine_t *e) {
   e->st.steps++;
   if (rc) e->step_failed = true;
 
-  int32_t li = 0;
+  /* logits rows: packed host rows on the device path, all rows otherwise */
+  int32_t li = 0, hi = 0;
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     if (rc) {
@@ -522,8 +531,9 @@ static void step(sched_engine_t *e) {
     s->n_computed += s->chunk;
     sched__kvc_after(&e->kvc, s);
     if (s->n_computed == s->n_tokens) {
-      emit_token(e, s, on_device ? NULL : e->logits + (int64_t)li * e->n_vocab,
-                 on_device ? e->ids[li] : 0);
+      const bool host = !device || (hi < n_host && e->host_rows[hi] == li);
+      float *row = !host ? NULL : e->logits + (int64_t)(device ? hi++ : li) * e->n_vocab;
+      emit_token(e, s, row, host ? 0 : e->ids[li]);
       li++;
     }
   }
@@ -782,11 +792,12 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->rows = malloc((size_t)S * sizeof *e->rows);
   e->ids = malloc((size_t)S * sizeof *e->ids);
   e->draws = malloc((size_t)S * sizeof *e->draws);
+  e->host_rows = malloc((size_t)S * sizeof *e->host_rows);
   e->views = malloc((size_t)S * sizeof *e->views);
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
-  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws || !e->views ||
+  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws || !e->host_rows || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -839,6 +850,7 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->rows);
   free(e->ids);
   free(e->draws);
+  free(e->host_rows);
   free(e->views);
   free(e->logits);
   free(e->lp_row);

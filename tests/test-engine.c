@@ -238,8 +238,8 @@ static int32_t long_ids[256];
 static int32_t n_long;
 /* Reference outputs: greedy, except prompt 7 (temperature and top-p, drawn
  * on the host) and prompt 5 (temperature alone: drawn by the backend's
- * sample op when no row of the step needs the host, by the host sampler
- * otherwise, the same tokens either way). Prompt 3 asks for logprobs. */
+ * sample op, or by the host sampler where the backend has none, the same
+ * tokens either way). Prompt 3 asks for logprobs (sampled on the host). */
 static out_t alone[N_PROMPTS];
 
 static spec_t spec_of(int i) {
@@ -298,6 +298,30 @@ static void test_batched_equals_alone(void) {
   fprintf(stderr, "   %d requests: %llu steps one at a time, %llu batched\n", N_PROMPTS,
           (unsigned long long)steps_alone, (unsigned long long)(st.steps - steps_alone));
   sched_engine_free(e);
+}
+
+/* The same prompts at once on a backend without the sample op: every row
+ * sampled on the host from its downloaded logits. The same tokens as the
+ * backend's draws (greedy, and temperature alone: prompt 5) and as the
+ * host rows mixed among them (logprobs, top-p). */
+static void test_sampled_on_host(void) {
+  static k_ops_t ops;
+  const k_ops_t *real = be->ops;
+  ops = *be->ops;
+  ops.sample = NULL;
+  be->ops = &ops;
+  sched_engine_config_t c = config();
+  sched_engine_t *e = engine(&c, true);
+  out_t o[N_PROMPTS];
+  for (int i = 0; i < N_PROMPTS; i++) {
+    spec_t sp = spec_of(i);
+    submit(e, (uint64_t)(200 + i), &o[i], &sp);
+  }
+  run_until(e, all_done, &(outs_ref_t){o, N_PROMPTS});
+  for (int i = 0; i < N_PROMPTS; i++) check_same(&o[i], &alone[i]);
+  check_idle(e);
+  sched_engine_free(e);
+  be->ops = real;
 }
 
 /* (b) a pool for ~1.5 sequences of max_model_len: preemption, same output. */
@@ -953,6 +977,7 @@ int main(int argc, char **argv) {
 
   RUN(test_refused);
   RUN(test_batched_equals_alone);
+  RUN(test_sampled_on_host);
   RUN(test_preemption);
   RUN(test_stop_strings);
   RUN(test_abort);

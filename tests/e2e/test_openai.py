@@ -152,10 +152,9 @@ def main():
         check(a.choices[0].text == b.choices[0].text, f"{a.choices[0].text!r} vs {b.choices[0].text!r}")
 
     def seeded_sampling_same_wherever_drawn():
-        # Temperature sampling (min-p at most) is drawn by the backend when no
-        # request of a step needs the host sampler, by the host otherwise: the
-        # same tokens either way. Alone, then while a logprobs request (drawn
-        # on the host) runs beside it for every step.
+        # Temperature sampling (min-p at most) is drawn by the backend, and a
+        # logprobs request's row comes back to the host sampler from the same
+        # step: the sampled request's text is the same alone and beside it.
         kw = dict(model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=11,
                   extra_body={"ignore_eos": True, "min_p": 0.02})
         alone = cl.completions.create(**kw).choices[0].text
@@ -461,7 +460,8 @@ def main():
 
     def tensor_parallel_same_outputs():
         """--tensor-parallel-size 3 (SmolLM2's 3 KV heads, one per rank) serves
-        the greedy outputs of one rank, streamed and batched, with compression;
+        the greedy outputs of one rank, streamed and batched, with compression,
+        and its seeded samples;
         a size that does not divide the heads is a start-up error."""
         exact = ("--cpu-numerics", "exact")
         one, three = Server(*exact), Server(*exact, "--tensor-parallel-size", "3")
@@ -479,6 +479,13 @@ def main():
             got = "".join(c.choices[0].delta.content or "" for c in three.client().chat.completions.create(
                 model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True) if c.choices)
             check(ref == got, f"chat tp1 {ref!r} vs tp3 stream {got!r}")
+            # seeded temperature sampling: drawn by the backend with one rank,
+            # by the host sampler from the gathered logits with three
+            a, b = (s.client().completions.create(
+                model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=5,
+                extra_body={"ignore_eos": True}) for s in (one, three))
+            check(a.choices[0].text == b.choices[0].text,
+                  f"sampled tp1 {a.choices[0].text!r} vs tp3 {b.choices[0].text!r}")
             out = [None] * 4
             def worker(i):
                 out[i] = three.client().completions.create(
