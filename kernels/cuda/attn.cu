@@ -724,6 +724,230 @@ __global__ void __launch_bounds__(128) kc_prefill(kc_args p, const kc_item *__re
   }
 }
 
+// ---- prefill on tensor cores ----------------------------------------------------------
+// kc_prefill_mma<KT, DT> (DT 64 or 128; PRESSD_CUDA_PREFILL=mma): the work
+// items, tiles and cp.async double buffer of kc_prefill, with Q·Kᵀ and P·V
+// on mma.sync m16n8k16 (inputs of the KV cache's type, fp32 accumulation).
+// Each of the 4 warps owns 16 of the 64 query vectors: their Q (scaled, then
+// rounded to the KV type) stays in registers as A fragments; the Q·Kᵀ
+// accumulators become P·V's A fragments in registers (FlashAttention-2); K
+// is read from its swizzled tile as B fragments, V (swizzled the same way
+// here) through ldmatrix.trans. Lane (g = lane / 4, t = lane % 4) holds rows
+// g and g + 8 of its warp's 16, keys or dims 2t and 2t + 1 of every 8.
+
+template <class KT> struct kc_mma;
+template <> struct kc_mma<kc_bf16> {
+  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct kc_mma<kc_f16> {
+  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ void kc_ldsm_x2_trans(uint32_t &b0, uint32_t &b1, const void *row) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b0), "=r"(b1)
+               : "r"(a));
+}
+
+// kc_pre_issue with V's chunks swizzled as K's (chunk c of key k at
+// c ^ (k & 7)): ldmatrix's 8 rows of one chunk column then hit 8 banks.
+template <int DT>
+__device__ __forceinline__ void kc_prm_issue(const kc_args &p, uint16_t *Ks, uint16_t *Vs,
+                                             int32_t *Ps, const int32_t *stab, int b0, int k0,
+                                             int ke) {
+  typedef kc_pre<DT> P;
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < P::TT * P::CH / 128; i++) {
+    const int x = tid + 128 * i, key = x / P::CH, part = x % P::CH, k = k0 + key;
+    uint4 *dk = (uint4 *)(Ks + key * DT) + (part ^ (key & 7));
+    uint4 *dv = (uint4 *)(Vs + key * DT) + (part ^ (key & 7));
+    if (k < ke && part * 8 < p.D) {
+      const int64_t off = kc_slot(p, stab, b0, k) * p.D + part * 8;
+      kc_cp16(dk, p.k + off);
+      kc_cp16(dv, p.v + off);
+    } else {
+      *dk = make_uint4(0, 0, 0, 0);
+      *dv = make_uint4(0, 0, 0, 0);
+    }
+  }
+  if (tid < P::TT && k0 + tid < ke) kc_cp4(Ps + tid, p.pos + kc_slot(p, stab, b0, k0 + tid));
+}
+
+template <class KT, int DT>
+__global__ void __launch_bounds__(128) kc_prefill_mma(kc_args p, const kc_item *__restrict__ items) {
+  typedef kc_pre<DT> P;
+  static_assert((DT == 64 || DT == 128) && P::NQ == 64 && P::TT == 32, "mma prefill shape");
+  constexpr int KS = DT / 16, NT = DT / 8; // k-steps of Q·Kᵀ, dim tiles of P·V
+  extern __shared__ __align__(16) unsigned char smem[];
+  float *Qs = (float *)smem;                     // [NQ][QS]
+  uint16_t *Kst = (uint16_t *)(smem + P::OFF_K); // [2][TT][DT]
+  uint16_t *Vst = (uint16_t *)(smem + P::OFF_V); // [2][TT][DT]
+  int32_t *Pst = (int32_t *)(smem + P::OFF_POS); // [2][TT]
+  int32_t *sqp = (int32_t *)((float *)(smem + P::OFF_SMALL) + 3 * P::NQ);
+  int32_t *stab = (int32_t *)(smem + P::OFF_TAB);
+  const int tid = threadIdx.x;
+  const kc_item it = items[blockIdx.x];
+  const kc_head hd = p.heads[(int64_t)it.seq * p.H + it.head];
+  const int G = p.G, D = p.D, nq = it.nrows * G, kb = it.kb, ke = it.ke;
+  const int b0 = kc_load_tab(p, hd, kb, ke, stab, 128);
+  for (int x = tid; x < P::NQ; x += 128) sqp[x] = x < nq ? p.q_pos[it.row0 + x / G] : INT_MIN;
+  for (int x = tid; x < P::NQ * (DT / 4); x += 128) {
+    const int n = x / (DT / 4), c = x % (DT / 4);
+    float4 v4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (n < nq && 4 * c < D) {
+      v4 = *(const float4 *)(p.q + ((int64_t)(it.row0 + n / G) * p.QH + (int64_t)it.head * G +
+                                    n % G) * D + 4 * c);
+      v4.x *= p.scale;
+      v4.y *= p.scale;
+      v4.z *= p.scale;
+      v4.w *= p.scale;
+    }
+    *(float4 *)(Qs + n * P::QS + 4 * c) = v4;
+  }
+  __syncthreads();
+  int qmax = INT_MIN;
+  for (int n = 0; n < nq; n++) qmax = max(qmax, sqp[n]);
+
+  const int lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int r0 = (tid >> 5) * 16 + g, r1 = r0 + 8; // this lane's query vectors
+  const int qp0 = sqp[r0], qp1 = sqp[r1];
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ks++) {
+    const float *q0 = Qs + r0 * P::QS + 16 * ks + 2 * t4, *q1 = Qs + r1 * P::QS + 16 * ks + 2 * t4;
+    qf[ks][0] = KT::pack(q0[0], q0[1]);
+    qf[ks][1] = KT::pack(q1[0], q1[1]);
+    qf[ks][2] = KT::pack(q0[8], q0[9]);
+    qf[ks][3] = KT::pack(q1[8], q1[9]);
+  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+  const int nt = (ke - kb + P::TT - 1) / P::TT;
+  if (nt > 0) kc_prm_issue<DT>(p, Kst, Vst, Pst, stab, b0, kb, ke);
+  kc_cp_commit();
+  for (int t = 0; t < nt; t++) {
+    const int st = t & 1;
+    if (t + 1 < nt)
+      kc_prm_issue<DT>(p, Kst + (st ^ 1) * P::TT * DT, Vst + (st ^ 1) * P::TT * DT,
+                       Pst + (st ^ 1) * P::TT, stab, b0, kb + (t + 1) * P::TT, ke);
+    kc_cp_commit();
+    kc_cp_wait<1>();
+    const int k0 = kb + t * P::TT, nvalid = min(P::TT, ke - k0);
+    const uint16_t *Ks = Kst + st * P::TT * DT, *Vs = Vst + st * P::TT * DT;
+    const int32_t *Ps = Pst + st * P::TT;
+    if (!__syncthreads_or(tid < nvalid && Ps[tid] <= qmax)) continue;
+
+    // S = Q·Kᵀ: 4 tiles of 8 keys
+    float s[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const int key = 8 * j + g;
+      const uint16_t *kr = Ks + key * DT + 2 * t4;
+#pragma unroll
+      for (int ks = 0; ks < KS; ks++) {
+        const uint32_t b0k = *(const uint32_t *)(kr + 8 * ((2 * ks) ^ (key & 7)));
+        const uint32_t b1k = *(const uint32_t *)(kr + 8 * ((2 * ks + 1) ^ (key & 7)));
+        kc_mma<KT>::run(s[j], qf[ks], b0k, b1k);
+      }
+    }
+    // mask by position, online softmax of rows r0 (s[.][0..1]) and r1 (s[.][2..3])
+    float tmax0 = -INFINITY, tmax1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int key = 8 * j + 2 * t4 + e;
+        const int kp = key < nvalid ? Ps[key] : INT_MAX;
+        if (!(kp <= qp0)) s[j][e] = -INFINITY;
+        if (!(kp <= qp1)) s[j][2 + e] = -INFINITY;
+        tmax0 = fmaxf(tmax0, s[j][e]);
+        tmax1 = fmaxf(tmax1, s[j][2 + e]);
+      }
+#pragma unroll
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+      tmax0 = fmaxf(tmax0, __shfl_xor_sync(0xffffffffu, tmax0, o2));
+      tmax1 = fmaxf(tmax1, __shfl_xor_sync(0xffffffffu, tmax1, o2));
+    }
+    const float mn0 = fmaxf(m_run[0], tmax0), mn1 = fmaxf(m_run[1], tmax1);
+    const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        s[j][e] = expf(s[j][e] - mu0);
+        s[j][2 + e] = expf(s[j][2 + e] - mu1);
+        rs0 += s[j][e];
+        rs1 += s[j][2 + e];
+      }
+#pragma unroll
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+      rs0 += __shfl_xor_sync(0xffffffffu, rs0, o2);
+      rs1 += __shfl_xor_sync(0xffffffffu, rs1, o2);
+    }
+    const float c0 = expf(m_run[0] - mu0), c1 = expf(m_run[1] - mu1);
+    l_run[0] = l_run[0] * c0 + rs0;
+    l_run[1] = l_run[1] * c1 + rs1;
+    m_run[0] = mn0;
+    m_run[1] = mn1;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      o[j][0] *= c0;
+      o[j][1] *= c0;
+      o[j][2] *= c1;
+      o[j][3] *= c1;
+    }
+    // O += P·V: 2 steps of 16 keys
+#pragma unroll
+    for (int kk = 0; kk < 2; kk++) {
+      uint32_t a[4];
+      a[0] = KT::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = KT::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = KT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = KT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const int key = 16 * kk + (lane & 15); // lanes 0-15 address the 16 rows
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        uint32_t b0v, b1v;
+        kc_ldsm_x2_trans(b0v, b1v, Vs + key * DT + 8 * (j ^ (key & 7)));
+        kc_mma<KT>::run(o[j], a, b0v, b1v);
+      }
+    }
+    __syncthreads();
+  }
+  kc_cp_wait<0>();
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int n = h ? r1 : r0;
+    if (n >= nq) continue;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int d = 8 * j + 2 * t4 + e;
+        if (d < D) kc_emit(p, it, nq, n, d, m_run[h], l_run[h], o[j][2 * h + e]);
+      }
+  }
+}
+
 // ---- splits, scores, kv_write ------------------------------------------------------
 
 __global__ void __launch_bounds__(128) kc_merge(kc_args p, const kc_item *__restrict__ items) {
@@ -948,7 +1172,12 @@ static int kc_dec_smem(int dti, int nqi) {
 // query vectors of a decode CTA: class nqi holds 4 << nqi
 static int kc_dec_cap(int dti) { return dti == 2 ? 8 : 16; }
 
-static kc_item_fn kc_pre_fn(int f16, int dti) {
+// mma: the tensor-core kernel where it has a variant (head_dim up to 128)
+static kc_item_fn kc_pre_fn(int f16, int dti, bool mma) {
+  if (mma && dti < 2) {
+    if (f16) return dti == 0 ? kc_prefill_mma<kc_f16, 64> : kc_prefill_mma<kc_f16, 128>;
+    return dti == 0 ? kc_prefill_mma<kc_bf16, 64> : kc_prefill_mma<kc_bf16, 128>;
+  }
   if (f16) return dti == 0 ? kc_prefill<kc_f16, 64> : dti == 1 ? kc_prefill<kc_f16, 128> : kc_prefill<kc_f16, 256>;
   return dti == 0 ? kc_prefill<kc_bf16, 64> : dti == 1 ? kc_prefill<kc_bf16, 128> : kc_prefill<kc_bf16, 256>;
 }
@@ -1019,6 +1248,7 @@ struct kc_attn {
   kc_vec_t ctxs;            // [n_seqs][H] lengths while a pack is built
   int n_sm;
   int occ[2][3]; // decode CTAs per multiprocessor, by kv type and head_dim class
+  bool mma;      // prefill on tensor cores (PRESSD_CUDA_PREFILL=mma)
 };
 
 static int kc_vec_reserve(kc_vec_t *v, size_t bytes) {
@@ -1077,6 +1307,8 @@ static int kc_attn_get(kc_t *c, kc_attn_t **out) {
   for (int i = 0; i < KC_RING && !rc; i++)
     rc = kc_check(c, cudaEventCreateWithFlags(&st->ev[i], cudaEventDisableTiming));
   if (!rc) rc = kc_check(c, cudaDeviceGetAttribute(&st->n_sm, cudaDevAttrMultiProcessorCount, c->device));
+  const char *pre = getenv("PRESSD_CUDA_PREFILL");
+  st->mma = pre && !strcmp(pre, "mma");
   for (int f16 = 0; f16 < 2 && !rc; f16++) {
     for (int dti = 0; dti < 3 && !rc; dti++) {
       for (int nqi = 0; nqi < 3 && !rc; nqi++) {
@@ -1087,7 +1319,8 @@ static int kc_attn_get(kc_t *c, kc_attn_t **out) {
           rc = kc_check(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                                &st->occ[f16][dti], fn, 128, kc_dec_smem(dti, nqi)));
       }
-      if (!rc) rc = kc_smem_attr(c, kc_pre_fn(f16, dti), kc_pre_smem(dti));
+      if (!rc) rc = kc_smem_attr(c, kc_pre_fn(f16, dti, false), kc_pre_smem(dti));
+      if (!rc) rc = kc_smem_attr(c, kc_pre_fn(f16, dti, true), kc_pre_smem(dti));
     }
     if (!rc) rc = kc_smem_attr(c, kc_score_fn(f16), kc_score_smem(KC_MAX_D, KC_MAX_G));
   }
@@ -1528,7 +1761,7 @@ int kc_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a
     if ((rc = kc_check(c, cudaGetLastError()))) return rc;
   }
   if (pl->cnt[KC_S_PRE]) {
-    kc_pre_fn(f16, dti)<<<(unsigned)pl->cnt[KC_S_PRE], 128, kc_pre_smem(dti), c->stream>>>(
+    kc_pre_fn(f16, dti, st->mma)<<<(unsigned)pl->cnt[KC_S_PRE], 128, kc_pre_smem(dti), c->stream>>>(
         p, (const kc_item *)(d + pl->off[KC_S_PRE]));
     if ((rc = kc_check(c, cudaGetLastError()))) return rc;
   }
