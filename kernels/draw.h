@@ -13,7 +13,8 @@
  *         (key, i),
  *
  * with the same argmax rule, and l_max the row's largest logit; a row
- * whose maximum is not finite (all -inf, or +inf present) gives its argmax. key is one draw of the request's seeded generator per token.
+ * whose maximum is not finite (all -inf, or +inf present) gives its
+ * argmax. key is one draw of the request's seeded generator per token.
  * Only top-k and top-p (a sorted prefix) and the penalties (which rewrite
  * the row from the request's history) stay on the host. Host and device
  * agree up to the rounding of exp and log (1 ulp apart on CUDA), which

@@ -18,8 +18,9 @@
 
 #include "kernels/backend.h"
 
-/* Wrap be's ops. -EBUSY when be is already wrapped; -ENOMEM. When be is freed (k_backend_free) the table goes to the
- * file named by PRESSD_PROFILE_OPS, if any, and the wrapper is dropped. */
+/* Wrap be's ops. -EBUSY when be is already wrapped; -ENOMEM. When be is
+ * freed (k_backend_free) the table goes to the file named by
+ * PRESSD_PROFILE_OPS, if any, and the wrapper is dropped. */
 int k_profile_wrap(k_backend_t *be);
 /* Write be's table so far to f, the most expensive kind first. -ENOENT
  * when be is not wrapped. */

@@ -52,7 +52,8 @@ struct sched__seq {
   int32_t since_compress;    /* decode steps since the last compression */
   bool prefill_compressed;   /* the compression after the prefill ran */
   bool kvc_counted;          /* counted among the engine's compressing sequences */
-  float *obs_mass, *obs_last; /* owns (backend memory): the prefill's observations, until it is compressed */
+  float *obs_mass, *obs_last; /* owns (backend memory): the prefill's observations until
+                              * it is compressed */
   float *obs_prev;           /* owns: with fill_chunk, the scores before this window */
   int64_t kv_evicted;        /* KV entries evicted, all heads */
   sched_sampler_t smp;
@@ -140,7 +141,7 @@ typedef struct sched__kvc {
   int32_t n_layers, n_kv_heads, group;
   kv_compress_plan_t plan;
   bool via_backend;             /* scores read back through the backend (above) */
-  float *m_score;               /* owns (host, via_backend): [n_slots] mirror, pages touched lazily */
+  float *m_score;               /* owns (host, via_backend): [n_slots] mirror (lazy pages) */
   int32_t *m_pos;               /* owns (host, via_backend): [n_slots] mirror */
   int32_t *rows;                /* owns: [cap_rows] block ids of the sequence read back */
   float *stage;                 /* owns: [cap_stage] their rows (block_size floats each) */

@@ -797,7 +797,8 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
-  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws || !e->host_rows || !e->views ||
+  if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws ||
+      !e->host_rows || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;

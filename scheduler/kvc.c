@@ -132,7 +132,8 @@ static int read_back(sched__kvc_t *k, const sched__seq_t *s, kv_compress_input_t
     return -ENOMEM;
   n = 0;
   for (int32_t i = 0; i < LH; i++)
-    for (int32_t b = 0; b < kv->n_blocks[i]; b++) k->rows[n++] = kv->blocks[(int64_t)i * kv->max_blocks + b];
+    for (int32_t b = 0; b < kv->n_blocks[i]; b++)
+      k->rows[n++] = kv->blocks[(int64_t)i * kv->max_blocks + b];
   const size_t row = (size_t)B * sizeof(float);
   int rc = k->be->ops->read_rows(k->be, k->stage, k->arena->score, k->rows, n, row);
   for (int64_t j = 0; !rc && j < n; j++)

@@ -1066,7 +1066,8 @@ static void test_profile(void) {
   CHECK(strstr(buf, "backend cpu: 7 calls") != NULL);
   CHECK(strstr(buf, "matmul f32 64x32 rows 2-4") != NULL);
   CHECK(strstr(buf, "matmul f32 64x32 rows 1 ") != NULL);
-  const char *five = strstr(buf, "rows 2-4"), *one = strstr(buf, "rows 1 "), *add = strstr(buf, "\nadd ");
+  const char *five = strstr(buf, "rows 2-4"), *one = strstr(buf, "rows 1 ");
+  const char *add = strstr(buf, "\nadd ");
   CHECK(five && one && add);
   CHECK_INT_EQ(strtol(five + strlen("rows 2-4"), NULL, 10), 5); /* its calls */
   CHECK_INT_EQ(strtol(one + strlen("rows 1"), NULL, 10), 1);

@@ -928,7 +928,8 @@ __global__ void gather_rows_kernel(uint32_t *dst, const uint32_t *src, const int
                                    int64_t n, int64_t words) {
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const int64_t f = rows[i];
-    for (int64_t e = threadIdx.x; e < words; e += blockDim.x) dst[i * words + e] = src[f * words + e];
+    for (int64_t e = threadIdx.x; e < words; e += blockDim.x)
+      dst[i * words + e] = src[f * words + e];
   }
 }
 

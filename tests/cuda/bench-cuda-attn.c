@@ -3,12 +3,12 @@
  * whose blocks are scattered over the pool, no scores (plus the same with
  * decode scores, for their cost). Then causal prefill of fresh prompts
  * (8 x 1,024 and 2 x 6,000 tokens), in TFLOP/s (4 * q heads * head_dim per
- * visible query-key pair), by the kernel PRESSD_CUDA_PREFILL selects. Each case is timed on the backend's
- * stream (CUDA events) over ITERS calls after warm-up, REPS times; achieved
- * bandwidth = K and V bytes read / median time, reported beside the
- * device-to-device copy bandwidth of the same run (1 GiB, bytes read +
- * written, best of several). One JSON object on stdout; exit 77 without a
- * GPU (1 when PRESSD_REQUIRE_GPU=1). */
+ * visible query-key pair), by the kernel PRESSD_CUDA_PREFILL selects.
+ * Each case is timed on the backend's stream (CUDA events) over ITERS calls
+ * after warm-up, REPS times; achieved bandwidth = K and V bytes read /
+ * median time, reported beside the device-to-device copy bandwidth of the
+ * same run (1 GiB, bytes read + written, best of several). One JSON object
+ * on stdout; exit 77 without a GPU (1 when PRESSD_REQUIRE_GPU=1). */
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -216,7 +216,8 @@ static void run_prefill(k_backend_t *be, int32_t S, int32_t L) {
   const char *kern = getenv("PRESSD_CUDA_PREFILL");
   printf(",\n    {\"prefill\": true, \"kernel\": \"%s\", \"seqs\": %d, \"tokens\": %d, "
          "\"us_median\": %.1f, \"us_min\": %.1f, \"tflops\": %.1f}",
-         kern && !strcmp(kern, "mma") ? "mma" : "fma", S, L, med, us[0], flops / (med * 1e-6) / 1e12);
+         kern && !strcmp(kern, "mma") ? "mma" : "fma", S, L, med, us[0],
+         flops / (med * 1e-6) / 1e12);
   fflush(stdout);
   be->ops->free(be, dq);
   be->ops->free(be, dout);

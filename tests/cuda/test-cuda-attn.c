@@ -340,7 +340,8 @@ static void run_case(const attn_case_t *c) {
         }
       }
     for (int64_t t = 0; t < n_slots; t++) {
-      if (scored[t]) check_close("score", c->name, (size_t)t, gs[t], sd[0].kv.score[t], g_tol_score);
+      if (scored[t])
+        check_close("score", c->name, (size_t)t, gs[t], sd[0].kv.score[t], g_tol_score);
       else if (!same_bits(gs[t], sd[0].kv.score[t]))
         FAIL_AT("%s: unscored slot %lld: gpu %.9g vs cpu %.9g", c->name, (long long)t, gs[t],
                 sd[0].kv.score[t]);

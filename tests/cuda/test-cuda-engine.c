@@ -86,7 +86,8 @@ static void run(k_backend_t *be, out_t *o) {
                              .max_model_len = 1024, .max_waiting = 16,
                              .kv_cache_memory = 512ll << 20, .debug_checks = true};
   sched_engine_t *e;
-  if (sched_engine_new(&e, &c, &w, be, g_tok, err, sizeof err)) FAIL_AT("%s: %s", be->ops->name, err);
+  if (sched_engine_new(&e, &c, &w, be, g_tok, err, sizeof err))
+    FAIL_AT("%s: %s", be->ops->name, err);
   CHECK_INT_EQ(sched_engine_start(e), 0);
   memset(o, 0, N_REQ * sizeof *o);
   for (int i = 0; i < N_REQ; i++) CHECK_INT_EQ(sched_engine_submit(e, request(i, &o[i])), 0);

@@ -394,7 +394,8 @@ static void test_sample(void) {
   x[6 * n + 77] = x[6 * n + 99000] = INFINITY;
   x[7 * n + 5] = 1e30f;
   x[7 * n + 6] = NAN;
-  int32_t *want = test_xmalloc((size_t)m * sizeof *want), *got = test_xmalloc((size_t)m * sizeof *got);
+  int32_t *want = test_xmalloc((size_t)m * sizeof *want);
+  int32_t *got = test_xmalloc((size_t)m * sizeof *got);
   CHECK_INT_EQ(g_cpu->ops->sample(g_cpu, want, x, m, n, NULL), 0);
   float *dx = d_new(g_gpu, (size_t)(m * n) * sizeof(float));
   int32_t *dids = d_new(g_gpu, (size_t)m * sizeof(int32_t));
