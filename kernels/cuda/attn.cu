@@ -506,9 +506,10 @@ template <int DT> struct kc_pre {
 };
 
 // Tile [k0, min(k0 + TT, ke)): K with chunk c of key t at c ^ (t & 7) (the
-// Q·K reads of 8 keys hit distinct banks), V as it is, positions. Keys past
-// ke and dims past D are zeros.
-template <int DT>
+// Q·K reads of 8 keys hit distinct banks), V as it is or (SWZ_V, for
+// ldmatrix's 8 rows of one chunk column) swizzled the same way, positions.
+// Keys past ke and dims past D are zeros.
+template <int DT, bool SWZ_V = false>
 __device__ __forceinline__ void kc_pre_issue(const kc_args &p, uint16_t *Ks, uint16_t *Vs,
                                              int32_t *Ps, const int32_t *stab, int b0, int k0,
                                              int ke) {
@@ -518,7 +519,7 @@ __device__ __forceinline__ void kc_pre_issue(const kc_args &p, uint16_t *Ks, uin
   for (int i = 0; i < P::TT * P::CH / 128; i++) {
     const int x = tid + 128 * i, key = x / P::CH, part = x % P::CH, k = k0 + key;
     uint4 *dk = (uint4 *)(Ks + key * DT) + (part ^ (key & 7));
-    uint4 *dv = (uint4 *)(Vs + key * DT) + part;
+    uint4 *dv = (uint4 *)(Vs + key * DT) + (SWZ_V ? part ^ (key & 7) : part);
     if (k < ke && part * 8 < p.D) {
       const int64_t off = kc_slot(p, stab, b0, k) * p.D + part * 8;
       kc_cp16(dk, p.k + off);
@@ -529,6 +530,37 @@ __device__ __forceinline__ void kc_pre_issue(const kc_args &p, uint16_t *Ks, uin
     }
   }
   if (tid < P::TT && k0 + tid < ke) kc_cp4(Ps + tid, p.pos + kc_slot(p, stab, b0, k0 + tid));
+}
+
+// A prefill CTA's start: its block ids, its query vectors' positions
+// (INT_MIN past nq) and Q (scaled; zeros past nq and D) into shared memory;
+// *qmax the largest position. Returns the first block's index (b0).
+template <int DT>
+__device__ __forceinline__ int kc_pre_start(const kc_args &p, const kc_item &it, float *Qs,
+                                            int32_t *sqp, int32_t *stab, int *qmax) {
+  typedef kc_pre<DT> P;
+  const int tid = threadIdx.x, G = p.G, D = p.D, nq = it.nrows * G;
+  const kc_head hd = p.heads[(int64_t)it.seq * p.H + it.head];
+  const int b0 = kc_load_tab(p, hd, it.kb, it.ke, stab, 128);
+  for (int x = tid; x < P::NQ; x += 128) sqp[x] = x < nq ? p.q_pos[it.row0 + x / G] : INT_MIN;
+  for (int x = tid; x < P::NQ * (DT / 4); x += 128) {
+    const int n = x / (DT / 4), c = x % (DT / 4);
+    float4 v4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (n < nq && 4 * c < D) {
+      v4 = *(const float4 *)(p.q + ((int64_t)(it.row0 + n / G) * p.QH + (int64_t)it.head * G +
+                                    n % G) * D + 4 * c);
+      v4.x *= p.scale;
+      v4.y *= p.scale;
+      v4.z *= p.scale;
+      v4.w *= p.scale;
+    }
+    *(float4 *)(Qs + n * P::QS + 4 * c) = v4;
+  }
+  __syncthreads();
+  int m = INT_MIN;
+  for (int n = 0; n < nq; n++) m = max(m, sqp[n]);
+  *qmax = m;
+  return b0;
 }
 
 template <class KT, int DT>
@@ -545,26 +577,9 @@ __global__ void __launch_bounds__(128) kc_prefill(kc_args p, const kc_item *__re
   int32_t *stab = (int32_t *)(smem + P::OFF_TAB);
   const int tid = threadIdx.x;
   const kc_item it = items[blockIdx.x];
-  const kc_head hd = p.heads[(int64_t)it.seq * p.H + it.head];
   const int G = p.G, D = p.D, nq = it.nrows * G, kb = it.kb, ke = it.ke;
-  const int b0 = kc_load_tab(p, hd, kb, ke, stab, 128);
-  for (int x = tid; x < P::NQ; x += 128) sqp[x] = x < nq ? p.q_pos[it.row0 + x / G] : INT_MIN;
-  for (int x = tid; x < P::NQ * (DT / 4); x += 128) {
-    const int n = x / (DT / 4), c = x % (DT / 4);
-    float4 v4 = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (n < nq && 4 * c < D) {
-      v4 = *(const float4 *)(p.q + ((int64_t)(it.row0 + n / G) * p.QH + (int64_t)it.head * G +
-                                    n % G) * D + 4 * c);
-      v4.x *= p.scale;
-      v4.y *= p.scale;
-      v4.z *= p.scale;
-      v4.w *= p.scale;
-    }
-    *(float4 *)(Qs + n * P::QS + 4 * c) = v4;
-  }
-  __syncthreads();
-  int qmax = INT_MIN;
-  for (int n = 0; n < nq; n++) qmax = max(qmax, sqp[n]);
+  int qmax;
+  const int b0 = kc_pre_start<DT>(p, it, Qs, sqp, stab, &qmax);
 
   const int tq = tid / P::TK, tk = tid % P::TK;   // Q·K role
   const int tq2 = tid / P::TV, tv = tid % P::TV;  // P·V role
@@ -731,60 +746,30 @@ __global__ void __launch_bounds__(128) kc_prefill(kc_args p, const kc_item *__re
 // Each of the 4 warps owns 16 of the 64 query vectors: their Q (scaled, then
 // rounded to the KV type) stays in registers as A fragments; the Q·Kᵀ
 // accumulators become P·V's A fragments in registers (FlashAttention-2); K
-// is read from its swizzled tile as B fragments, V (swizzled the same way
-// here) through ldmatrix.trans. Lane (g = lane / 4, t = lane % 4) holds rows
+// is read from its swizzled tile as B fragments, V (swizzled the same way,
+// kc_pre_issue's SWZ_V) through ldmatrix.trans. Lane (g = lane / 4, t = lane % 4) holds rows
 // g and g + 8 of its warp's 16, keys or dims 2t and 2t + 1 of every 8.
 
 template <class KT> struct kc_mma;
-template <> struct kc_mma<kc_bf16> {
-  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct kc_mma<kc_f16> {
-  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#define KC_MMA(KT, T)                                                                       \
+  template <> struct kc_mma<KT> {                                                           \
+    static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0,    \
+                                               uint32_t b1) {                               \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0,%1,%2,%3}, " \
+                   "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));         \
+    }                                                                                       \
+  };
+KC_MMA(kc_bf16, "bf16")
+KC_MMA(kc_f16, "f16")
+#undef KC_MMA
 
 __device__ __forceinline__ void kc_ldsm_x2_trans(uint32_t &b0, uint32_t &b1, const void *row) {
   const unsigned a = (unsigned)__cvta_generic_to_shared(row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(b0), "=r"(b1)
                : "r"(a));
-}
-
-// kc_pre_issue with V's chunks swizzled as K's (chunk c of key k at
-// c ^ (k & 7)): ldmatrix's 8 rows of one chunk column then hit 8 banks.
-template <int DT>
-__device__ __forceinline__ void kc_prm_issue(const kc_args &p, uint16_t *Ks, uint16_t *Vs,
-                                             int32_t *Ps, const int32_t *stab, int b0, int k0,
-                                             int ke) {
-  typedef kc_pre<DT> P;
-  const int tid = threadIdx.x;
-#pragma unroll
-  for (int i = 0; i < P::TT * P::CH / 128; i++) {
-    const int x = tid + 128 * i, key = x / P::CH, part = x % P::CH, k = k0 + key;
-    uint4 *dk = (uint4 *)(Ks + key * DT) + (part ^ (key & 7));
-    uint4 *dv = (uint4 *)(Vs + key * DT) + (part ^ (key & 7));
-    if (k < ke && part * 8 < p.D) {
-      const int64_t off = kc_slot(p, stab, b0, k) * p.D + part * 8;
-      kc_cp16(dk, p.k + off);
-      kc_cp16(dv, p.v + off);
-    } else {
-      *dk = make_uint4(0, 0, 0, 0);
-      *dv = make_uint4(0, 0, 0, 0);
-    }
-  }
-  if (tid < P::TT && k0 + tid < ke) kc_cp4(Ps + tid, p.pos + kc_slot(p, stab, b0, k0 + tid));
 }
 
 template <class KT, int DT>
@@ -801,26 +786,9 @@ __global__ void __launch_bounds__(128) kc_prefill_mma(kc_args p, const kc_item *
   int32_t *stab = (int32_t *)(smem + P::OFF_TAB);
   const int tid = threadIdx.x;
   const kc_item it = items[blockIdx.x];
-  const kc_head hd = p.heads[(int64_t)it.seq * p.H + it.head];
   const int G = p.G, D = p.D, nq = it.nrows * G, kb = it.kb, ke = it.ke;
-  const int b0 = kc_load_tab(p, hd, kb, ke, stab, 128);
-  for (int x = tid; x < P::NQ; x += 128) sqp[x] = x < nq ? p.q_pos[it.row0 + x / G] : INT_MIN;
-  for (int x = tid; x < P::NQ * (DT / 4); x += 128) {
-    const int n = x / (DT / 4), c = x % (DT / 4);
-    float4 v4 = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (n < nq && 4 * c < D) {
-      v4 = *(const float4 *)(p.q + ((int64_t)(it.row0 + n / G) * p.QH + (int64_t)it.head * G +
-                                    n % G) * D + 4 * c);
-      v4.x *= p.scale;
-      v4.y *= p.scale;
-      v4.z *= p.scale;
-      v4.w *= p.scale;
-    }
-    *(float4 *)(Qs + n * P::QS + 4 * c) = v4;
-  }
-  __syncthreads();
-  int qmax = INT_MIN;
-  for (int n = 0; n < nq; n++) qmax = max(qmax, sqp[n]);
+  int qmax;
+  const int b0 = kc_pre_start<DT>(p, it, Qs, sqp, stab, &qmax);
 
   const int lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int r0 = (tid >> 5) * 16 + g, r1 = r0 + 8; // this lane's query vectors
@@ -840,12 +808,12 @@ __global__ void __launch_bounds__(128) kc_prefill_mma(kc_args p, const kc_item *
   for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
   const int nt = (ke - kb + P::TT - 1) / P::TT;
-  if (nt > 0) kc_prm_issue<DT>(p, Kst, Vst, Pst, stab, b0, kb, ke);
+  if (nt > 0) kc_pre_issue<DT, true>(p, Kst, Vst, Pst, stab, b0, kb, ke);
   kc_cp_commit();
   for (int t = 0; t < nt; t++) {
     const int st = t & 1;
     if (t + 1 < nt)
-      kc_prm_issue<DT>(p, Kst + (st ^ 1) * P::TT * DT, Vst + (st ^ 1) * P::TT * DT,
+      kc_pre_issue<DT, true>(p, Kst + (st ^ 1) * P::TT * DT, Vst + (st ^ 1) * P::TT * DT,
                        Pst + (st ^ 1) * P::TT, stab, b0, kb + (t + 1) * P::TT, ke);
     kc_cp_commit();
     kc_cp_wait<1>();

@@ -64,6 +64,34 @@ static void fill_kv(k_backend_t *be, void *dst, int64_t n, uint32_t tensor) {
   free(buf);
 }
 
+/* ids[0..n) = a random permutation of the block ids: tables scattered
+ * over the pool. */
+static void shuffle_ids(int32_t *ids, int32_t n, uint64_t *rng) {
+  for (int32_t b = 0; b < n; b++) ids[b] = b;
+  for (int32_t b = n - 1; b > 0; b--) {
+    int32_t j = rng_int(rng, b + 1), t = ids[b];
+    ids[b] = ids[j];
+    ids[j] = t;
+  }
+}
+
+/* us[REPS], sorted: one attention call's time (CUDA events over iters
+ * calls), after attn_prepare and warm calls. */
+static void time_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_args_t *a,
+                           int warm, int iters, double *us) {
+  CHECK_INT_EQ(be->ops->attn_prepare(be, a), 0);
+  for (int i = 0; i < warm; i++) CHECK_INT_EQ(be->ops->attention(be, kv, a), 0);
+  CHECK_INT_EQ(be->ops->sync(be), 0);
+  for (int r = 0; r < REPS; r++) {
+    double ms = 0.0;
+    CHECK_INT_EQ(k_cuda_timer_start(be), 0);
+    for (int i = 0; i < iters; i++) CHECK_INT_EQ(be->ops->attention(be, kv, a), 0);
+    CHECK_INT_EQ(k_cuda_timer_stop(be, &ms), 0);
+    us[r] = ms * 1e3 / iters;
+  }
+  qsort(us, REPS, sizeof *us, cmp_double);
+}
+
 static void run_case(k_backend_t *be, const bench_case_t *bc, double copy_bps, bool first) {
   const int32_t S = bc->batch, ctx = bc->ctx, per_head = ctx / BS;
   const int32_t n_blocks = S * KVH * per_head + 64;
@@ -88,12 +116,7 @@ static void run_case(k_backend_t *be, const bench_case_t *bc, double copy_bps, b
   int32_t *q_pos = malloc((size_t)S * sizeof *q_pos);
   float *q = malloc((size_t)S * QH * HD * sizeof *q);
   CHECK(ids && tables && lens && seqs && q_start && q_pos && q);
-  for (int32_t b = 0; b < n_blocks; b++) ids[b] = b;
-  for (int32_t b = n_blocks - 1; b > 0; b--) {
-    int32_t j = rng_int(&rng, b + 1), t = ids[b];
-    ids[b] = ids[j];
-    ids[j] = t;
-  }
+  shuffle_ids(ids, n_blocks, &rng);
   for (int64_t i = 0; i < (int64_t)S * KVH * per_head; i++) tables[i] = ids[i];
   for (int32_t i = 0; i < S * KVH; i++) lens[i] = ctx;
   for (int32_t s = 0; s < S; s++) {
@@ -114,18 +137,8 @@ static void run_case(k_backend_t *be, const bench_case_t *bc, double copy_bps, b
   k_attn_args_t a = {.n_seqs = S, .layer = 0, .n_q_heads = QH, .n_kv_heads = KVH,
                      .head_dim = HD, .scale = 0.08838834764831845f, .q = dq, .out = dout,
                      .q_start = q_start, .q_pos = dpos, .seqs = seqs};
-  CHECK_INT_EQ(be->ops->attn_prepare(be, &a), 0);
-  for (int i = 0; i < 5; i++) CHECK_INT_EQ(be->ops->attention(be, &kv, &a), 0);
-  CHECK_INT_EQ(be->ops->sync(be), 0);
   double us[REPS];
-  for (int r = 0; r < REPS; r++) {
-    double ms = 0.0;
-    CHECK_INT_EQ(k_cuda_timer_start(be), 0);
-    for (int i = 0; i < ITERS; i++) CHECK_INT_EQ(be->ops->attention(be, &kv, &a), 0);
-    CHECK_INT_EQ(k_cuda_timer_stop(be, &ms), 0);
-    us[r] = ms * 1e3 / ITERS;
-  }
-  qsort(us, REPS, sizeof *us, cmp_double);
+  time_attention(be, &kv, &a, 5, ITERS, us);
   const double med = us[REPS / 2];
   const double bytes = (double)S * KVH * ctx * HD * 2.0 /* bf16 */ * 2.0 /* K and V */;
   const double bps = bytes / (med * 1e-6);
@@ -168,12 +181,7 @@ static void run_prefill(k_backend_t *be, int32_t S, int32_t L) {
   const int64_t nq = (int64_t)S * L * QH * HD;
   float *q = malloc((size_t)nq * sizeof *q);
   CHECK(ids && pos && tables && lens && seqs && q_start && q_pos && q);
-  for (int32_t b = 0; b < n_blocks; b++) ids[b] = b;
-  for (int32_t b = n_blocks - 1; b > 0; b--) {
-    int32_t j = rng_int(&rng, b + 1), t = ids[b];
-    ids[b] = ids[j];
-    ids[j] = t;
-  }
+  shuffle_ids(ids, n_blocks, &rng);
   for (int64_t i = 0; i < (int64_t)S * KVH * per_head; i++) tables[i] = ids[i];
   for (int32_t s = 0; s < S; s++) {
     for (int32_t h = 0; h < KVH; h++) {
@@ -198,19 +206,8 @@ static void run_prefill(k_backend_t *be, int32_t S, int32_t L) {
   k_attn_args_t a = {.n_seqs = S, .layer = 0, .n_q_heads = QH, .n_kv_heads = KVH,
                      .head_dim = HD, .scale = 0.08838834764831845f, .q = dq, .out = dout,
                      .q_start = q_start, .q_pos = dpos, .seqs = seqs};
-  CHECK_INT_EQ(be->ops->attn_prepare(be, &a), 0);
-  for (int i = 0; i < 2; i++) CHECK_INT_EQ(be->ops->attention(be, &kv, &a), 0);
-  CHECK_INT_EQ(be->ops->sync(be), 0);
-  enum { PITERS = 5 };
   double us[REPS];
-  for (int r = 0; r < REPS; r++) {
-    double ms = 0.0;
-    CHECK_INT_EQ(k_cuda_timer_start(be), 0);
-    for (int i = 0; i < PITERS; i++) CHECK_INT_EQ(be->ops->attention(be, &kv, &a), 0);
-    CHECK_INT_EQ(k_cuda_timer_stop(be, &ms), 0);
-    us[r] = ms * 1e3 / PITERS;
-  }
-  qsort(us, REPS, sizeof *us, cmp_double);
+  time_attention(be, &kv, &a, 2, 5, us);
   const double med = us[REPS / 2];
   const double flops = 4.0 * QH * HD * (double)S * ((double)L * (L + 1) / 2.0);
   const char *kern = getenv("PRESSD_CUDA_PREFILL");
