@@ -814,7 +814,7 @@ __global__ void __launch_bounds__(128) kc_prefill_mma(kc_args p, const kc_item *
     const int st = t & 1;
     if (t + 1 < nt)
       kc_pre_issue<DT, true>(p, Kst + (st ^ 1) * P::TT * DT, Vst + (st ^ 1) * P::TT * DT,
-                       Pst + (st ^ 1) * P::TT, stab, b0, kb + (t + 1) * P::TT, ke);
+                             Pst + (st ^ 1) * P::TT, stab, b0, kb + (t + 1) * P::TT, ke);
     kc_cp_commit();
     kc_cp_wait<1>();
     const int k0 = kb + t * P::TT, nvalid = min(P::TT, ke - k0);
