@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define TEST_SKIP 77
 
@@ -47,10 +48,30 @@
       FAIL_AT("%s ~= %s: %.9g vs %.9g (tol %g)", #a, #b, a_, b_, (double)(tol)); \
   } while (0)
 
+/* Runs fn unless PRESSD_TEST_ONLY (a comma-separated list of names) leaves
+ * it out; prints its name and how long it took. */
+static inline bool test_selected(const char *name) {
+  const char *only = getenv("PRESSD_TEST_ONLY");
+  if (!only || !*only) return true;
+  size_t n = strlen(name);
+  for (const char *p = only; (p = strstr(p, name)); p += n)
+    if ((p == only || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return true;
+  return false;
+}
+
+static inline double test_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 #define RUN(fn)                                                        \
   do {                                                                 \
+    if (!test_selected(#fn)) break;                                    \
     fprintf(stderr, "-- %s\n", #fn);                                   \
+    double t0_ = test_now();                                           \
     fn();                                                              \
+    fprintf(stderr, "   (%.1f s)\n", test_now() - t0_);                \
   } while (0)
 
 /* The whole file, NUL-terminated (caller frees); NULL when it cannot be
