@@ -5,20 +5,26 @@
  *
  * Temperature 0: the argmax, lowest column on ties, NaN never wins, 0 when
  * nothing is above -inf. Otherwise the Gumbel-max draw, exact sampling from
- * softmax(l / T) restricted by min-p:
+ * softmax(l / T) restricted to the kept ids:
  *
  *   id = argmax over kept i of  x_i + g_i,   x_i = (l_i - l_max) / T,
- *   kept: w_i = exp(x_i) > 0 and w_i >= min_p,
  *   g_i = -log(-log(u_i)),  u_i in (0, 1) from 53 bits of a hash of
  *         (key, i),
  *
- * with the same argmax rule, and l_max the row's largest logit; a row
- * whose maximum is not finite (all -inf, or +inf present) gives its
- * argmax. key is one draw of the request's seeded generator per token.
- * Only top-k and top-p (a sorted prefix) and the penalties (which rewrite
- * the row from the request's history) stay on the host. Host and device
- * agree up to the rounding of exp and log (1 ulp apart on CUDA), which
- * decides only near-exact ties. */
+ * with the same argmax rule, l_max the row's largest logit and w_i =
+ * exp(x_i). Kept, in vLLM's order:
+ *   top-k  the first top_k ids in rank order (larger logit first, then the
+ *          lower id), all where top_k <= 0 or >= n;
+ *   top-p  of those, the shortest rank-ordered prefix whose weight reaches
+ *          top_p times theirs (at least one id), all where top_p <= 0 or
+ *          >= 1;
+ *   min-p  of those, w_i > 0 and w_i >= min_p.
+ * A row whose maximum is not finite (all -inf, or +inf present) gives its
+ * argmax; NaN logits weigh nothing. key is one draw of the request's seeded
+ * generator per token. Only the penalties (which rewrite the row from the
+ * request's history) stay on the host. Host and device agree up to the
+ * rounding of exp and log (1 ulp apart on CUDA) and of the sums top-p
+ * compares, which decide only near-exact ties. */
 #ifndef PRESSD_KERNELS_DRAW_H
 #define PRESSD_KERNELS_DRAW_H
 
@@ -32,12 +38,24 @@
 #define K_DRAW_FN static inline
 #endif
 
-/* One row's draw: temperature 0 for the argmax (min_p and key unused). */
+/* One row's draw: temperature 0 for the argmax (the rest unused). */
 typedef struct k_draw {
   float temperature;
   float min_p;
+  float top_p;   /* <= 0 or >= 1: off */
+  int32_t top_k; /* <= 0: off */
   uint64_t key;
 } k_draw_t;
+
+K_DRAW_FN bool k_draw_top_p_on(const k_draw_t *d) { return d->top_p > 0.0f && d->top_p < 1.0f; }
+K_DRAW_FN bool k_draw_top_k_on(const k_draw_t *d, int64_t n) {
+  return d->top_k > 0 && d->top_k < n;
+}
+/* Whether the kept set is a rank-ordered prefix (top-k or top-p), not
+ * decided id by id. */
+K_DRAW_FN bool k_draw_needs_rank(const k_draw_t *d, int64_t n) {
+  return d->temperature > 0.0f && (k_draw_top_p_on(d) || k_draw_top_k_on(d, n));
+}
 
 /* The splitmix64 finaliser. */
 K_DRAW_FN uint64_t k_draw_mix(uint64_t z) {
@@ -63,27 +81,9 @@ K_DRAW_FN double k_draw_score(float l, float lmax, const k_draw_t *d, int64_t i)
 }
 
 #ifndef __CUDACC__
-/* The draw of one row of n logits on the host. */
-static inline int32_t k_draw_row(const float *l, int64_t n, const k_draw_t *d) {
-  int64_t best = 0;
-  float top = -INFINITY;
-  for (int64_t i = 0; i < n; i++)
-    if (l[i] > top) { /* NaN > top is false */
-      top = l[i];
-      best = i;
-    }
-  if (!d || d->temperature <= 0.0f || !isfinite(top)) return (int32_t)best;
-  double bs = -INFINITY;
-  for (int64_t i = 0; i < n; i++) {
-    if (!(l[i] > -INFINITY)) continue;
-    const double s = k_draw_score(l[i], top, d, i);
-    if (s > bs) {
-      bs = s;
-      best = i;
-    }
-  }
-  return (int32_t)best; /* the maximum itself is always kept */
-}
+/* The draw of one row of n logits on the host (kernels/draw.c). w and idx
+ * are scratch of n each, needed only where k_draw_needs_rank(d, n). */
+int32_t k_draw_row(const float *l, int64_t n, const k_draw_t *d, float *w, int32_t *idx);
 #endif
 
 #endif

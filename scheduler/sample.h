@@ -49,8 +49,7 @@ void sched_sampler_accept(sched_sampler_t *s, int32_t id);
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob);
 
 /* Whether sched_sample's token is kernels/draw.h's draw of the raw logits
- * (temperature 0, or a temperature with min-p at most: no top-k, top-p or
- * penalties), which a device can then make without the row. */
+ * (no penalties), which a device can then make without the row. */
 bool sched_sampler_on_device(const sched_sampler_t *s);
 /* The draw of the next token for a device (where sched_sampler_on_device),
  * consuming what sched_sample would have. */

@@ -367,7 +367,8 @@ static void test_sample(void) {
   /* draws: rows 1-6 (ties, NaN, -inf, +inf) are the argmax at any
    * temperature where the maximum is not finite or is kept alone */
   k_draw_t d[M];
-  for (int row = 0; row < M; row++) d[row] = (k_draw_t){row % 2 ? 0.0f : 0.7f, 0.0f, 99u + row};
+  for (int row = 0; row < M; row++)
+    d[row] = (k_draw_t){.temperature = row % 2 ? 0.0f : 0.7f, .key = 99u + row};
   d[2].min_p = d[4].min_p = 1.0f; /* only the maximum */
   CHECK_INT_EQ(g_be->ops->sample(g_be, got, x, M, N, d), 0);
   for (int row = 1; row <= 6; row++)
@@ -377,31 +378,58 @@ static void test_sample(void) {
   for (int row = 0; row < M; row++) CHECK_INT_EQ(again[row], got[row]); /* the key decides */
   free(x);
 
-  /* frequencies over 40,000 keys against softmax(l / T) */
-  enum { V = 5, DRAWS = 40000 };
-  const float l[V] = {1.0f, 2.0f, 0.5f, -1.0f, 1.5f};
-  const float temps[2] = {1.0f, 0.5f}, min_ps[2] = {0.0f, 0.3f};
-  for (int k = 0; k < 2; k++) {
+  /* frequencies over 40,000 keys against softmax(l / T) over the kept ids,
+   * worked out here by sorting */
+  enum { V = 5, DRAWS = 40000, CASES = 6 };
+  const float l[V] = {1.0f, 2.0f, 0.5f, -1.0f, 1.5f}, ties[V] = {1.0f, 1.0f, 3.0f, 1.0f, 1.0f};
+  const k_draw_t cases[CASES] = {
+      {.temperature = 1.0f},
+      {.temperature = 0.5f, .min_p = 0.3f},
+      {.temperature = 1.0f, .top_k = 2},
+      {.temperature = 1.0f, .top_p = 0.8f},
+      {.temperature = 0.5f, .top_k = 4, .top_p = 0.9f, .min_p = 0.05f},
+      {.temperature = 2.0f, .top_k = 3}, /* on the ties: 2, then ids 0 and 1 */
+  };
+  for (int k = 0; k < CASES; k++) {
+    const float *row = k == 5 ? ties : l;
+    const k_draw_t *c = &cases[k];
     int32_t count[V] = {0};
     for (int t = 0; t < DRAWS; t++) {
-      k_draw_t dr = {temps[k], min_ps[k], 0x1234567ull * (uint64_t)(t + 1)};
+      k_draw_t dr = *c;
+      dr.key = 0x1234567ull * (uint64_t)(t + 1);
       int32_t id = -1;
-      CHECK_INT_EQ(g_be->ops->sample(g_be, &id, l, 1, V, &dr), 0);
+      CHECK_INT_EQ(g_be->ops->sample(g_be, &id, row, 1, V, &dr), 0);
       CHECK(id >= 0 && id < V);
       count[id]++;
     }
-    double w[V], sum = 0;
+    int32_t order[V] = {0, 1, 2, 3, 4}; /* rank order: larger logit, then lower id */
+    for (int a = 1; a < V; a++)
+      for (int b = a; b > 0 && (row[order[b]] > row[order[b - 1]] ||
+                                (row[order[b]] == row[order[b - 1]] && order[b] < order[b - 1]));
+           b--) {
+        int32_t tmp = order[b];
+        order[b] = order[b - 1];
+        order[b - 1] = tmp;
+      }
+    double w[V] = {0}, lmax = row[order[0]], sum = 0;
+    const int kk = c->top_k > 0 && c->top_k < V ? c->top_k : V;
+    for (int q = 0; q < kk; q++) sum += w[order[q]] = exp((row[order[q]] - lmax) / c->temperature);
+    if (c->top_p > 0 && c->top_p < 1) { /* the shortest prefix reaching top_p of it */
+      double cum = 0;
+      int n_kept = 0;
+      while (n_kept < kk && cum < c->top_p * sum) cum += w[order[n_kept++]];
+      for (int q = n_kept; q < V; q++) w[order[q]] = 0;
+    }
+    sum = 0;
     for (int i = 0; i < V; i++) {
-      w[i] = exp((l[i] - 2.0) / temps[k]);
-      if (w[i] < min_ps[k]) w[i] = 0; /* p / p_max below min-p */
+      if (w[i] < c->min_p) w[i] = 0; /* p / p_max below min-p */
       sum += w[i];
     }
     for (int i = 0; i < V; i++) {
       double p = w[i] / sum, f = (double)count[i] / DRAWS;
       double sd = sqrt(p * (1 - p) / DRAWS);
       if (fabs(f - p) > 5 * sd + 1e-9)
-        FAIL_AT("T %g min_p %g: token %d drawn %.4f, softmax %.4f", (double)temps[k],
-                (double)min_ps[k], i, f, p);
+        FAIL_AT("case %d: token %d drawn %.4f, softmax over the kept %.4f", k, i, f, p);
     }
   }
 }

@@ -25,6 +25,7 @@ typedef struct cpu {
   k__scratch_t *att_scratch; /* owns: [threads] attention's probabilities for scores */
   k__scratch_t att_acc;      /* score sums of windows split into parts */
   k__scratch_t att_seq;      /* attention's per-sequence task plan */
+  k__scratch_t draw;         /* sample's per-thread weights and ids */
   int32_t threads;
 } cpu_t;
 
@@ -56,6 +57,7 @@ static void cpu_destroy(k_backend_t *be) {
     free(c->att_scratch);
     k__scratch_destroy(&c->att_acc);
     k__scratch_destroy(&c->att_seq);
+    k__scratch_destroy(&c->draw);
   }
   free(c);
 }
@@ -226,11 +228,37 @@ static int cpu_add(k_backend_t *be, float *y, const float *x, int64_t n) {
   return 0;
 }
 
+typedef struct sample_job {
+  int32_t *ids;
+  const float *x;
+  int64_t n;
+  const k_draw_t *draws;
+  char *scratch; /* [threads][n] weights, then [threads][n] ids */
+  int32_t threads;
+} sample_job_t;
+
+static void sample_row(void *arg, int64_t r, int32_t thread) {
+  const sample_job_t *j = arg;
+  float *w = (float *)(void *)j->scratch + (size_t)thread * (size_t)j->n;
+  int32_t *idx = (int32_t *)(void *)(j->scratch + (size_t)j->threads * (size_t)j->n * sizeof(float)) +
+                 (size_t)thread * (size_t)j->n;
+  j->ids[r] = k_draw_row(j->x + r * j->n, j->n, j->draws ? &j->draws[r] : NULL, w, idx);
+}
+
+/* Rows in parallel; each thread ranks in its own scratch. */
 static int cpu_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
                       const k_draw_t *draws) {
-  (void)be;
+  cpu_t *c = be->impl;
   if (m < 0 || n <= 0 || n > INT32_MAX) return -EINVAL;
-  for (int64_t r = 0; r < m; r++) ids[r] = k_draw_row(x + r * n, n, draws ? &draws[r] : NULL);
+  if (m == 0) return 0;
+  sample_job_t j = {.ids = ids, .x = x, .n = n, .draws = draws, .threads = c->threads};
+  bool rank = false;
+  for (int64_t r = 0; draws && r < m; r++) rank |= k_draw_needs_rank(&draws[r], n);
+  if (rank) {
+    if (k__scratch_reserve(&c->draw, (size_t)c->threads * (size_t)n * 8)) return -ENOMEM;
+    j.scratch = c->draw.p;
+  }
+  k_pool_run(c->pool, m, sample_row, &j);
   return 0;
 }
 

@@ -690,7 +690,9 @@ static int kc_add(k_backend_t *be, float *y, const float *x, int64_t n) {
  * (each thread's first maximum of a strided part, then the block's: larger
  * value, then lower column; NaN never wins; nothing above -inf keeps the
  * sentinel n, reported as 0), then, for a row with a temperature and a
- * finite maximum, the same reduction over the Gumbel-max scores. */
+ * finite maximum, the same reduction over the Gumbel-max scores of the
+ * kept columns: with top-k or top-p those ranked at or above a cut key
+ * found by radix select (radix_cut). */
 #define KC_SAMPLE_THREADS 1024
 template <typename V>
 __device__ __forceinline__ void best_pick(V &v, int64_t &i, V ov, int64_t oi) {
@@ -727,11 +729,110 @@ __device__ void block_best(V &v, int64_t &i, V *sv, int64_t *si, int64_t none) {
   __syncthreads(); /* sv, si free again */
 }
 
+/* The block's sum; every thread gets it. */
+__device__ double block_sum(double v, double *sv) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  if (lane == 0) sv[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nw ? sv[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (lane == 0) sv[0] = v;
+  }
+  __syncthreads();
+  v = sv[0];
+  __syncthreads();
+  return v;
+}
+
+/* Column i's rank as one number, larger first: the logit (-0 as +0), then
+ * the lower column (kernels/draw.h's order). For l above -inf. */
+__device__ __forceinline__ uint64_t rank_key(float l, int64_t i) {
+  uint32_t u = __float_as_uint(l + 0.0f);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ((uint64_t)u << 32) | (uint32_t)(0xffffffffu - (uint32_t)i);
+}
+
+__device__ __forceinline__ float draw_weight(float l, float top, float T) {
+  return expf((l - top) / T);
+}
+
+typedef struct kc_radix {
+  unsigned cnt[256];
+  double mass[256];
+  uint64_t prefix;
+  int done;
+} kc_radix_t;
+
+/* Of the columns with rank key >= lo, in rank order, the shortest prefix
+ * reaching `target` — target columns (by_mass false) or target weight —
+ * as a key t: the prefix is the columns with key >= max(lo, t). All of them
+ * where the target is out of reach. A radix select, 8 bits a pass from the
+ * top, that stops once the cut's bucket is taken whole. */
+__device__ uint64_t radix_cut(const float *row, int64_t n, uint64_t lo, double target,
+                              bool by_mass, float top, float T, kc_radix_t *r) {
+  uint64_t prefix = 0;
+  double above = 0.0; /* columns or weight ranked above the prefix's bucket */
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int t = threadIdx.x; t < 256; t += blockDim.x) {
+      r->cnt[t] = 0;
+      r->mass[t] = 0.0;
+    }
+    __syncthreads();
+    const uint64_t hi = shift == 56 ? 0 : ~0ull << (shift + 8);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const float l = row[i];
+      if (!(l > -INFINITY)) continue;
+      const uint64_t key = rank_key(l, i);
+      if (key < lo || (key & hi) != prefix) continue;
+      const int d = (int)((key >> shift) & 255u);
+      atomicAdd(&r->cnt[d], 1u);
+      if (by_mass) atomicAdd(&r->mass[d], (double)draw_weight(l, top, T));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int chosen = -1, lowest = -1;
+      double lowest_here = 0.0;
+      for (int d = 255; d >= 0; d--) {
+        if (!r->cnt[d]) continue;
+        const double here = by_mass ? r->mass[d] : (double)r->cnt[d];
+        if (above + here >= target) {
+          chosen = d;
+          break;
+        }
+        above += here;
+        lowest = d;
+        lowest_here = here;
+      }
+      if (chosen < 0 && lowest >= 0) { /* out of reach: down to the last column */
+        chosen = lowest;
+        above -= lowest_here;
+      }
+      int done = chosen < 0;
+      if (chosen >= 0) {
+        prefix |= (uint64_t)chosen << shift;
+        /* the bucket taken whole: a lone column, or exactly the count */
+        done = r->cnt[chosen] == 1 || (!by_mass && above + (double)r->cnt[chosen] == target);
+      }
+      r->prefix = prefix;
+      r->done = done;
+    }
+    __syncthreads();
+    prefix = r->prefix;
+    const int done = r->done;
+    __syncthreads(); /* r free again */
+    if (done) break;
+  }
+  return prefix;
+}
+
 __global__ void sample_kernel(int32_t *ids, const float *x, int64_t m, int64_t n,
                               const k_draw_t *draws) {
   __shared__ double sd[KC_SAMPLE_THREADS / 32];
   __shared__ float sf[KC_SAMPLE_THREADS / 32];
   __shared__ int64_t si[KC_SAMPLE_THREADS / 32];
+  __shared__ kc_radix_t radix;
   for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
     const float *row = x + r * n;
     float top = -INFINITY;
@@ -742,12 +843,27 @@ __global__ void sample_kernel(int32_t *ids, const float *x, int64_t m, int64_t n
         best = i;
       }
     block_best(top, best, sf, si, n);
-    const k_draw_t d = draws ? draws[r] : k_draw_t{0.0f, 0.0f, 0};
+    const k_draw_t d = draws ? draws[r] : k_draw_t{};
     if (d.temperature > 0.0f && isfinite(top)) {
+      /* top-k, then top-p among the k: the kept columns are those whose
+       * rank key is at least cut */
+      uint64_t cut = 0;
+      if (k_draw_top_k_on(&d, n))
+        cut = radix_cut(row, n, 0, (double)d.top_k, false, top, d.temperature, &radix);
+      if (k_draw_top_p_on(&d)) {
+        double w = 0.0;
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+          if (row[i] > -INFINITY && rank_key(row[i], i) >= cut)
+            w += (double)draw_weight(row[i], top, d.temperature);
+        w = block_sum(w, sd);
+        const uint64_t p = radix_cut(row, n, cut, (double)d.top_p * w, true, top, d.temperature,
+                                     &radix);
+        cut = p > cut ? p : cut;
+      }
       double bs = -INFINITY;
       int64_t bi = n;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        if (!(row[i] > -INFINITY)) continue;
+        if (!(row[i] > -INFINITY) || (cut && rank_key(row[i], i) < cut)) continue;
         const double sc = k_draw_score(row[i], top, &d, i);
         if (sc > bs) {
           bs = sc;

@@ -412,9 +412,12 @@ static void test_sample(void) {
   CHECK_INT_EQ(want[7], 5);
   printf("   argmax: %lld rows of %lld, equal to the CPU's\n", (long long)m, (long long)n);
   k_draw_t *dr = test_xmalloc((size_t)m * sizeof *dr);
-  for (int64_t r = 0; r < m; r++)
-    dr[r] = (k_draw_t){r % 3 == 0 ? 0.0f : r % 3 == 1 ? 1.0f : 0.6f, r % 5 == 0 ? 0.05f : 0.0f,
-                       0xabcdefull + (uint64_t)r * 7919u};
+  for (int64_t r = 0; r < m; r++) /* greedy; T 1 or 0.6, with min-p, top-k and top-p mixed */
+    dr[r] = (k_draw_t){.temperature = r % 3 == 0 ? 0.0f : r % 3 == 1 ? 1.0f : 0.6f,
+                       .min_p = r % 5 == 0 ? 0.05f : 0.0f,
+                       .top_p = r % 7 == 2 || r % 7 == 6 ? 0.8f : r % 7 == 4 ? 0.95f : 1.0f,
+                       .top_k = r % 7 == 3 ? 40 : r % 7 == 6 ? 100 : r % 7 == 5 ? 1 : 0,
+                       .key = 0xabcdefull + (uint64_t)r * 7919u};
   CHECK_INT_EQ(g_cpu->ops->sample(g_cpu, want, x, m, n, dr), 0);
   GOK(g_gpu, g_gpu->ops->sample(g_gpu, dids, dx, m, n, dr));
   d_get(g_gpu, got, dids, (size_t)m * sizeof(int32_t));
