@@ -203,7 +203,8 @@ typedef struct k_ops {
                  const int32_t *dst, int64_t n);
   /* Optional (NULL: the caller reads the rows back): ids[i] = the token
    * drawn from row i of x[m][n] as draws[i] says (kernels/draw.h: the
-   * argmax, or a Gumbel-max draw with temperature and min-p); draws is a
+   * argmax, or a Gumbel-max draw with temperature, top-k, top-p and
+   * min-p); draws is a
    * host array, NULL for the argmax of every row. ids is backend memory.
    * Decoding without copying the logits off the device. */
   int (*sample)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,

@@ -167,6 +167,13 @@ def main():
         rest = sum(1 for _ in chunks)
         check(rest > 24, f"the logprobs request ended too soon ({rest} chunks left)")
         check(alone == beside, f"{alone!r} vs {beside!r}")
+        # top-k and top-p as well: drawn by the backend, or by the host
+        # sampler when the request asks for logprobs
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=24, temperature=0.8, top_p=0.9,
+                  seed=5, extra_body={"ignore_eos": True, "top_k": 40})
+        device = cl.completions.create(**kw).choices[0].text
+        on_host = cl.completions.create(**kw, logprobs=1).choices[0].text
+        check(device == on_host, f"{device!r} vs {on_host!r}")
 
     def bad_requests():
         for kwargs, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
