@@ -9,7 +9,9 @@
  *
  * Also timed: the step with every matmul through cuBLASLt, and the decode's
  * matmuls alone (our matrix-vector kernel, then cuBLASLt), which separates
- * the matmuls from everything else a step does.
+ * the matmuls from everything else a step does; and the sample op drawing
+ * SAMPLE_ROWS tokens from rows of the vocabulary's width (logits uniform in
+ * [-8, 8]): argmax, temperature, top-p 0.9, top-k 50 with top-p 0.95.
  *
  * Prints one JSON object on stdout (progress on stderr). Exits 77 without a
  * GPU (1 when PRESSD_REQUIRE_GPU=1), 1 on a failure (the JSON then carries
@@ -36,6 +38,9 @@
 #define COPY_BYTES ((size_t)1 << 30)
 #define COPY_REPS 10
 #define MATMUL_REPS 5
+#define SAMPLE_ROWS 256
+#define SAMPLE_REPS 5
+#define N_DRAWS 4
 
 typedef struct result {
   char device[256];
@@ -46,6 +51,7 @@ typedef struct result {
   double load_s;         /* dummy weights generated */
   double step_ms, step_wall_ms, step_cublaslt_ms;
   double matmul_ms, matmul_cublaslt_ms;
+  double sample_ms[N_DRAWS]; /* SAMPLE_ROWS rows, per draw kind */
   char error[512];
 } result_t;
 
@@ -70,6 +76,9 @@ static void print_json(const result_t *r) {
          r->step_wall_ms, bound_ms > 0 && r->step_ms > 0 ? r->step_ms / bound_ms : 0.0,
          r->step_ms > 0 ? 1e3 / r->step_ms : 0.0, r->step_cublaslt_ms, r->matmul_ms,
          r->matmul_cublaslt_ms, r->load_s);
+  printf(", \"sample_rows\": %d, \"sample_ms\": {\"argmax\": %.4f, \"temperature\": %.4f, "
+         "\"top_p\": %.4f, \"top_k_top_p\": %.4f}",
+         SAMPLE_ROWS, r->sample_ms[0], r->sample_ms[1], r->sample_ms[2], r->sample_ms[3]);
   if (r->error[0]) {
     printf(", \"error\": \"");
     for (const char *p = r->error; *p; p++)
@@ -108,6 +117,32 @@ static int time_matmuls(k_backend_t *be, const model_weights_t *w, float *x, flo
     if (rep > 0 && (*ms == 0.0 || t < *ms)) *ms = t;
   }
   return 0;
+}
+
+/* The sample op over SAMPLE_ROWS rows of n logits, per kind of draw, best
+ * of SAMPLE_REPS. */
+static int time_sample(k_backend_t *be, int64_t n, double *ms) {
+  const int64_t m = SAMPLE_ROWS;
+  float *x = be->ops->alloc(be, (size_t)(m * n) * sizeof(float));
+  int32_t *ids = be->ops->alloc(be, (size_t)m * sizeof(int32_t));
+  k_draw_t d[SAMPLE_ROWS];
+  int rc = x && ids ? be->ops->fill_dummy(be, x, K_F32, 0, m * n, 5, 1, 8.0f, 0.0f) : -ENOMEM;
+  for (int k = 0; !rc && k < N_DRAWS; k++) {
+    for (int64_t i = 0; i < m; i++)
+      d[i] = (k_draw_t){.temperature = k ? 1.0f : 0.0f, .top_p = k == 2 ? 0.9f : k == 3 ? 0.95f : 1,
+                        .top_k = k == 3 ? 50 : 0, .key = 1000u + (uint64_t)i};
+    ms[k] = 0.0;
+    for (int rep = 0; !rc && rep <= SAMPLE_REPS; rep++) { /* rep 0: warm-up */
+      double t = 0.0;
+      rc = k_cuda_timer_start(be);
+      if (!rc) rc = be->ops->sample(be, ids, x, m, n, d);
+      if (!rc) rc = k_cuda_timer_stop(be, &t);
+      if (!rc && rep > 0 && (ms[k] == 0.0 || t < ms[k])) ms[k] = t;
+    }
+  }
+  if (x) be->ops->free(be, x);
+  if (ids) be->ops->free(be, ids);
+  return rc;
 }
 
 /* n decode steps of one token each; ms per step by the stream's clock and
@@ -233,6 +268,14 @@ int main(void) {
   }
   k_cuda_set_gemv_max_m(be, 4);
   fprintf(stderr, "bench-cuda-decode: step through cuBLASLt %.3f ms\n", r.step_cublaslt_ms);
+  if ((rc = time_sample(be, c.n_vocab, r.sample_ms))) {
+    fail(&r, be, "sample", rc);
+    goto out;
+  }
+  fprintf(stderr,
+          "bench-cuda-decode: %d draws: argmax %.3f ms, temperature %.3f, top-p %.3f, "
+          "top-k + top-p %.3f\n",
+          SAMPLE_ROWS, r.sample_ms[0], r.sample_ms[1], r.sample_ms[2], r.sample_ms[3]);
 out:
   print_json(&r);
   sched_single_destroy(&s);
