@@ -729,23 +729,6 @@ __device__ void block_best(V &v, int64_t &i, V *sv, int64_t *si, int64_t none) {
   __syncthreads(); /* sv, si free again */
 }
 
-/* The block's sum; every thread gets it. */
-__device__ double block_sum(double v, double *sv) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-  if (lane == 0) sv[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nw ? sv[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    if (lane == 0) sv[0] = v;
-  }
-  __syncthreads();
-  v = sv[0];
-  __syncthreads();
-  return v;
-}
-
 /* Column i's rank as one number, larger first: the logit (-0 as +0), then
  * the lower column (kernels/draw.h's order). For l above -inf. */
 __device__ __forceinline__ uint64_t rank_key(float l, int64_t i) {
@@ -855,7 +838,7 @@ __global__ void sample_kernel(int32_t *ids, const float *x, int64_t m, int64_t n
         for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
           if (row[i] > -INFINITY && rank_key(row[i], i) >= cut)
             w += (double)draw_weight(row[i], top, d.temperature);
-        w = block_sum(w, sd);
+        w = block_sum(w); /* its part[] is next written after many syncs */
         const uint64_t p = radix_cut(row, n, cut, (double)d.top_p * w, true, top, d.temperature,
                                      &radix);
         cut = p > cut ? p : cut;
