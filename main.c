@@ -546,6 +546,7 @@ static int cmd_serve(cfg_options_t *o) {
       .tp_backends = m.tp_be,
       .tp_comm = m.tp_comm,
       .kv_below_max_len = kv_compression_bounded(&kvc) && m.be->host_memory,
+      .graphs = !o->enforce_eager && m.be->ops->replay && m.tp <= 1,
   };
   notify_status("allocating the KV cache");
   if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
@@ -558,6 +559,9 @@ static int cmd_serve(cfg_options_t *o) {
            "max-model-len %d: %.2f",
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
            cap.max_concurrency);
+  if (ec.graphs)
+    log_info("decode steps replay CUDA graphs, captured per batch size on first reuse "
+             "(--enforce-eager: op by op)");
   if (cap.kv_tokens < max_len)
     log_info("the KV cache holds fewer tokens than max-model-len %d: longer requests are served "
              "compressed between prefill chunks; uncompressed ones up to %lld tokens",

@@ -21,6 +21,7 @@ typedef struct cfg_options {
   char *device;         /* auto | cpu | cuda */
   int64_t threads;
   int64_t tensor_parallel_size;
+  bool enforce_eager;   /* no CUDA graphs */
   double gpu_memory_utilization;
   char *cpu_numerics; /* int8 | exact | llama */
   int64_t max_num_batched_tokens;

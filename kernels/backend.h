@@ -216,6 +216,18 @@ typedef struct k_ops {
    * a sequence's scores and positions through it. */
   int (*read_rows)(k_backend_t *be, void *dst, const void *src, const int32_t *rows, int64_t n,
                    size_t row_bytes);
+  /* Optional (NULL: the caller runs fn(ctx) itself): fn(ctx) as a graph
+   * of the work it queues (CUDA graphs). The first call under a key runs
+   * fn; the second captures what it queues and launches the capture; later
+   * calls launch it again, without calling fn. So fn may only queue ops of
+   * this backend that read and write backend memory (matmul, rmsnorm,
+   * rope, silu_mul, add, embed): no allocation, copy, sync, sampling or
+   * attention; and every call under one key must queue the same ops on
+   * the same buffers with the same sizes (what the buffers hold may
+   * change). */
+  int (*replay)(k_backend_t *be, uint64_t key, int (*fn)(void *ctx), void *ctx);
+  /* Optional (with replay): forget every key (buffers are to be freed). */
+  void (*replay_drop)(k_backend_t *be);
 } k_ops_t;
 
 struct k_backend {

@@ -245,6 +245,8 @@ int k_profile_wrap(k_backend_t *be) {
   if (o->sample) o->sample = p_sample;
   if (o->kv_move) o->kv_move = p_kv_move;
   if (o->read_rows) o->read_rows = p_read_rows;
+  o->replay = NULL; /* every op timed alone: nothing captured */
+  o->replay_drop = NULL;
   be->ops = o;
   return 0;
 }

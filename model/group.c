@@ -126,3 +126,11 @@ int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits)
   if (rc) g->comm->ops->reset(g->comm);
   return rc;
 }
+
+void model_group_set_graphs(model_group_t *g, bool on) {
+  if (g->n == 1) model_set_graphs(&g->ranks[0], on);
+}
+
+int32_t model_group_graph_rows(const model_group_t *g, const model_batch_t *b) {
+  return g->n == 1 ? model_graph_rows(&g->ranks[0], b) : 0;
+}

@@ -43,5 +43,9 @@ void model_group_destroy(model_group_t *g); /* NULL-safe, half-init safe */
 int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits);
 /* model_can_sample of the group: one rank that can. */
 bool model_group_can_sample(const model_group_t *g);
+/* model_set_graphs of an unsharded group (a sharded one stays eager). */
+void model_group_set_graphs(model_group_t *g, bool on);
+/* model_graph_rows of the group's step b (0: eager). */
+int32_t model_group_graph_rows(const model_group_t *g, const model_batch_t *b);
 
 #endif

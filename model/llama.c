@@ -74,6 +74,15 @@ int model_init(model_t *m, const model_weights_t *w, k_backend_t *be, const k_kv
       return -ENOMEM;
     }
   }
+  m->h_ids = malloc((size_t)cap_tokens * sizeof(int32_t));
+  m->h_pos = malloc((size_t)cap_tokens * sizeof(int32_t));
+  if (!m->h_ids || !m->h_pos) {
+    model_destroy(m);
+    snprintf(err, errlen, "model: out of memory");
+    return -ENOMEM;
+  }
+  static _Atomic uint32_t graph_ids;
+  m->graph_id = ++graph_ids & 0xffffu;
   be->ops->upload(be, m->inv_freq, w->inv_freq, (size_t)(c->head_dim / 2 + 1) * sizeof(float));
   return 0;
 }
@@ -90,9 +99,8 @@ int model_init_rank(model_t *m, const model_weights_t *w, k_backend_t *be, const
     return -EINVAL;
   }
   m->comm = comm;
-  m->h_ids = malloc((size_t)cap_tokens * sizeof(int32_t));
   m->h_logits = malloc((size_t)cap_logits * (size_t)w->cfg.n_vocab * sizeof(float));
-  if (!m->h_ids || !m->h_logits) {
+  if (!m->h_logits) {
     model_destroy(m);
     snprintf(err, errlen, "model: out of memory");
     return -ENOMEM;
@@ -102,7 +110,9 @@ int model_init_rank(model_t *m, const model_weights_t *w, k_backend_t *be, const
 
 void model_destroy(model_t *m) {
   if (!m || !m->be) return;
+  if (m->graphs && m->be->ops->replay_drop) m->be->ops->replay_drop(m->be);
   free(m->h_ids);
+  free(m->h_pos);
   free(m->h_logits);
   for (int i = 0; i < N_ACT; i++)
     if (act_get(m, i)) m->be->ops->free(m->be, act_get(m, i));
@@ -120,21 +130,30 @@ static int reduce(model_t *m, float *buf, int64_t n) {
   return m->comm ? m->comm->ops->all_reduce_sum(m->comm, m->w->shard.rank, buf, n) : 0;
 }
 
-/* A rank looks up the ids of its vocabulary slice; the others get the zero
- * row after it, and the all-reduce of the rows completes the lookup. */
-static int embed_tokens(model_t *m, const model_batch_t *b) {
+/* The batch's ids and positions into d_tokens and d_pos, rows [T, R) as
+ * id 0 at position 0. A rank looks up the ids of its vocabulary slice; the
+ * others get the zero row after it, and the all-reduce of the embedded
+ * rows completes the lookup. */
+static int upload_rows(model_t *m, const model_batch_t *b, int64_t R) {
   const k_ops_t *op = m->be->ops;
   const int64_t T = b->n_tokens;
-  const int32_t *ids = b->tokens;
+  const int32_t *ids = b->tokens, *pos = b->pos;
   if (m->comm) {
     const int32_t v0 = m->w->shard.vocab0, nv = m->w->cfg.n_vocab;
     for (int64_t i = 0; i < T; i++)
       m->h_ids[i] = b->tokens[i] >= v0 && b->tokens[i] < v0 + nv ? b->tokens[i] - v0 : nv;
     ids = m->h_ids;
   }
-  TRY(op->upload(m->be, m->d_tokens, ids, (size_t)T * sizeof(int32_t)));
-  TRY(op->embed(m->be, m->x, &m->w->tok_embd, m->d_tokens, T));
-  return reduce(m, m->x, T * m->w->cfg.n_embd);
+  if (R > T) {
+    if (ids != m->h_ids) memcpy(m->h_ids, ids, (size_t)T * sizeof *ids);
+    memcpy(m->h_pos, pos, (size_t)T * sizeof *pos);
+    memset(m->h_ids + T, 0, (size_t)(R - T) * sizeof *ids);
+    memset(m->h_pos + T, 0, (size_t)(R - T) * sizeof *pos);
+    ids = m->h_ids;
+    pos = m->h_pos;
+  }
+  TRY(op->upload(m->be, m->d_tokens, ids, (size_t)R * sizeof(int32_t)));
+  return op->upload(m->be, m->d_pos, pos, (size_t)R * sizeof(int32_t));
 }
 
 /* logits[n_logits][n_vocab_all] (host) from the rank's slice of columns. */
@@ -153,22 +172,98 @@ bool model_can_sample(const model_t *m) {
   return !m->comm && m->be->ops->sample && m->be->ops->read_rows;
 }
 
+/* Before layer l's attention: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D],
+ * rotated. */
+static int layer_in(model_t *m, int32_t l, int64_t T) {
+  const model_config_t *c = &m->w->cfg;
+  const model_layer_t *ly = &m->w->layers[l];
+  const k_ops_t *op = m->be->ops;
+  k_backend_t *be = m->be;
+  TRY(op->rmsnorm(be, m->xn, m->x, ly->attn_norm, T, c->n_embd, c->rms_eps));
+  TRY(op->matmul(be, m->q, m->xn, &ly->wq, T));
+  TRY(op->matmul(be, m->k, m->xn, &ly->wk, T));
+  TRY(op->matmul(be, m->v, m->xn, &ly->wv, T));
+  TRY(op->rope(be, m->q, m->d_pos, T, c->n_heads, c->head_dim, m->inv_freq));
+  return op->rope(be, m->k, m->d_pos, T, c->n_kv_heads, c->head_dim, m->inv_freq);
+}
+
+/* After layer l's attention: x += att · woᵀ (summed over the ranks'
+ * heads), then the MLP: x += down(silu(gate(xn)) * up(xn)). */
+static int layer_out(model_t *m, int32_t l, int64_t T) {
+  const model_config_t *c = &m->w->cfg;
+  const model_layer_t *ly = &m->w->layers[l];
+  const k_ops_t *op = m->be->ops;
+  k_backend_t *be = m->be;
+  const int64_t E = c->n_embd;
+  TRY(op->matmul(be, m->xn, m->att, &ly->wo, T));
+  TRY(reduce(m, m->xn, T * E));
+  TRY(op->add(be, m->x, m->xn, T * E));
+  TRY(op->rmsnorm(be, m->xn, m->x, ly->ffn_norm, T, E, c->rms_eps));
+  TRY(op->matmul(be, m->gate, m->xn, &ly->w_gate, T));
+  TRY(op->matmul(be, m->up, m->xn, &ly->w_up, T));
+  TRY(op->silu_mul(be, m->gate, m->gate, m->up, T * c->n_ff));
+  TRY(op->matmul(be, m->xn, m->gate, &ly->w_down, T));
+  TRY(reduce(m, m->xn, T * E));
+  return op->add(be, m->x, m->xn, T * E);
+}
+
+/* The work between two attentions over T rows: segment l is layer l-1's
+ * output half (segment 0: the embedding lookup, x[T][E]), then layer l's
+ * input half (none after the last layer). */
+typedef struct segment {
+  model_t *m;
+  int32_t l;
+  int64_t T;
+} segment_t;
+
+static int segment_run(void *ctx) {
+  const segment_t *s = ctx;
+  model_t *m = s->m;
+  if (s->l == 0) {
+    TRY(m->be->ops->embed(m->be, m->x, &m->w->tok_embd, m->d_tokens, s->T));
+    TRY(reduce(m, m->x, s->T * m->w->cfg.n_embd));
+  } else {
+    TRY(layer_out(m, s->l - 1, s->T));
+  }
+  return s->l < m->w->cfg.n_layers ? layer_in(m, s->l, s->T) : 0;
+}
+
+/* Decode steps run their segments as graphs (model_set_graphs) over a
+ * bucket of rows: 1, 2, 4, then multiples of 8 up to MODEL_GRAPH_ROWS, as
+ * vLLM captures them. The rows past the batch's are computed and unused. */
+#define MODEL_GRAPH_ROWS 512
+
+void model_set_graphs(model_t *m, bool on) { m->graphs = on; }
+
+int32_t model_graph_rows(const model_t *m, const model_batch_t *b) {
+  const int32_t n = b->n_tokens;
+  if (!m->graphs || m->comm || n != b->n_seqs || n <= 0) return 0;
+  const int32_t r = n <= 2 ? n : n <= 4 ? 4 : (n + 7) / 8 * 8;
+  return r <= m->cap_tokens && r <= MODEL_GRAPH_ROWS ? r : 0;
+}
+
+static int segment(model_t *m, int32_t l, int64_t T, bool graph) {
+  segment_t s = {m, l, T};
+  if (!graph || !m->be->ops->replay) return segment_run(&s);
+  const uint64_t key = (uint64_t)m->graph_id << 48 | (uint64_t)T << 20 | (uint64_t)l;
+  return m->be->ops->replay(m->be, key, segment_run, &s);
+}
+
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const model_weights_t *w = m->w;
   const model_config_t *c = &w->cfg;
   const k_ops_t *op = m->be->ops;
   k_backend_t *be = m->be;
-  const int64_t T = b->n_tokens, E = c->n_embd, F = c->n_ff, D = c->head_dim;
+  const int64_t T = b->n_tokens, E = c->n_embd, D = c->head_dim;
   const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
       (b->ids && !model_can_sample(m)) || b->n_host_rows < 0 ||
       (b->ids && b->n_host_rows > b->n_logits))
     return -EINVAL;
-
-  TRY(op->upload(be, m->d_pos, b->pos, (size_t)T * sizeof(int32_t)));
-
-  /* x[T][E] = embedding rows */
-  TRY(embed_tokens(m, b));
+  /* R rows through the segments: the batch's, or its graph bucket */
+  const int32_t graph_rows = model_graph_rows(m, b);
+  const int64_t R = graph_rows > 0 ? graph_rows : T;
+  TRY(upload_rows(m, b, R));
 
   k_attn_args_t a = {
       .n_seqs = b->n_seqs,
@@ -185,31 +280,14 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
       .seqs = b->seqs,
   };
   if (op->attn_prepare) TRY(op->attn_prepare(be, &a));
-  for (int32_t l = 0; l < L; l++) {
-    const model_layer_t *ly = &w->layers[l];
-    /* attention block: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D] */
-    TRY(op->rmsnorm(be, m->xn, m->x, ly->attn_norm, T, E, c->rms_eps));
-    TRY(op->matmul(be, m->q, m->xn, &ly->wq, T));
-    TRY(op->matmul(be, m->k, m->xn, &ly->wk, T));
-    TRY(op->matmul(be, m->v, m->xn, &ly->wv, T));
-    TRY(op->rope(be, m->q, m->d_pos, T, Hq, (int32_t)D, m->inv_freq));
-    TRY(op->rope(be, m->k, m->d_pos, T, Hkv, (int32_t)D, m->inv_freq));
-    /* new K/V into their paged slots, then attend over each head's blocks */
+  for (int32_t l = 0;; l++) {
+    TRY(segment(m, l, R, graph_rows > 0));
+    if (l == L) break;
+    /* new K/V into their paged slots, then attend over each head's blocks
+     * (the batch's rows only) */
     a.layer = l;
     TRY(op->kv_write(be, m->kv, m->k, m->v, &a));
     TRY(op->attention(be, m->kv, &a));
-    /* x += att · woᵀ (summed over the ranks' heads) */
-    TRY(op->matmul(be, m->xn, m->att, &ly->wo, T));
-    TRY(reduce(m, m->xn, T * E));
-    TRY(op->add(be, m->x, m->xn, T * E));
-    /* MLP: x += down(silu(gate(xn)) * up(xn)) */
-    TRY(op->rmsnorm(be, m->xn, m->x, ly->ffn_norm, T, E, c->rms_eps));
-    TRY(op->matmul(be, m->gate, m->xn, &ly->w_gate, T));
-    TRY(op->matmul(be, m->up, m->xn, &ly->w_up, T));
-    TRY(op->silu_mul(be, m->gate, m->gate, m->up, T * F));
-    TRY(op->matmul(be, m->xn, m->gate, &ly->w_down, T));
-    TRY(reduce(m, m->xn, T * E));
-    TRY(op->add(be, m->x, m->xn, T * E));
   }
   if (b->n_logits == 0) return 0;
 

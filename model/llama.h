@@ -46,9 +46,13 @@ typedef struct model {
   float *inv_freq;                             /* owns: backend copy */
   int32_t *d_tokens, *d_pos, *d_rows;          /* owns: backend copies of batch arrays */
   int32_t *d_ids;                              /* owns: [cap_logits] drawn tokens */
+  /* (host) [cap_tokens] ids (in a rank's vocabulary slice) and positions,
+   * padded to a graph's rows: */
+  int32_t *h_ids, *h_pos; /* owns */
+  bool graphs;            /* decode steps as graphs (model_set_graphs) */
+  uint32_t graph_id;      /* this model's keys of the backend's replay op */
   /* A tensor-parallel rank (w->shard.n_ranks > 1): */
   k_comm_t *comm;     /* borrows: sums the partial results of the ranks */
-  int32_t *h_ids;     /* owns (host): [cap_tokens] ids in this rank's vocabulary slice */
   float *h_logits;    /* owns (host): [cap_logits][slice] this rank's logits */
 } model_t;
 
@@ -69,6 +73,17 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits);
 /* Whether model_forward draws a batch's tokens (b->ids): an unsharded
  * model on a backend with the sample and read_rows ops. */
 bool model_can_sample(const model_t *m);
+
+/* Decode steps (one token a sequence) as graphs: the work between two
+ * attention calls goes through the backend's replay op (CUDA graphs) over
+ * the rows of the batch rounded up to 1, 2, 4 or a multiple of 8 (at most
+ * 512, and cap_tokens); the extra rows are id 0 at position 0, computed and
+ * never read. Not for a sharded rank (its all-reduces stay eager). Off by
+ * default; on a backend without replay the same rows and calls run as
+ * they are (what tests check). */
+void model_set_graphs(model_t *m, bool on);
+/* The rows model_forward runs b's segments over as graphs; 0: eagerly. */
+int32_t model_graph_rows(const model_t *m, const model_batch_t *b);
 
 /* model_init for one rank of sharded weights (model_weights_shard) whose
  * partial sums go through comm. */

@@ -517,6 +517,7 @@ static void step(sched_engine_t *e) {
   int rc = model_group_forward(&e->model, &b, e->logits);
   e->st.forward_seconds += (double)(sched__now_ns() - f0) * 1e-9;
   e->st.steps++;
+  if (model_group_graph_rows(&e->model, &b) > 0) e->st.graph_steps++;
   if (rc) e->step_failed = true;
 
   /* logits rows: packed host rows on the device path, all rows otherwise */
@@ -775,6 +776,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
     if ((rc = model_group_init(&e->model, n_ranks, n_ranks > 1 ? cfg->tp_weights : w, bes, kvs,
                                cfg->tp_comm, T, S, err, errlen)))
       goto fail;
+    model_group_set_graphs(&e->model, cfg->graphs);
   }
   sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
                   c->n_heads / c->n_kv_heads, cfg->kv_via_backend);

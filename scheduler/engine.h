@@ -137,6 +137,10 @@ typedef struct sched_engine_config {
    * run the device's path on the CPU); compression between prefill chunks
    * is then off, as on a device. */
   bool kv_via_backend;
+  /* Decode steps as graphs (model_set_graphs): CUDA graphs on a backend
+   * with the replay op; elsewhere the same padded rows run eagerly. Not
+   * under tensor parallelism. */
+  bool graphs;
   /* Called once from the engine thread when the backend can no longer run
    * (a failed step and its health op says the failure sticks): every
    * request has then ended with an error and the thread has stopped; the
@@ -166,6 +170,7 @@ typedef struct sched_stats {
   uint64_t prompt_tokens, generation_tokens; /* totals */
   uint64_t requests_finished;
   uint64_t steps;
+  uint64_t graph_steps; /* of which run as graphs (model_graph_rows) */
   /* Liveness: how long the step now running has taken (0 when the engine
    * is between steps or idle), and whether the engine thread has ended. */
   double step_seconds;

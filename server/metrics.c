@@ -148,6 +148,9 @@ void srv__metrics_format(srv_buf_t *b, const srv_metrics_t *m, const sched_stats
           (unsigned long long)(st->kv_blocks_used > 0 ? st->kv_blocks_used : 0));
   counter(b, "pressd:engine_steps_total", "Engine steps run.", model,
           (unsigned long long)st->steps);
+  counter(b, "pressd:engine_graph_steps_total",
+          "Engine steps whose layers ran as graphs (CUDA graphs).", model,
+          (unsigned long long)st->graph_steps);
   meta(b, "pressd:engine_busy_seconds_total", "counter", "Time the engine spent in steps.");
   srv__buf_adds(b, "pressd:engine_busy_seconds_total");
   label(b, model);

@@ -26,6 +26,7 @@
 #include "scheduler/engine.h"
 #include "scheduler/kveval.h"
 #include "tests/test.h"
+#include "tests/graph-check.h"
 
 static model_gguf_t g;
 static model_weights_t w;
@@ -239,10 +240,10 @@ static int32_t ids[N_PROMPTS][128];
 static int32_t n_ids[N_PROMPTS];
 static int32_t long_ids[256];
 static int32_t n_long;
-/* Reference outputs: greedy, except prompt 7 (temperature and top-p, drawn
- * on the host) and prompt 5 (temperature alone: drawn by the backend's
- * sample op, or by the host sampler where the backend has none, the same
- * tokens either way). Prompt 3 asks for logprobs (sampled on the host). */
+/* Reference outputs: greedy, except prompt 7 (temperature and top-p) and
+ * prompt 5 (temperature alone), drawn by the backend's sample op, or by the
+ * host sampler where the backend has none, the same tokens either way.
+ * Prompt 3 asks for logprobs (sampled on the host). */
 static out_t alone[N_PROMPTS];
 
 static spec_t spec_of(int i) {
@@ -787,6 +788,51 @@ static void test_compress_via_backend(void) {
   CHECK_INT_EQ(o[1][N_POL].kv_evicted, o[1][0].kv_evicted);
 }
 
+/* Decode steps as graphs, with graph-check.h's replay op standing in for
+ * CUDA graphs: every segment keeps replay's promise (the same ops on the
+ * same buffers under a key, nothing a capture cannot hold), steps run
+ * padded to their bucket, and the tokens are those of eager steps. The
+ * requests end one by one, so the decode batches shrink from 8 sequences
+ * to 1 through the buckets 8, 4, 2 and 1. */
+static void test_graphs(void) {
+  out_t o[2][N_PROMPTS];
+  uint64_t graph_steps = 0, steps = 0;
+  for (int graphs = 0; graphs < 2; graphs++) {
+    if (graphs) graph_check_wrap(be);
+    sched_engine_config_t c = config();
+    c.graphs = graphs;
+    sched_engine_t *e = engine(&c, false);
+    for (int i = 0; i < N_PROMPTS; i++) {
+      spec_t sp = spec_of(i);
+      sp.max_tokens = 6 + 3 * i;
+      submit(e, (uint64_t)i, &o[graphs][i], &sp);
+    }
+    CHECK_INT_EQ(sched_engine_start(e), 0);
+    run_until(e, all_done, &(outs_ref_t){o[graphs], N_PROMPTS});
+    sched_stats_t st;
+    sched_engine_stats(e, &st);
+    if (graphs) {
+      graph_steps = st.graph_steps;
+      steps = st.steps;
+    } else {
+      CHECK_INT_EQ(st.graph_steps, 0);
+    }
+    check_idle(e);
+    sched_engine_free(e);
+    if (graphs) graph_check_unwrap(be);
+  }
+  for (int i = 0; i < N_PROMPTS; i++) check_same(&o[1][i], &o[0][i]);
+  if (gc_state.violations)
+    FAIL_AT("%llu breaches of replay's promise; the first: %s",
+            (unsigned long long)gc_state.violations, gc_state.first_violation);
+  /* every decode step of the 27 after the prompts', and segments replayed */
+  CHECK(graph_steps >= 20 && graph_steps < steps);
+  CHECK(gc_state.repeats > gc_state.calls / 2);
+  fprintf(stderr, "   %llu of %llu steps as graphs: %llu segments, %llu under a key seen before\n",
+          (unsigned long long)graph_steps, (unsigned long long)steps,
+          (unsigned long long)gc_state.calls, (unsigned long long)gc_state.repeats);
+}
+
 /* ---- the picker alone (no model) ------------------------------------------- */
 
 typedef struct sim {
@@ -993,6 +1039,7 @@ int main(int argc, char **argv) {
   RUN(test_chunked_prefill);
   RUN(test_compress_between_chunks);
   RUN(test_compress_via_backend);
+  RUN(test_graphs);
 
   model_tok_free(tok);
   model_weights_destroy(&w);

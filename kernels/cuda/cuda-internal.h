@@ -22,6 +22,10 @@ typedef struct kc {
   void *blas;        /* cuda.cu: cuBLASLt handle and workspace */
   kc_attn_t *attn;   /* attn.cu: created lazily by kc_attn_prepare, freed by kc_attn_destroy */
   cudaError_t error; /* first device error seen (sticky), cudaSuccess if none */
+  /* While a replay captures (cuda.cu): errors go to capture_error instead,
+   * and the capture is given up, not the backend. */
+  bool capturing;
+  cudaError_t capture_error;
 } kc_t;
 
 static inline kc_t *kc_of(k_backend_t *be) { return (kc_t *)be->impl; }

@@ -132,6 +132,14 @@ typedef struct mm_plan {
 } mm_plan_t;
 
 /* cuda.cu's part of kc_t (c->blas). */
+/* A key of replay: seen once (its work ran eagerly), or captured. */
+typedef struct kc_graph {
+  uint64_t key;
+  cudaGraphExec_t exec; /* owns, once captured */
+  int state;            /* 0: free slot, 1: seen, 2: captured */
+} kc_graph_t;
+#define KC_GRAPHS 8192
+
 typedef struct kc_core {
   cublasLtHandle_t lt;  /* owns */
   void *ws;             /* owns: cuBLASLt workspace, KC_WORKSPACE bytes */
@@ -153,6 +161,8 @@ typedef struct kc_core {
   int32_t next_plan;    /* round-robin victim when the cache is full */
   int32_t sms;          /* multiprocessors */
   int32_t gemv_max_m;
+  kc_graph_t *graphs;   /* owns: [KC_GRAPHS] replay's keys, open addressing (NULL: none yet) */
+  bool graphs_off;      /* a capture failed: replay runs its work eagerly from then on */
   cudaEvent_t t0, t1;   /* owns (created on first use): the benchmark timer */
   char msg[192];        /* a cuBLASLt failure, for k_cuda_error_string */
 } kc_core_t;
@@ -161,7 +171,11 @@ static kc_core_t *core_of(kc_t *c) { return (kc_core_t *)c->blas; }
 
 int kc_check(kc_t *c, cudaError_t rc) {
   if (rc == cudaSuccess) return 0;
-  if (c && c->error == cudaSuccess) c->error = rc;
+  if (c && c->capturing) {
+    if (c->capture_error == cudaSuccess) c->capture_error = rc;
+  } else if (c && c->error == cudaSuccess) {
+    c->error = rc;
+  }
   return -EIO;
 }
 
@@ -199,10 +213,13 @@ static size_t el_bytes(k_dtype_t t) {
 
 /* Grow a device scratch buffer to at least `bytes`. Queued work may still
  * read the old buffer: the stream is drained before it is freed. */
+static void graphs_forget(kc_core_t *k);
+
 static int scratch_reserve(kc_t *c, void **p, size_t *cap, size_t bytes) {
   if (bytes <= *cap) return 0;
   if (*p) {
     if (kc_check(c, cudaStreamSynchronize(c->stream))) return -EIO;
+    graphs_forget(core_of(c)); /* captures may hold the old buffer */
     cudaFree(*p);
     *p = NULL;
     *cap = 0;
@@ -1099,6 +1116,8 @@ static void kc_destroy(k_backend_t *be) {
   kc_attn_destroy(c);
   kc_core_t *k = core_of(c);
   if (k) {
+    graphs_forget(k);
+    free(k->graphs);
     for (int32_t i = 0; i < KC_PLANS; i++) plan_release(&k->plans[i]);
     if (k->lt) lt.destroy(k->lt);
     cudaFree(k->ws);
@@ -1117,6 +1136,79 @@ static void kc_destroy(k_backend_t *be) {
   cudaGetLastError();
   free(c);
   be->impl = NULL;
+}
+
+/* ---- graphs ------------------------------------------------------------------- */
+
+/* Every key forgotten, its capture destroyed (the stream idle). */
+static void graphs_forget(kc_core_t *k) {
+  if (!k || !k->graphs) return;
+  for (int i = 0; i < KC_GRAPHS; i++)
+    if (k->graphs[i].state == 2) cudaGraphExecDestroy(k->graphs[i].exec);
+  memset(k->graphs, 0, KC_GRAPHS * sizeof *k->graphs);
+}
+
+static void kc_replay_drop(k_backend_t *be) {
+  kc_t *c = kc_of(be);
+  cudaSetDevice(c->device);
+  cudaStreamSynchronize(c->stream);
+  graphs_forget(core_of(c));
+}
+
+/* The slot of key (a free one where it is new), NULL when the table is
+ * full. */
+static kc_graph_t *graph_slot(kc_core_t *k, uint64_t key) {
+  if (!k->graphs && !(k->graphs = (kc_graph_t *)calloc(KC_GRAPHS, sizeof *k->graphs)))
+    return NULL;
+  size_t i = (size_t)(k_draw_mix(key) & (KC_GRAPHS - 1));
+  for (int probe = 0; probe < KC_GRAPHS; probe++, i = (i + 1) & (KC_GRAPHS - 1))
+    if (!k->graphs[i].state || k->graphs[i].key == key) return &k->graphs[i];
+  return NULL;
+}
+
+/* The first call under a key runs fn (which also grows whatever scratch
+ * its ops need, so that none is reallocated while capturing); the second
+ * captures the stream while fn queues, instantiates and launches the
+ * graph; later calls launch it. A capture that fails (fn called something
+ * a capture cannot hold) turns graphs off for the backend, with a line on
+ * stderr, and fn runs eagerly: the work is done either way. */
+static int kc_replay(k_backend_t *be, uint64_t key, int (*fn)(void *ctx), void *ctx) {
+  kc_t *c = kc_of(be);
+  kc_core_t *k = core_of(c);
+  int rc = kc_enter(c);
+  if (rc) return rc;
+  kc_graph_t *g = k->graphs_off ? NULL : graph_slot(k, key);
+  if (!g) return fn(ctx);
+  if (g->state == 2) return kc_check(c, cudaGraphLaunch(g->exec, c->stream));
+  if (g->state == 0) {
+    g->key = key;
+    g->state = 1;
+    return fn(ctx);
+  }
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  c->capturing = true;
+  c->capture_error = cudaSuccess;
+  cudaError_t e = cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal);
+  if (e == cudaSuccess) {
+    rc = fn(ctx);
+    e = cudaStreamEndCapture(c->stream, &graph);
+    if (e == cudaSuccess && (rc || c->capture_error != cudaSuccess)) e = cudaErrorStreamCaptureInvalidated;
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
+  }
+  c->capturing = false;
+  if (graph) cudaGraphDestroy(graph);
+  if (e != cudaSuccess || rc) {
+    cudaGetLastError(); /* the capture's error is not the device's */
+    k->graphs_off = true;
+    fprintf(stderr, "pressd: CUDA graphs off: a capture failed (%s, op result %d); steps run "
+            "eagerly\n", cudaGetErrorString(c->capture_error != cudaSuccess ? c->capture_error : e),
+            rc);
+    return fn(ctx);
+  }
+  g->exec = exec;
+  g->state = 2;
+  return kc_check(c, cudaGraphLaunch(exec, c->stream));
 }
 
 /* Once a device error is recorded every op returns -EIO (kc_enter): only a
@@ -1151,6 +1243,8 @@ static k_ops_t kc_make_ops(void) {
   o.kv_move = kc_kv_move;
   o.sample = kc_sample;
   o.read_rows = kc_read_rows;
+  o.replay = kc_replay;
+  o.replay_drop = kc_replay_drop;
   return o;
 }
 
@@ -1281,7 +1375,10 @@ extern "C" int k_cuda_mem_info(k_backend_t *be, size_t *free_bytes, size_t *tota
 }
 
 extern "C" void k_cuda_set_gemv_max_m(k_backend_t *be, int32_t max_m) {
-  core_of(kc_of(be))->gemv_max_m = max_m < 0 ? 0 : max_m > KC_GEMV_MAX_M ? KC_GEMV_MAX_M : max_m;
+  kc_t *c = kc_of(be);
+  cudaStreamSynchronize(c->stream);
+  graphs_forget(core_of(c)); /* captured matmuls chose by the old bound */
+  core_of(c)->gemv_max_m = max_m < 0 ? 0 : max_m > KC_GEMV_MAX_M ? KC_GEMV_MAX_M : max_m;
 }
 
 static int timer_events(kc_t *c) {
