@@ -1148,6 +1148,14 @@ static void graphs_forget(kc_core_t *k) {
   memset(k->graphs, 0, KC_GRAPHS * sizeof *k->graphs);
 }
 
+extern "C" int k_cuda_graphs_captured(k_backend_t *be) {
+  kc_core_t *k = core_of(kc_of(be));
+  if (k->graphs_off) return -1;
+  int n = 0;
+  for (int i = 0; k->graphs && i < KC_GRAPHS; i++) n += k->graphs[i].state == 2;
+  return n;
+}
+
 static void kc_replay_drop(k_backend_t *be) {
   kc_t *c = kc_of(be);
   cudaSetDevice(c->device);

@@ -33,6 +33,10 @@ int k_cuda_mem_info(k_backend_t *be, size_t *free_bytes, size_t *total_bytes);
  * products (activations rounded to the weight type, fp32 sums). */
 void k_cuda_set_gemv_max_m(k_backend_t *be, int32_t max_m);
 
+/* Graphs the replay op holds captured; -1 once a failed capture has
+ * turned them off. For tests. */
+int k_cuda_graphs_captured(k_backend_t *be);
+
 /* Stream time between a start and a stop mark, in milliseconds (the stop
  * waits for the stream to reach it). For benchmarks. */
 int k_cuda_timer_start(k_backend_t *be);

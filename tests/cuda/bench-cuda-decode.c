@@ -7,6 +7,10 @@
  * device-to-device copy); the ratio step / bound is the figure of merit
  * (target <= 1.3).
  *
+ * The step is timed op by op and then as CUDA graphs (model_set_graphs:
+ * everything but the attention calls replayed; step_graphs_ms, and its
+ * ratio to the bound).
+ *
  * Also timed: the step with every matmul through cuBLASLt, and the decode's
  * matmuls alone (our matrix-vector kernel, then cuBLASLt), which separates
  * the matmuls from everything else a step does; and the sample op drawing
@@ -34,6 +38,7 @@
 #define WARMUP 10
 #define STEPS 50
 #define STEPS_CUBLASLT 20
+#define STEPS_GRAPHS 50
 #define CHUNK 128
 #define COPY_BYTES ((size_t)1 << 30)
 #define COPY_REPS 10
@@ -49,7 +54,7 @@ typedef struct result {
   double weight_bytes;   /* read per decode step */
   double weight_total;   /* held on the device */
   double load_s;         /* dummy weights generated */
-  double step_ms, step_wall_ms, step_cublaslt_ms;
+  double step_ms, step_wall_ms, step_cublaslt_ms, step_graphs_ms, step_graphs_wall_ms;
   double matmul_ms, matmul_cublaslt_ms;
   double sample_ms[N_DRAWS]; /* SAMPLE_ROWS rows, per draw kind */
   char error[512];
@@ -71,11 +76,13 @@ static void print_json(const result_t *r) {
          "\"copy_bytes_per_s\": %.4g, \"bound_ms\": %.4f, \"step_ms\": %.4f, "
          "\"step_wall_ms\": %.4f, \"ratio\": %.4f, \"target_ratio\": 1.3, \"tokens_per_s\": %.2f, "
          "\"step_cublaslt_ms\": %.4f, \"matmul_ms\": %.4f, \"matmul_cublaslt_ms\": %.4f, "
-         "\"load_s\": %.3f",
+         "\"load_s\": %.3f, \"step_graphs_ms\": %.4f, \"step_graphs_wall_ms\": %.4f, "
+         "\"ratio_graphs\": %.4f",
          r->layers, CONTEXT, STEPS, r->weight_bytes, r->weight_total, r->copy_bps, bound_ms, r->step_ms,
          r->step_wall_ms, bound_ms > 0 && r->step_ms > 0 ? r->step_ms / bound_ms : 0.0,
          r->step_ms > 0 ? 1e3 / r->step_ms : 0.0, r->step_cublaslt_ms, r->matmul_ms,
-         r->matmul_cublaslt_ms, r->load_s);
+         r->matmul_cublaslt_ms, r->load_s, r->step_graphs_ms, r->step_graphs_wall_ms,
+         bound_ms > 0 && r->step_graphs_ms > 0 ? r->step_graphs_ms / bound_ms : 0.0);
   printf(", \"sample_rows\": %d, \"sample_ms\": {\"argmax\": %.4f, \"temperature\": %.4f, "
          "\"top_p\": %.4f, \"top_k_top_p\": %.4f}",
          SAMPLE_ROWS, r->sample_ms[0], r->sample_ms[1], r->sample_ms[2], r->sample_ms[3]);
@@ -178,7 +185,7 @@ int main(void) {
   memset(&s, 0, sizeof s);
   float *logits = NULL, *x = NULL, *y = NULL;
   int32_t *tokens = NULL;
-  const int32_t max_len = CONTEXT + WARMUP + STEPS + 2 * STEPS_CUBLASLT;
+  const int32_t max_len = CONTEXT + WARMUP + STEPS + 2 * STEPS_CUBLASLT + WARMUP + STEPS_GRAPHS;
   double t0 = now_s();
   if ((rc = model_weights_dummy(&w, &c, 8, be, err, sizeof err))) {
     fail(&r, be, err, rc);
@@ -268,6 +275,16 @@ int main(void) {
   }
   k_cuda_set_gemv_max_m(be, 4);
   fprintf(stderr, "bench-cuda-decode: step through cuBLASLt %.3f ms\n", r.step_cublaslt_ms);
+  next += 2 * STEPS_CUBLASLT;
+  model_group_set_graphs(&s.model, true); /* captured in the warm-up */
+  if ((rc = time_steps(be, &s, next, WARMUP, logits, &ms, &wall)) ||
+      (rc = time_steps(be, &s, next + WARMUP, STEPS_GRAPHS, logits, &r.step_graphs_ms,
+                       &r.step_graphs_wall_ms))) {
+    fail(&r, be, "decode steps (graphs)", rc);
+    goto out;
+  }
+  fprintf(stderr, "bench-cuda-decode: step as CUDA graphs %.3f ms (wall %.3f ms), %d captured\n",
+          r.step_graphs_ms, r.step_graphs_wall_ms, k_cuda_graphs_captured(be));
   if ((rc = time_sample(be, c.n_vocab, r.sample_ms))) {
     fail(&r, be, "sample", rc);
     goto out;

@@ -175,6 +175,16 @@ def main():
         on_host = cl.completions.create(**kw, logprobs=1).choices[0].text
         check(device == on_host, f"{device!r} vs {on_host!r}")
 
+    def engine_metrics():
+        # steps counted; on the CPU none runs as CUDA graphs, and
+        # --enforce-eager takes a boolean
+        check(srv.metric("pressd:engine_steps_total") > 0, "no engine steps counted")
+        check(srv.metric("pressd:engine_graph_steps_total") == 0, "graph steps on the CPU")
+        r = subprocess.run([BIN, "serve", "--model", MODEL, "--enforce-eager=maybe"],
+                           capture_output=True, text=True, timeout=60)
+        check(r.returncode != 0 and "enforce-eager" in r.stderr,
+              f"--enforce-eager=maybe: exit {r.returncode} {r.stderr[-300:]!r}")
+
     def bad_requests():
         for kwargs, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
                               ({"top_p": 0}, "top_p"), ({"n": 2}, "n")]:
@@ -329,7 +339,7 @@ def main():
 
     for fn in [models_list, completion_greedy_matches_cli, completion_token_prompt_and_stream,
                chat_and_stream, stop_strings, seeded_sampling_reproducible,
-               seeded_sampling_same_wherever_drawn, bad_requests,
+               seeded_sampling_same_wherever_drawn, engine_metrics, bad_requests,
                concurrent_streams_with_disconnects, batched_equals_alone, kv_compression_passkey,
                kv_compression_bad_requests]:
         case(fn)
