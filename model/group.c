@@ -134,3 +134,7 @@ void model_group_set_graphs(model_group_t *g, bool on) {
 int32_t model_group_graph_rows(const model_group_t *g, const model_batch_t *b) {
   return g->n == 1 ? model_graph_rows(&g->ranks[0], b) : 0;
 }
+
+int model_group_capture_graphs(model_group_t *g, int32_t max_rows) {
+  return g->n == 1 ? model_capture_graphs(&g->ranks[0], max_rows) : 0;
+}

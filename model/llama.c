@@ -230,15 +230,20 @@ static int segment_run(void *ctx) {
 
 /* Decode steps run their segments as graphs (model_set_graphs) over a
  * bucket of rows: 1, 2, 4, then multiples of 8 up to MODEL_GRAPH_ROWS, as
- * vLLM captures them. The rows past the batch's are computed and unused. */
+ * vLLM captures them (next_bucket). The rows past the batch's are computed
+ * and unused. */
 #define MODEL_GRAPH_ROWS 512
+
+/* The bucket after r: 1, 2, 4, 8, 16, 24, ... */
+static int32_t next_bucket(int32_t r) { return r < 8 ? 2 * r : r + 8; }
 
 void model_set_graphs(model_t *m, bool on) { m->graphs = on; }
 
 int32_t model_graph_rows(const model_t *m, const model_batch_t *b) {
   const int32_t n = b->n_tokens;
   if (!m->graphs || m->comm || n != b->n_seqs || n <= 0) return 0;
-  const int32_t r = n <= 2 ? n : n <= 4 ? 4 : (n + 7) / 8 * 8;
+  int32_t r = 1;
+  while (r < n) r = next_bucket(r);
   return r <= m->cap_tokens && r <= MODEL_GRAPH_ROWS ? r : 0;
 }
 
@@ -247,6 +252,23 @@ static int segment(model_t *m, int32_t l, int64_t T, bool graph) {
   if (!graph || !m->be->ops->replay) return segment_run(&s);
   const uint64_t key = (uint64_t)m->graph_id << 48 | (uint64_t)T << 20 | (uint64_t)l;
   return m->be->ops->replay(m->be, key, segment_run, &s);
+}
+
+int model_capture_graphs(model_t *m, int32_t max_rows) {
+  if (!m->graphs || m->comm || !m->be->ops->replay) return 0;
+  const k_ops_t *op = m->be->ops;
+  const int32_t L = m->w->cfg.n_layers, T = m->cap_tokens;
+  memset(m->h_ids, 0, (size_t)T * sizeof *m->h_ids);
+  TRY(op->upload(m->be, m->d_tokens, m->h_ids, (size_t)T * sizeof(int32_t)));
+  TRY(op->upload(m->be, m->d_pos, m->h_ids, (size_t)T * sizeof(int32_t)));
+  for (int32_t l = 0; l <= L; l++) TRY(segment(m, l, T, false)); /* scratch at its largest */
+  /* every bucket a batch of up to max_rows sequences uses */
+  for (int32_t r = 1; r <= T && r <= MODEL_GRAPH_ROWS; r = next_bucket(r)) {
+    for (int pass = 0; pass < 2; pass++) /* replay: run, then capture */
+      for (int32_t l = 0; l <= L; l++) TRY(segment(m, l, r, true));
+    if (r >= max_rows) break;
+  }
+  return op->sync(m->be);
 }
 
 int model_forward(model_t *m, const model_batch_t *b, float *logits) {

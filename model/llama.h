@@ -84,6 +84,12 @@ bool model_can_sample(const model_t *m);
 void model_set_graphs(model_t *m, bool on);
 /* The rows model_forward runs b's segments over as graphs; 0: eagerly. */
 int32_t model_graph_rows(const model_t *m, const model_batch_t *b);
+/* With graphs on a backend with replay: capture now the graphs of every
+ * bucket a decode batch of up to max_rows sequences uses, instead of the
+ * second time each comes (the segments run once over cap_tokens rows
+ * first, so that no scratch of the backend grows after a capture). What
+ * they compute is thrown away; the KV cache is not touched. */
+int model_capture_graphs(model_t *m, int32_t max_rows);
 
 /* model_init for one rank of sharded weights (model_weights_shard) whose
  * partial sums go through comm. */

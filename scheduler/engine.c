@@ -777,6 +777,10 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
                                cfg->tp_comm, T, S, err, errlen)))
       goto fail;
     model_group_set_graphs(&e->model, cfg->graphs);
+    if (cfg->graphs && (rc = model_group_capture_graphs(&e->model, S))) {
+      fail(err, errlen, rc, "capturing the decode steps' graphs failed: %s", strerror(-rc));
+      goto fail;
+    }
   }
   sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
                   c->n_heads / c->n_kv_heads, cfg->kv_via_backend);
