@@ -548,7 +548,8 @@ static int cmd_serve(cfg_options_t *o) {
       .kv_below_max_len = kv_compression_bounded(&kvc) && m.be->host_memory,
       .graphs = !o->enforce_eager && m.be->ops->replay && m.tp <= 1,
   };
-  notify_status("allocating the KV cache");
+  notify_status(ec.graphs ? "allocating the KV cache, capturing CUDA graphs"
+                          : "allocating the KV cache");
   if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
   sched_capacity_t cap;
   sched_engine_capacity(eng, &cap);
