@@ -561,8 +561,8 @@ static int cmd_serve(cfg_options_t *o) {
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
            cap.max_concurrency);
   if (ec.graphs)
-    log_info("decode steps replay CUDA graphs, captured at start-up for batches of 1, 2, 4 "
-             "and multiples of 8 sequences (--enforce-eager: op by op)");
+    log_info("steps of up to 512 tokens replay CUDA graphs, captured at start-up for 1, 2, 4 "
+             "and multiples of 8 tokens (--enforce-eager: op by op)");
   if (cap.kv_tokens < max_len)
     log_info("the KV cache holds fewer tokens than max-model-len %d: longer requests are served "
              "compressed between prefill chunks; uncompressed ones up to %lld tokens",

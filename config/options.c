@@ -45,7 +45,7 @@ static const opt_t opts[] = {
      "ranks the model is split over (Megatron-style: heads, MLP columns, vocabulary); on "
      "the CPU each rank is a thread group sharing --threads"},
     {"enforce-eager", OPT_BOOL, O(enforce_eager), "false", 0, 0, NULL,
-     "on a GPU: run every step op by op, never replaying decode steps as CUDA graphs"},
+     "on a GPU: run every step op by op, never replaying steps as CUDA graphs"},
     {"cpu-numerics", OPT_STR, O(cpu_numerics), "int8", 0, 0, "int8|exact|llama",
      "CPU arithmetic: int8 activations for quantised weights (fast, batch-invariant), exact "
      "(fp32 activations), or llama (llama.cpp's CPU results bit for bit; not batch-invariant, "

@@ -228,8 +228,8 @@ static int segment_run(void *ctx) {
   return s->l < m->w->cfg.n_layers ? layer_in(m, s->l, s->T) : 0;
 }
 
-/* Decode steps run their segments as graphs (model_set_graphs) over a
- * bucket of rows: 1, 2, 4, then multiples of 8 up to MODEL_GRAPH_ROWS, as
+/* Steps run their segments as graphs (model_set_graphs) over a bucket of
+ * rows: 1, 2, 4, then multiples of 8 up to MODEL_GRAPH_ROWS, as
  * vLLM captures them (next_bucket). The rows past the batch's are computed
  * and unused. */
 #define MODEL_GRAPH_ROWS 512
@@ -241,7 +241,7 @@ void model_set_graphs(model_t *m, bool on) { m->graphs = on; }
 
 int32_t model_graph_rows(const model_t *m, const model_batch_t *b) {
   const int32_t n = b->n_tokens;
-  if (!m->graphs || m->comm || n != b->n_seqs || n <= 0) return 0;
+  if (!m->graphs || m->comm || n <= 0) return 0;
   int32_t r = 1;
   while (r < n) r = next_bucket(r);
   return r <= m->cap_tokens && r <= MODEL_GRAPH_ROWS ? r : 0;
@@ -262,7 +262,7 @@ int model_capture_graphs(model_t *m, int32_t max_rows) {
   TRY(op->upload(m->be, m->d_tokens, m->h_ids, (size_t)T * sizeof(int32_t)));
   TRY(op->upload(m->be, m->d_pos, m->h_ids, (size_t)T * sizeof(int32_t)));
   for (int32_t l = 0; l <= L; l++) TRY(segment(m, l, T, false)); /* scratch at its largest */
-  /* every bucket a batch of up to max_rows sequences uses */
+  /* every bucket a step of up to max_rows tokens uses */
   for (int32_t r = 1; r <= T && r <= MODEL_GRAPH_ROWS; r = next_bucket(r)) {
     for (int pass = 0; pass < 2; pass++) /* replay: run, then capture */
       for (int32_t l = 0; l <= L; l++) TRY(segment(m, l, r, true));

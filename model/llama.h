@@ -49,7 +49,7 @@ typedef struct model {
   /* (host) [cap_tokens] ids (in a rank's vocabulary slice) and positions,
    * padded to a graph's rows: */
   int32_t *h_ids, *h_pos; /* owns */
-  bool graphs;            /* decode steps as graphs (model_set_graphs) */
+  bool graphs;            /* steps as graphs (model_set_graphs) */
   uint32_t graph_id;      /* this model's keys of the backend's replay op */
   /* A tensor-parallel rank (w->shard.n_ranks > 1): */
   k_comm_t *comm;     /* borrows: sums the partial results of the ranks */
@@ -74,18 +74,20 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits);
  * model on a backend with the sample and read_rows ops. */
 bool model_can_sample(const model_t *m);
 
-/* Decode steps (one token a sequence) as graphs: the work between two
- * attention calls goes through the backend's replay op (CUDA graphs) over
- * the rows of the batch rounded up to 1, 2, 4 or a multiple of 8 (at most
- * 512, and cap_tokens); the extra rows are id 0 at position 0, computed and
- * never read. Not for a sharded rank (its all-reduces stay eager). Off by
- * default; on a backend without replay the same rows and calls run as
- * they are (what tests check). */
+/* Steps as graphs: the work between two attention calls goes through the
+ * backend's replay op (CUDA graphs) over the step's tokens rounded up to
+ * 1, 2, 4 or a multiple of 8 rows (steps of at most 512 tokens, and
+ * cap_tokens; longer ones run eagerly), whether they decode or prefill:
+ * only the attention calls, which run outside the graphs, tell the two
+ * apart. The extra rows are id 0 at position 0, computed and never read.
+ * Not for a sharded rank (its all-reduces stay eager). Off by default; on a
+ * backend without replay the same rows and calls run as they are (what
+ * tests check). */
 void model_set_graphs(model_t *m, bool on);
 /* The rows model_forward runs b's segments over as graphs; 0: eagerly. */
 int32_t model_graph_rows(const model_t *m, const model_batch_t *b);
 /* With graphs on a backend with replay: capture now the graphs of every
- * bucket a decode batch of up to max_rows sequences uses, instead of the
+ * bucket a step of up to max_rows tokens uses, instead of the
  * second time each comes (the segments run once over cap_tokens rows
  * first, so that no scratch of the backend grows after a capture). What
  * they compute is thrown away; the KV cache is not touched. */

@@ -137,9 +137,10 @@ typedef struct sched_engine_config {
    * run the device's path on the CPU); compression between prefill chunks
    * is then off, as on a device. */
   bool kv_via_backend;
-  /* Decode steps as graphs (model_set_graphs): CUDA graphs on a backend
-   * with the replay op; elsewhere the same padded rows run eagerly. Not
-   * under tensor parallelism. */
+  /* Steps of up to 512 tokens as graphs (model_set_graphs; captured when
+   * the engine is made): CUDA graphs on a backend with the replay op;
+   * elsewhere the same padded rows run eagerly. Not under tensor
+   * parallelism. */
   bool graphs;
   /* Called once from the engine thread when the backend can no longer run
    * (a failed step and its health op says the failure sticks): every
