@@ -38,7 +38,9 @@ typedef struct plan_ctx {
   int32_t *cap;    /* view: [LH] DBudgetKV's per-head limit */
   uint64_t *heap;  /* view: [LH] */
   int32_t heap_n;
-  uint64_t *tmp, *work; /* view: [max ctx] sort buffers */
+  uint64_t *tmp;   /* view: [threads][max ctx] sort buffers, one per thread */
+  uint64_t *work;  /* view: [max ctx] */
+  size_t max_ctx;
   uint8_t *mark;   /* view: [max ctx] */
   int64_t *quota;  /* view: [L] blocks each layer may keep */
   double *lbud;    /* view: [L] ZigZagKV tokens per head of each layer */
@@ -145,9 +147,11 @@ static void sort_keys(uint64_t *a, uint64_t *tmp, int32_t n) {
   if (src != a) memcpy(a, src, (size_t)n * sizeof *a);
 }
 
-/* Rank the evictable slots of head i; sets nev, nmax. */
+/* Rank the evictable slots of head i (sorting through tmp, max_ctx
+ * entries); sets nev, nmax. Heads are independent: any may run on any
+ * thread. */
 static void rank_head(plan_ctx_t *c, const kv_compress_params_t *prm,
-                      const kv_compress_input_t *in, rank_by_t by, int32_t i) {
+                      const kv_compress_input_t *in, rank_by_t by, int32_t i, uint64_t *tmp) {
   const kv_seq_t *s = c->seq;
   const int32_t *table = s->blocks + (int64_t)i * s->max_blocks;
   int32_t ctx = s->ctx[i], B = c->B, e = 0;
@@ -177,10 +181,22 @@ static void rank_head(plan_ctx_t *c, const kv_compress_params_t *prm,
       k[e++] = ((uint64_t)key << 32) | (uint32_t)j;
     }
   }
-  sort_keys(k, c->tmp, e);
+  sort_keys(k, tmp, e);
   c->nev[i] = e;
   int32_t hang = c->hang[i];
   c->nmax[i] = ctx > 0 && e >= hang ? (e - hang) / B + 1 : 0;
+}
+
+typedef struct rank_job {
+  plan_ctx_t *c;
+  const kv_compress_params_t *prm;
+  const kv_compress_input_t *in;
+  rank_by_t by;
+} rank_job_t;
+
+static void rank_one(void *arg, int64_t i, int32_t thread) {
+  const rank_job_t *j = arg;
+  rank_head(j->c, j->prm, j->in, j->by, (int32_t)i, j->c->tmp + (size_t)thread * j->c->max_ctx);
 }
 
 /* ---- merging the heads' cost lists --------------------------------------------- */
@@ -416,7 +432,7 @@ static int validate(const kv_compress_params_t *prm, const kv_compress_input_t *
 
 /* Carve the working state out of pl->scratch (grown when too small). */
 static int ctx_init(plan_ctx_t *c, kv_compress_plan_t *pl, const kv_compress_input_t *in,
-                    bool dbudget) {
+                    bool dbudget, int32_t threads) {
   const kv_seq_t *s = in->seq;
   memset(c, 0, sizeof *c);
   c->seq = s;
@@ -431,7 +447,7 @@ static int ctx_init(plan_ctx_t *c, kv_compress_plan_t *pl, const kv_compress_inp
     if ((size_t)s->ctx[i] > max_ctx) max_ctx = (size_t)s->ctx[i];
   }
   size_t LH = (size_t)c->LH, L = (size_t)c->L, HG = (size_t)c->H * (size_t)c->G;
-  size_t n8 = total_ctx + 2 * max_ctx + 2 * LH + 2 * L + HG + (size_t)c->G;
+  size_t n8 = total_ctx + ((size_t)threads + 1) * max_ctx + 2 * LH + 2 * L + HG + (size_t)c->G;
   size_t n4 = 6 * LH;
   size_t n1 = max_ctx + L;
   size_t bytes = n8 * 8 + n4 * 4 + n1;
@@ -454,8 +470,9 @@ static int ctx_init(plan_ctx_t *c, kv_compress_plan_t *pl, const kv_compress_inp
     p += (size_t)(n) * sizeof *(dst); \
   } while (0)
   CARVE(c->keys, total_ctx);
-  CARVE(c->tmp, max_ctx);
+  CARVE(c->tmp, (size_t)threads * max_ctx);
   CARVE(c->work, max_ctx);
+  c->max_ctx = max_ctx;
   CARVE(c->off, LH);
   CARVE(c->heap, LH);
   CARVE(c->quota, L);
@@ -534,7 +551,8 @@ int kv_compress_plan(kv_compress_plan_t *pl, const kv_compress_params_t *prm_in,
   int rc = validate(prm, in);
   if (rc) return rc;
   plan_ctx_t c;
-  rc = ctx_init(&c, pl, in, prm->policy == KV_POLICY_DBUDGET);
+  const bool par = pl->par.run && pl->par.threads > 1;
+  rc = ctx_init(&c, pl, in, prm->policy == KV_POLICY_DBUDGET, par ? pl->par.threads : 1);
   if (rc) return rc;
   const kv_seq_t *s = in->seq;
   int32_t LH = c.LH, B = c.B;
@@ -546,7 +564,9 @@ int kv_compress_plan(kv_compress_plan_t *pl, const kv_compress_params_t *prm_in,
     rank_by_t by = prm->policy == KV_POLICY_STREAMING ? RANK_POS
                    : prm->policy == KV_POLICY_RANDOM  ? RANK_RANDOM
                                                       : RANK_SCORE;
-    for (int32_t i = 0; i < LH; i++) rank_head(&c, prm, in, by, i);
+    rank_job_t job = {&c, prm, in, by};
+    if (par) pl->par.run(pl->par.ctx, LH, rank_one, &job);
+    else for (int32_t i = 0; i < LH; i++) rank_head(&c, prm, in, by, i, c.tmp);
   }
 
   kv_layer_budget_t split = prm->layer_budget;

@@ -89,7 +89,18 @@ typedef struct kv_compress_input {
 } kv_compress_input_t;
 
 /* A plan. Owns its arrays; reusable across calls (grows as needed). */
+/* A parallel loop the owner of a plan may lend it: run(ctx, n, fn, arg)
+ * calls fn(arg, i, thread) for every i in [0, n), thread < threads, and
+ * returns when all are done. The planner ranks the heads through it. */
+typedef void (*kv_par_fn)(void *arg, int64_t i, int32_t thread);
+typedef struct kv_par {
+  void (*run)(void *ctx, int64_t n, kv_par_fn fn, void *arg);
+  void *ctx;
+  int32_t threads;
+} kv_par_t;
+
 typedef struct kv_compress_plan {
+  kv_par_t par;              /* set by the owner; zero: one thread */
   int32_t n_heads_total;     /* L * H */
   int32_t *evict;            /* owns: [L * H] KVs each head drops */
   int32_t cap_heads;         /* entries evict[] has room for */

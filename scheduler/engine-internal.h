@@ -148,6 +148,7 @@ typedef struct sched__kvc {
   size_t cap_rows, cap_stage;
   float *h_mass, *h_last;       /* owns: host copies of a sequence's observations */
   size_t cap_mass, cap_last;    /* floats */
+  struct k_pool *par;           /* owns: threads the planner ranks heads on (NULL: one) */
 } sched__kvc_t;
 
 /* via_backend: plan from scores read back through the backend even where

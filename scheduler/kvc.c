@@ -23,6 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
+#include "kernels/cpu/pool.h"
 #include "scheduler/engine-internal.h"
 
 const double sched_kvc_bounds[SCHED_KVC_N_BOUNDS] = {0.0001, 0.0003, 0.001, 0.003, 0.01,
@@ -38,6 +41,12 @@ void sched_kv_compression_default(sched_kv_compression_t *k) {
   k->plan.per_query = false;
 }
 
+#define PAR_MAX 8
+
+static void par_run(void *ctx, int64_t n, kv_par_fn fn, void *arg) {
+  k_pool_run(ctx, n, fn, arg);
+}
+
 void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
                      sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group,
                      bool via_backend) {
@@ -45,11 +54,19 @@ void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena
                       .n_kv_heads = n_kv_heads, .group = group,
                       .via_backend = via_backend || !be->host_memory};
   kv_compress_plan_init(&k->plan);
+  /* Plans run between steps, on the engine's thread: the heads are ranked
+   * on the CPU backend's number of threads (idle then), or, beside a
+   * device, on the cores but one, 8 at most. Without a pool, on one. */
+  long n = be->host_memory ? be->threads : sysconf(_SC_NPROCESSORS_ONLN) - 1;
+  if (n > PAR_MAX) n = PAR_MAX;
+  if (n > 1 && !k_pool_new(&k->par, (int32_t)n))
+    k->plan.par = (kv_par_t){.run = par_run, .ctx = k->par, .threads = k_pool_threads(k->par)};
 }
 
 void sched__kvc_destroy(sched__kvc_t *k) {
   if (!k) return;
   kv_compress_plan_destroy(&k->plan);
+  k_pool_free(k->par);
   free(k->m_score);
   free(k->m_pos);
   free(k->rows);

@@ -1065,10 +1065,19 @@ static int cmp_float(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* A parallel loop for the planner that runs on this thread, last head
+ * first, as three threads would share it out. */
+static void reverse_run(void *ctx, int64_t n, kv_par_fn fn, void *arg) {
+  (void)ctx;
+  for (int64_t i = n - 1; i >= 0; i--) fn(arg, i, (int32_t)(i % 3));
+}
+
 static void test_randomized(void) {
   uint64_t rng = 2024;
-  kv_compress_plan_t pl;
+  kv_compress_plan_t pl, pl_par;
   kv_compress_plan_init(&pl);
+  kv_compress_plan_init(&pl_par);
+  pl_par.par = (kv_par_t){.run = reverse_run, .threads = 3};
   int32_t counts[5] = {0};
   for (int iter = 0; iter < 600; iter++) {
     int32_t L = 1 + rng_int(&rng, 3), H = 1 + rng_int(&rng, 3);
@@ -1118,6 +1127,12 @@ static void test_randomized(void) {
 
     int rc = kv_compress_plan(&pl, &p, &in);
     CHECK_INT_EQ(rc, 0);
+    /* the heads ranked through a parallel loop: the same plan */
+    CHECK_INT_EQ(kv_compress_plan(&pl_par, &p, &in), 0);
+    CHECK_INT_EQ(pl_par.n_moves, pl.n_moves);
+    CHECK(!memcmp(pl_par.evict, pl.evict, (size_t)L * H * sizeof *pl.evict));
+    CHECK(!memcmp(pl_par.src, pl.src, (size_t)pl.n_moves * sizeof *pl.src));
+    CHECK(!memcmp(pl_par.dst, pl.dst, (size_t)pl.n_moves * sizeof *pl.dst));
     /* what the test expects of each head */
     int32_t LH = L * H;
     int64_t sum_nmax = 0, sum_cnt = 0, sum_full = 0;
@@ -1190,6 +1205,7 @@ static void test_randomized(void) {
   }
   for (int k = 1; k < 5; k++) CHECK(counts[k] > 50);
   kv_compress_plan_destroy(&pl);
+  kv_compress_plan_destroy(&pl_par);
 }
 
 /* ---- cost ------------------------------------------------------------------------------ */
