@@ -130,7 +130,7 @@ static inline int topp_bin(float l, float lmax, float T) {
 
 /* exp((l - lmax) / T), 0 for -inf and NaN */
 static inline float weight(float l, float lmax, float T) {
-  return l > -INFINITY ? expf((l - lmax) / T) : 0.0f;
+  return l > -INFINITY ? k_draw_weight(l, lmax, T) : 0.0f;
 }
 
 /* The kept prefix's ids into idx[0..result): top-k, then top-p among the

@@ -71,11 +71,14 @@ K_DRAW_FN double k_draw_gumbel(uint64_t key, int64_t i) {
   return -log(-log(u));
 }
 
+/* w_i = exp((l - lmax) / T), the weight top-p sums and min-p compares. */
+K_DRAW_FN float k_draw_weight(float l, float lmax, float T) { return expf((l - lmax) / T); }
+
 /* The candidate's score x_i + g_i, or -inf when min-p (or underflow) drops
  * it. l must be above -inf (not NaN). */
 K_DRAW_FN double k_draw_score(float l, float lmax, const k_draw_t *d, int64_t i) {
   const float x = (l - lmax) / d->temperature;
-  const float w = expf(x);
+  const float w = k_draw_weight(l, lmax, d->temperature);
   if (!(w > 0.0f && w >= d->min_p)) return -INFINITY;
   return (double)x + k_draw_gumbel(d->key, i);
 }

@@ -778,7 +778,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
       goto fail;
     model_group_set_graphs(&e->model, cfg->graphs);
     if (cfg->graphs && (rc = model_group_capture_graphs(&e->model, T))) {
-      fail(err, errlen, rc, "capturing the decode steps' graphs failed: %s", strerror(-rc));
+      fail(err, errlen, rc, "capturing the steps' CUDA graphs failed: %s", strerror(-rc));
       goto fail;
     }
   }

@@ -131,7 +131,6 @@ typedef struct mm_plan {
   cublasLtMatmulAlgo_t algo;
 } mm_plan_t;
 
-/* cuda.cu's part of kc_t (c->blas). */
 /* A key of replay: seen once (its work ran eagerly), or captured. */
 typedef struct kc_graph {
   uint64_t key;
@@ -140,6 +139,7 @@ typedef struct kc_graph {
 } kc_graph_t;
 #define KC_GRAPHS 8192
 
+/* cuda.cu's part of kc_t (c->blas). */
 typedef struct kc_core {
   cublasLtHandle_t lt;  /* owns */
   void *ws;             /* owns: cuBLASLt workspace, KC_WORKSPACE bytes */
@@ -754,10 +754,6 @@ __device__ __forceinline__ uint64_t rank_key(float l, int64_t i) {
   return ((uint64_t)u << 32) | (uint32_t)(0xffffffffu - (uint32_t)i);
 }
 
-__device__ __forceinline__ float draw_weight(float l, float top, float T) {
-  return expf((l - top) / T);
-}
-
 typedef struct kc_radix {
   unsigned cnt[256];
   double mass[256];
@@ -788,7 +784,7 @@ __device__ uint64_t radix_cut(const float *row, int64_t n, uint64_t lo, double t
       if (key < lo || (key & hi) != prefix) continue;
       const int d = (int)((key >> shift) & 255u);
       atomicAdd(&r->cnt[d], 1u);
-      if (by_mass) atomicAdd(&r->mass[d], (double)draw_weight(l, top, T));
+      if (by_mass) atomicAdd(&r->mass[d], (double)k_draw_weight(l, top, T));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -854,7 +850,7 @@ __global__ void sample_kernel(int32_t *ids, const float *x, int64_t m, int64_t n
         double w = 0.0;
         for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
           if (row[i] > -INFINITY && rank_key(row[i], i) >= cut)
-            w += (double)draw_weight(row[i], top, d.temperature);
+            w += (double)k_draw_weight(row[i], top, d.temperature);
         w = block_sum(w); /* its part[] is next written after many syncs */
         const uint64_t p = radix_cut(row, n, cut, (double)d.top_p * w, true, top, d.temperature,
                                      &radix);
@@ -1201,7 +1197,8 @@ static int kc_replay(k_backend_t *be, uint64_t key, int (*fn)(void *ctx), void *
   if (e == cudaSuccess) {
     rc = fn(ctx);
     e = cudaStreamEndCapture(c->stream, &graph);
-    if (e == cudaSuccess && (rc || c->capture_error != cudaSuccess)) e = cudaErrorStreamCaptureInvalidated;
+    if (e == cudaSuccess && (rc || c->capture_error != cudaSuccess))
+      e = cudaErrorStreamCaptureInvalidated;
     if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
   }
   c->capturing = false;
