@@ -21,12 +21,17 @@ typedef struct loaded {
   k_backend_t *be;
   char *chat_template; /* owns: the model's template text; NULL when it has none */
   /* --tensor-parallel-size > 1: each rank's backend and shard of w (which
-   * they borrow rows of), and the communicator. */
+   * they borrow rows of, on the CPU), and the communicator. With the ranks
+   * on GPUs, be is the host backend the whole model was read into. */
   int32_t tp;
   k_backend_t **tp_be;     /* owns: [tp] */
   model_weights_t *tp_w;   /* owns: [tp] */
   k_comm_t *tp_comm;       /* owns */
 } loaded_t;
+
+/* The backend of rank 0, which the engine steps through: be, or under
+ * tensor parallelism tp_be[0] (be then only read the model). */
+static inline k_backend_t *cli_run_be(const loaded_t *m) { return m->tp > 1 ? m->tp_be[0] : m->be; }
 
 double cli_now_s(void);
 /* Prints "pressd: msg" and returns 1 (the exit status). */

@@ -128,16 +128,13 @@ static int load_dummy(loaded_t *m, const cfg_options_t *o, char *err, size_t err
   return rc;
 }
 
-/* --tensor-parallel-size N: N backends of the same kind, each rank's shard
- * of the loaded weights, and a communicator. On the CPU the ranks split
- * --threads and share the KV arena. */
-static int load_shards(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
+/* --tensor-parallel-size N: N backends, each rank's shard of the loaded
+ * weights, and a communicator. On the CPU the ranks split --threads and
+ * talk through threads; on GPUs (on_gpus: the weights were loaded on the
+ * host) rank r drives device r and NCCL sums. */
+static int load_shards(loaded_t *m, const cfg_options_t *o, bool on_gpus, char *err,
+                       size_t errlen) {
   const int32_t n = (int32_t)o->tensor_parallel_size;
-  if (!m->be->host_memory) {
-    snprintf(err, errlen, "--tensor-parallel-size %d: on CUDA the ranks need KV arenas of their "
-                          "own, which pressd does not have yet; use it with --device cpu", n);
-    return -ENOTSUP;
-  }
   m->tp_be = calloc((size_t)n, sizeof *m->tp_be);
   m->tp_w = calloc((size_t)n, sizeof *m->tp_w);
   if (!m->tp_be || !m->tp_w) {
@@ -145,16 +142,20 @@ static int load_shards(loaded_t *m, const cfg_options_t *o, char *err, size_t er
     return -ENOMEM;
   }
   int32_t threads = m->be->threads / n > 0 ? m->be->threads / n : 1;
-  int rc = k_comm_cpu_new(&m->tp_comm, n);
+  int rc = on_gpus ? 0 : k_comm_cpu_new(&m->tp_comm, n);
   for (int32_t r = 0; r < n && !rc; r++) {
-    if ((rc = k_cpu_backend_new(&m->tp_be[r], threads))) {
-      snprintf(err, errlen, "cannot start the CPU backend of rank %d", r);
+    char e[256];
+    if ((rc = on_gpus ? k_backend_new_cuda(&m->tp_be[r], r, e, sizeof e)
+                      : k_cpu_backend_new(&m->tp_be[r], threads))) {
+      snprintf(err, errlen, "cannot start the backend of rank %d: %s", r,
+               on_gpus ? e : "out of memory");
       break;
     }
     m->tp++;
     m->tp_be[r]->numerics = m->be->numerics;
     rc = model_weights_shard(&m->tp_w[r], &m->w, r, n, m->tp_be[r], err, errlen);
   }
+  if (!rc && on_gpus) rc = k_comm_nccl_new(&m->tp_comm, n, m->tp_be, err, errlen);
   if (rc == -ENOMEM && !err[0]) snprintf(err, errlen, "out of memory");
   return rc;
 }
@@ -193,6 +194,17 @@ int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen
                                                : K_DEVICE_AUTO;
   int rc = k_backend_new(&m->be, dev, (int32_t)o->threads, err, errlen);
   if (rc) return rc;
+  /* Ranks on GPUs: the whole model is read on the host, and each rank
+   * copies its shard to its device (no device holds the whole model). */
+  const bool tp_gpus = o->tensor_parallel_size > 1 && !m->be->host_memory;
+  if (tp_gpus) {
+    k_backend_free(m->be);
+    m->be = NULL;
+    if ((rc = k_cpu_backend_new(&m->be, (int32_t)o->threads))) {
+      snprintf(err, errlen, "cannot start the host backend that reads the model");
+      return rc;
+    }
+  }
   m->be->numerics = !strcmp(o->cpu_numerics, "exact")   ? K_NUMERICS_EXACT
                     : !strcmp(o->cpu_numerics, "llama") ? K_NUMERICS_LLAMA
                                                         : K_NUMERICS_INT8;
@@ -220,7 +232,7 @@ int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen
     }
   }
   if (dummy && (rc = load_dummy(m, o, err, errlen))) return rc;
-  if (o->tensor_parallel_size > 1 && (rc = load_shards(m, o, err, errlen))) return rc;
+  if (o->tensor_parallel_size > 1 && (rc = load_shards(m, o, tp_gpus, err, errlen))) return rc;
   /* every id the tokenizer can produce must have an embedding row */
   if (model_tok_n_vocab(m->tok) > m->w.cfg.n_vocab) {
     snprintf(err, errlen, "the tokenizer has %d tokens but the model's vocabulary only %d%s",
@@ -308,12 +320,14 @@ static void on_engine_alive(void *ctx) {
 /* --gpu-memory-utilization: on a device backend with --kv-cache-memory 0,
  * the KV cache gets what the fraction of the device's memory leaves after
  * the weights (already loaded), the activations and a margin for the
- * libraries' workspaces. 0 in *bytes on host-memory backends. */
+ * libraries' workspaces; under tensor parallelism what rank 0's device
+ * leaves, on every rank. 0 in *bytes on host-memory backends. */
 static int kv_bytes_for_device(const loaded_t *m, const cfg_options_t *o, int32_t max_len,
                                int64_t *bytes, char *err, size_t errlen) {
   *bytes = 0;
   size_t free_b, total_b;
-  if (!m->be->ops->mem_info || m->be->ops->mem_info(m->be, &free_b, &total_b)) return 0;
+  k_backend_t *be = cli_run_be(m);
+  if (!be->ops->mem_info || be->ops->mem_info(be, &free_b, &total_b)) return 0;
   const int64_t margin = 512ll << 20;
   int64_t act = (int64_t)model_activation_bytes(&m->w.cfg, (int32_t)o->max_num_batched_tokens,
                                                 (int32_t)o->max_num_seqs);
@@ -332,6 +346,7 @@ static int kv_bytes_for_device(const loaded_t *m, const cfg_options_t *o, int32_
            "%.2f GiB, activations %.2f GiB; max-model-len %d)", (double)*bytes / (1 << 30),
            o->gpu_memory_utilization, (double)total_b / (1 << 30), (double)used / (1 << 30),
            (double)act / (1 << 30), max_len);
+  if (m->tp > 1) *bytes *= m->tp; /* each rank's part on its own device */
   return 0;
 }
 
@@ -514,17 +529,27 @@ static int cmd_serve(cfg_options_t *o) {
   else if (rc != -ENOENT) goto fail_model;
   else log_warn("%s; /v1/chat/completions will answer 400", err);
 
+  k_backend_t *run_be = cli_run_be(&m);
   int64_t kv_bytes = o->kv_cache_memory;
   if (kv_bytes <= 0 && (rc = kv_bytes_for_device(&m, o, max_len, &kv_bytes, err, sizeof err)))
     goto fail_chat;
   if (kv_bytes <= 0) /* host memory: room for four sequences of max_model_len */
     kv_bytes = 4 * (int64_t)max_len * c->n_layers * c->n_kv_heads *
-               (int64_t)(2 * (size_t)c->head_dim * k_dtype_bytes(m.be->kv_type) + sizeof(float) +
+               (int64_t)(2 * (size_t)c->head_dim * k_dtype_bytes(run_be->kv_type) + sizeof(float) +
                          sizeof(int32_t));
   srv_server_t *srv = NULL;
   sched_engine_t *eng = NULL;
   sched_kv_compression_t kvc;
   if ((rc = kv_compression_of(o, &kvc, err, sizeof err))) goto fail_chat;
+  if (m.tp > 1 && !run_be->host_memory &&
+      (kvc.plan.policy == KV_POLICY_DBUDGET ||
+       (kvc.plan.policy == KV_POLICY_KVCOMPRESS && kvc.plan.layer_budget == KV_LAYER_ZIGZAG))) {
+    snprintf(err, sizeof err, "--kv-compression dbudget and --kv-layer-budget zigzag need the "
+                              "prefill's observations in one memory, which ranks on separate "
+                              "GPUs do not share: use kvcompress with global or uniform budgets");
+    rc = -ENOTSUP;
+    goto fail_chat;
+  }
   uint64_t wd_us = notify_watchdog_usec();
   loop_age_limit_s = (double)wd_us / 2e6 > 2 ? (double)wd_us / 2e6 : 2;
   sched_engine_config_t ec = {
@@ -545,12 +570,13 @@ static int cmd_serve(cfg_options_t *o) {
       .tp_weights = m.tp_w,
       .tp_backends = m.tp_be,
       .tp_comm = m.tp_comm,
-      .kv_below_max_len = kv_compression_bounded(&kvc) && m.be->host_memory,
-      .graphs = !o->enforce_eager && m.be->ops->replay && m.tp <= 1,
+      .kv_below_max_len = kv_compression_bounded(&kvc) && run_be->host_memory,
+      .kv_per_rank = o->kv_arena_per_rank,
+      .graphs = !o->enforce_eager && run_be->ops->replay && m.tp <= 1,
   };
   notify_status(ec.graphs ? "allocating the KV cache, capturing CUDA graphs"
                           : "allocating the KV cache");
-  if ((rc = sched_engine_new(&eng, &ec, &m.w, m.be, m.tok, err, sizeof err))) goto fail_chat;
+  if ((rc = sched_engine_new(&eng, &ec, &m.w, run_be, m.tok, err, sizeof err))) goto fail_chat;
   sched_capacity_t cap;
   sched_engine_capacity(eng, &cap);
   log_info("model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s",

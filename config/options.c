@@ -44,6 +44,10 @@ static const opt_t opts[] = {
     {"tensor-parallel-size", OPT_INT, O(tensor_parallel_size), "1", 1, 64, NULL,
      "ranks the model is split over (Megatron-style: heads, MLP columns, vocabulary); on "
      "the CPU each rank is a thread group sharing --threads"},
+    {"kv-arena-per-rank", OPT_BOOL, O(kv_arena_per_rank), "false", 0, 0, NULL,
+     "tensor parallelism: each rank keeps its KV heads' blocks in a KV arena of its own (the "
+     "pool cut into one part per rank), as ranks on GPUs always do; on the CPU the ranks "
+     "otherwise share one arena"},
     {"enforce-eager", OPT_BOOL, O(enforce_eager), "false", 0, 0, NULL,
      "on a GPU: run every step op by op, never replaying steps as CUDA graphs"},
     {"cpu-numerics", OPT_STR, O(cpu_numerics), "int8", 0, 0, "int8|exact|llama",

@@ -21,6 +21,7 @@ typedef struct cfg_options {
   char *device;         /* auto | cpu | cuda */
   int64_t threads;
   int64_t tensor_parallel_size;
+  bool kv_arena_per_rank; /* tensor parallelism: a KV arena per rank on the CPU too */
   bool enforce_eager;   /* no CUDA graphs */
   double gpu_memory_utilization;
   char *cpu_numerics; /* int8 | exact | llama */

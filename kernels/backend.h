@@ -49,7 +49,13 @@ typedef struct k_weight {
  *   score[b * block_size + s], pos[b * block_size + s].
  * One block is block_size slots of ONE KV head of ONE layer. K and V hold
  * elements of `type` (the backend's kv_type: fp32 on the CPU, bf16 or fp16
- * on CUDA, where the float pointers are reinterpreted); scores are fp32. */
+ * on CUDA, where the float pointers are reinterpreted); scores are fp32.
+ *
+ * A tensor-parallel rank's arena holds only its own KV heads' blocks: the
+ * pool's ids [first_block, first_block + n_blocks), block b at index
+ * b - first_block of the arrays below (first_block 0: the whole pool). The
+ * sequences' block tables keep the pool's ids; kv_write and attention map
+ * them. kv_move and read_rows take indices into the arrays. */
 typedef struct k_kv_arena {
   int32_t n_blocks;
   int32_t block_size;
@@ -59,6 +65,7 @@ typedef struct k_kv_arena {
   float *v;       /* backend memory [n_blocks][block_size][head_dim] of type */
   float *score;   /* backend memory [n_blocks][block_size] */
   int32_t *pos;   /* backend memory [n_blocks][block_size] */
+  int32_t first_block;
 } k_kv_arena_t;
 
 /* One sequence's KV in a forward step, read in place from the scheduler's

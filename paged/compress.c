@@ -642,9 +642,39 @@ void kv_compress_apply(const kv_compress_plan_t *pl, kv_seq_t *seq, kv_pool_t *p
 int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
                     const kv_compress_input_t *in, k_backend_t *be, const k_kv_arena_t *arena,
                     kv_seq_t *seq, kv_pool_t *pool) {
-  if (in->seq != seq) return -EINVAL;
+  return kv_compress_run_on(pl, prm, in, 1, &be, arena, seq, pool);
+}
+
+/* The plan's moves whose slots lie in arena a, as indices into it. A head
+ * never moves a KV to another head's block, so both ends of a move lie in
+ * the same arena. */
+static int move_in(k_backend_t *be, const k_kv_arena_t *a, const kv_compress_plan_t *pl,
+                   int32_t *src, int32_t *dst) {
+  const int64_t first = (int64_t)a->first_block * a->block_size;
+  const int64_t end = first + (int64_t)a->n_blocks * a->block_size;
+  int64_t n = 0;
+  for (int64_t i = 0; i < pl->n_moves; i++) {
+    if (pl->src[i] < first || pl->src[i] >= end) continue;
+    src[n] = (int32_t)(pl->src[i] - first);
+    dst[n++] = (int32_t)(pl->dst[i] - first);
+  }
+  return n ? be->ops->kv_move(be, a, src, dst, n) : 0;
+}
+
+int kv_compress_run_on(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
+                       const kv_compress_input_t *in, int32_t n_arenas, k_backend_t *const *bes,
+                       const k_kv_arena_t *arenas, kv_seq_t *seq, kv_pool_t *pool) {
+  if (in->seq != seq || n_arenas < 1) return -EINVAL;
   int rc = kv_compress_plan(pl, prm, in);
-  if (!rc && pl->n_moves) rc = be->ops->kv_move(be, arena, pl->src, pl->dst, pl->n_moves);
+  if (!rc && pl->n_moves && n_arenas == 1 && arenas[0].first_block == 0) {
+    rc = bes[0]->ops->kv_move(bes[0], &arenas[0], pl->src, pl->dst, pl->n_moves);
+  } else if (!rc && pl->n_moves) {
+    int32_t *idx = malloc(2 * (size_t)pl->n_moves * sizeof *idx);
+    if (!idx) rc = -ENOMEM;
+    for (int32_t r = 0; !rc && r < n_arenas; r++)
+      rc = move_in(bes[r], &arenas[r], pl, idx, idx + pl->n_moves);
+    free(idx);
+  }
   if (!rc) kv_compress_apply(pl, seq, pool);
   return rc;
 }

@@ -146,6 +146,13 @@ void kv_compress_apply(const kv_compress_plan_t *pl, kv_seq_t *seq, kv_pool_t *p
 int kv_compress_run(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
                     const kv_compress_input_t *in, k_backend_t *be, const k_kv_arena_t *arena,
                     kv_seq_t *seq, kv_pool_t *pool);
+/* The same over the arenas of tensor-parallel ranks: arenas[r] (on bes[r])
+ * holds the pool's blocks [first_block, first_block + n_blocks), and each
+ * rank moves the slots of its own blocks. Should a rank's kv_move fail
+ * after another's ran, that rank's evicted slots hold copies already. */
+int kv_compress_run_on(kv_compress_plan_t *pl, const kv_compress_params_t *prm,
+                       const kv_compress_input_t *in, int32_t n_arenas, k_backend_t *const *bes,
+                       const k_kv_arena_t *arenas, kv_seq_t *seq, kv_pool_t *pool);
 
 /* Scores of a sequence compressed between prefill chunks, where each
  * chunk's observation window scores the KVs in turn and a KV keeps the

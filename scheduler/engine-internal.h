@@ -134,8 +134,16 @@ int64_t sched__now_ns(void);
  * the planner runs unchanged. Compression between prefill chunks needs the
  * scores in host memory (set aside and merged in place): host backends only. */
 typedef struct sched__kvc {
-  k_backend_t *be;              /* borrows */
-  const k_kv_arena_t *arena;    /* borrows */
+  k_backend_t *be;              /* borrows: rank 0's (observations, scores' mirror) */
+  /* borrow: the KV arenas, one, or one per tensor-parallel rank (each the
+   * blocks of its heads, on its backend) */
+  int32_t n_arenas;
+  const k_kv_arena_t *arenas;   /* [n_arenas] */
+  k_backend_t *const *arena_be; /* [n_arenas] */
+  /* The kernels can write the prefill's observations (ZigZagKV's attention
+   * mass, DBudgetKV's last query) into one buffer: not where the ranks'
+   * memories are apart. */
+  bool obs_ok;
   kv_pool_t *pool;              /* borrows */
   sched_stats_t *st;            /* borrows: counters */
   int32_t n_layers, n_kv_heads, group;
@@ -152,11 +160,13 @@ typedef struct sched__kvc {
 } sched__kvc_t;
 
 /* via_backend: plan from scores read back through the backend even where
- * they are in host memory (a device backend always does): tests run the
- * device's path on the CPU. */
-void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
-                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group,
-                     bool via_backend);
+ * they are in host memory (a device backend always does, and so do ranks
+ * with arenas of their own): tests run the device's path on the CPU. */
+void sched__kvc_init(sched__kvc_t *k, int32_t n_arenas, k_backend_t *const *arena_be,
+                     const k_kv_arena_t *arenas, kv_pool_t *pool, sched_stats_t *st,
+                     int32_t n_layers, int32_t n_kv_heads, int32_t group, bool via_backend);
+/* Whether s's policy can run here (the observations it needs can be had). */
+bool sched__kvc_supported(const sched__kvc_t *k, const sched_kv_compression_t *c);
 /* Whether this engine can compress s between prefill chunks (host scores). */
 bool sched__kvc_chunks_ok(const sched__kvc_t *k);
 void sched__kvc_destroy(sched__kvc_t *k); /* NULL-safe */

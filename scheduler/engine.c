@@ -34,6 +34,7 @@
 #define DETOK_CAP 512 /* >= 256, as model_detok_push asks, plus a flush */
 #define HELD_SLACK (2 * DETOK_CAP)
 #define MAX_HASH_BUCKETS (1u << 20)
+#define MAX_RANKS 64
 
 /* The text of events that carry none; sched_event_clear never frees it. */
 static char empty_text[1];
@@ -47,7 +48,11 @@ struct sched_engine {
 
   /* engine thread only */
   kv_pool_t pool;
-  k_kv_arena_t arena;
+  /* The KV arena, or with per-rank arenas one per tensor-parallel rank,
+   * each on its rank's backend holding its part of the pool. */
+  int32_t n_arenas;
+  k_kv_arena_t arenas[MAX_RANKS];
+  k_backend_t *arena_be[MAX_RANKS];
   model_group_t model; /* one rank, or the tensor-parallel ranks */
   sched__sched_t sc;
   sched__kvc_t kvc;
@@ -161,6 +166,7 @@ static int seq_new(sched_engine_t *e, sched_request_t *r, sched__seq_t **out) {
   model_detok_init(&s->dt);
   s->tokens = malloc((size_t)cap * sizeof *s->tokens);
   if (!s->tokens || kv_seq_init(&s->kv, e->n_layers, e->n_kv_heads, BLOCK_SIZE, s->cap) ||
+      kv_seq_set_parts(&s->kv, e->pool.n_parts) ||
       sched__text_init(&s->held, max_stop + HELD_SLACK)) {
     seq_free(e, s, false);
     return -ENOMEM;
@@ -447,19 +453,17 @@ static void relieve_pressure(sched_engine_t *e) {
   if (e->n_kvc_live == 0) return;
   int32_t free_blocks = kv_pool_free_count(&e->pool);
   if (free_blocks >= sc->n_running * sc->heads) return; /* enough whatever happens */
-  int32_t need = 0;
-  for (int32_t i = 0; i < sc->n_running; i++) {
-    const kv_seq_t *kv = &sc->running[i]->kv;
-    if (sc->running[i]->n_tokens - sc->running[i]->n_computed != 1) continue;
-    for (int32_t h = 0; h < sc->heads; h++) need += kv->ctx[h] >= kv->n_blocks[h] * kv->block_size;
-  }
+  int64_t need = 0; /* in kv_pool_free_count's units, as kv_seq_blocks_needed counts */
+  for (int32_t i = 0; i < sc->n_running; i++)
+    if (sc->running[i]->n_tokens - sc->running[i]->n_computed == 1)
+      need += kv_seq_blocks_needed(&sc->running[i]->kv, 1);
   if (need <= free_blocks) return;
   bool any = false;
   for (int32_t j = sc->n_running - 1; j >= 0 && need > free_blocks; j--) {
     sched__seq_t *s = sc->running[j];
     if (!sched__kvc_enabled(s) || !s->prefill_compressed) continue;
-    int32_t got = sched__kvc_compress(&e->kvc, s, need - free_blocks);
-    free_blocks += got;
+    int32_t got = sched__kvc_compress(&e->kvc, s, (int32_t)(need - free_blocks));
+    free_blocks = kv_pool_free_count(&e->pool); /* with parts, not free_blocks + got */
     any |= got > 0;
   }
   if (any) sc->hold_admissions = true;
@@ -709,14 +713,16 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
     return fail(err, errlen, -EINVAL, "alive_ms must be >= 1, got %d", cfg->alive_ms);
   if (cfg->max_waiting < 1)
     return fail(err, errlen, -EINVAL, "max_waiting must be >= 1, got %d", cfg->max_waiting);
-  if (cfg->tp_size > 1) {
-    if (cfg->tp_size > 64 || !cfg->tp_weights || !cfg->tp_backends || !cfg->tp_comm)
+  const int32_t n_ranks = cfg->tp_size > 1 ? cfg->tp_size : 1;
+  bool per_rank = false; /* each rank's KV heads in its own arena */
+  if (n_ranks > 1) {
+    if (n_ranks > MAX_RANKS || !cfg->tp_weights || !cfg->tp_backends || !cfg->tp_comm)
       return fail(err, errlen, -EINVAL, "tensor parallelism needs shards, backends and a communicator");
-    for (int32_t r = 0; r < cfg->tp_size; r++)
-      if (!be->host_memory || !cfg->tp_backends[r]->host_memory)
-        return fail(err, errlen, -EINVAL,
-                    "tensor parallelism runs on host-memory backends only for now (the ranks "
-                    "share one KV arena)");
+    per_rank = cfg->kv_per_rank || !be->host_memory;
+    for (int32_t r = 0; r < n_ranks; r++) per_rank |= !cfg->tp_backends[r]->host_memory;
+    if (w->cfg.n_kv_heads % n_ranks)
+      return fail(err, errlen, -EINVAL, "%d ranks cannot split the model's %d KV heads", n_ranks,
+                  w->cfg.n_kv_heads);
   }
   const model_config_t *c = &w->cfg;
   const size_t block_bytes = kv_block_bytes(be->kv_type, BLOCK_SIZE, c->head_dim);
@@ -724,6 +730,7 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   const int64_t per_seq = heads * ((cfg->max_model_len + BLOCK_SIZE - 1) / BLOCK_SIZE);
   int64_t n_blocks = cfg->kv_cache_memory > 0 ? cfg->kv_cache_memory / (int64_t)block_bytes : 0;
   if (n_blocks > INT32_MAX) n_blocks = INT32_MAX;
+  if (per_rank) n_blocks -= n_blocks % n_ranks; /* equal parts */
   const int64_t floor_blocks = heads * (MIN_POOL_TOKENS / BLOCK_SIZE);
   if (cfg->kv_below_max_len && n_blocks < per_seq && n_blocks < floor_blocks)
     return fail(err, errlen, -EINVAL,
@@ -759,18 +766,22 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   pthread_condattr_destroy(&ca);
   if (rc) goto fail_rc;
   e->cv_ok = true;
-  if ((rc = kv_pool_init(&e->pool, (int32_t)n_blocks)) ||
-      (rc = kv_arena_init(&e->arena, be, (int32_t)n_blocks, BLOCK_SIZE, c->head_dim))) {
-    fail(err, errlen, rc, "cannot allocate the KV cache (%lld blocks): %s", (long long)n_blocks,
-         strerror(-rc));
+  e->n_arenas = per_rank ? n_ranks : 1;
+  rc = kv_pool_init_parts(&e->pool, (int32_t)n_blocks, e->n_arenas);
+  for (int32_t r = 0; r < e->n_arenas && !rc; r++) {
+    e->arena_be[r] = per_rank ? cfg->tp_backends[r] : be;
+    rc = kv_arena_init_part(&e->arenas[r], e->arena_be[r], &e->pool, r, BLOCK_SIZE, c->head_dim);
+  }
+  if (rc) {
+    fail(err, errlen, rc, "cannot allocate the KV cache (%lld blocks%s): %s", (long long)n_blocks,
+         per_rank ? " over the ranks" : "", strerror(-rc));
     goto fail;
   }
   {
-    const int32_t n_ranks = cfg->tp_size > 1 ? cfg->tp_size : 1;
-    const k_kv_arena_t *kvs[64];
-    k_backend_t *bes[64];
+    const k_kv_arena_t *kvs[MAX_RANKS];
+    k_backend_t *bes[MAX_RANKS];
     for (int32_t r = 0; r < n_ranks; r++) {
-      kvs[r] = &e->arena; /* host memory: every rank reads the one arena */
+      kvs[r] = &e->arenas[per_rank ? r : 0]; /* shared: every rank reads the one arena */
       bes[r] = n_ranks > 1 ? cfg->tp_backends[r] : be;
     }
     if ((rc = model_group_init(&e->model, n_ranks, n_ranks > 1 ? cfg->tp_weights : w, bes, kvs,
@@ -782,8 +793,8 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
       goto fail;
     }
   }
-  sched__kvc_init(&e->kvc, be, &e->arena, &e->pool, &e->st, c->n_layers, c->n_kv_heads,
-                  c->n_heads / c->n_kv_heads, cfg->kv_via_backend);
+  sched__kvc_init(&e->kvc, e->n_arenas, e->arena_be, e->arenas, &e->pool, &e->st, c->n_layers,
+                  c->n_kv_heads, c->n_heads / c->n_kv_heads, cfg->kv_via_backend);
   if ((rc = sched__sched_init(&e->sc, &e->pool, S, T, c->n_layers, c->n_kv_heads, BLOCK_SIZE)))
     goto fail_rc;
   e->sc.prepare = seq_prepare;
@@ -864,7 +875,7 @@ void sched_engine_free(sched_engine_t *e) {
   sched__sched_destroy(&e->sc);
   model_group_destroy(&e->model);
   sched__kvc_destroy(&e->kvc);
-  kv_arena_destroy(&e->arena, e->be);
+  for (int32_t r = 0; r < e->n_arenas; r++) kv_arena_destroy(&e->arenas[r], e->arena_be[r]);
   kv_pool_destroy(&e->pool);
   if (e->cv_ok) pthread_cond_destroy(&e->cv);
   if (e->mu_ok) pthread_mutex_destroy(&e->mu);
@@ -882,6 +893,7 @@ int sched_engine_submit(sched_engine_t *e, sched_request_t *r) {
   for (int32_t i = 0; i < r->n_prompt; i++)
     if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab) return -EINVAL;
   if (sched_sample_params_check(&r->sample, NULL, 0)) return -EINVAL;
+  if (!sched__kvc_supported(&e->kvc, &r->kvc)) return -ENOTSUP; /* fixed at start */
 
   sched__seq_t *s;
   int rc = seq_new(e, r, &s);

@@ -151,13 +151,19 @@ typedef struct sched_engine_config {
   void *fatal_ctx;
   /* Tensor parallelism (tp_size > 1): the forward runs on tp_size ranks, rank
    * r with the shard tp_weights[r] on tp_backends[r], summing through
-   * tp_comm; sched_engine_new's w and be stay the whole model and the
-   * backend that holds the KV arena, which every rank reads (host-memory
-   * backends only, for now). */
+   * tp_comm; sched_engine_new's w and be stay the whole model (its shape)
+   * and rank 0's backend. On host memory the ranks share one KV arena on
+   * be unless kv_per_rank; otherwise (always where a rank's memory is a
+   * device's) the pool is cut into one part per rank and each rank keeps
+   * its KV heads' blocks in an arena of its own backend's memory,
+   * kv_cache_memory being the sum over the ranks. There ZigZagKV's layer
+   * budgets and DBudgetKV, whose observations one buffer gathers across
+   * the ranks, are refused (submit: -ENOTSUP) unless all is host memory. */
   int32_t tp_size;
   const struct model_weights *tp_weights;
   struct k_backend *const *tp_backends;
   struct k_comm *tp_comm;
+  bool kv_per_rank;
 } sched_engine_config_t;
 
 /* Upper bounds (seconds) of the compression-time histogram buckets. */
@@ -207,7 +213,8 @@ void sched_engine_free(sched_engine_t *e);
 /* Thread-safe. 0: the engine owns r now. -EAGAIN: the waiting queue is full
  * (caller keeps r). -EINVAL: the prompt does not fit max_model_len.
  * -ENOSPC: the prompt does not fit in the KV pool, even compressed between
- * prefill chunks (see kv_below_max_len). */
+ * prefill chunks (see kv_below_max_len). -ENOTSUP: its kv_compression
+ * cannot run on these ranks (see kv_per_rank). */
 int sched_engine_submit(sched_engine_t *e, sched_request_t *r);
 /* Thread-safe; the request finishes with SCHED_FINISH_ABORT and its blocks
  * return to the pool at the next step. Unknown ids are ignored. */

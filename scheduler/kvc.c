@@ -47,12 +47,16 @@ static void par_run(void *ctx, int64_t n, kv_par_fn fn, void *arg) {
   k_pool_run(ctx, n, fn, arg);
 }
 
-void sched__kvc_init(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *arena, kv_pool_t *pool,
-                     sched_stats_t *st, int32_t n_layers, int32_t n_kv_heads, int32_t group,
-                     bool via_backend) {
-  *k = (sched__kvc_t){.be = be, .arena = arena, .pool = pool, .st = st, .n_layers = n_layers,
-                      .n_kv_heads = n_kv_heads, .group = group,
-                      .via_backend = via_backend || !be->host_memory};
+void sched__kvc_init(sched__kvc_t *k, int32_t n_arenas, k_backend_t *const *arena_be,
+                     const k_kv_arena_t *arenas, kv_pool_t *pool, sched_stats_t *st,
+                     int32_t n_layers, int32_t n_kv_heads, int32_t group, bool via_backend) {
+  k_backend_t *be = arena_be[0];
+  bool host = true;
+  for (int32_t r = 0; r < n_arenas; r++) host &= arena_be[r]->host_memory;
+  *k = (sched__kvc_t){.be = be, .n_arenas = n_arenas, .arenas = arenas, .arena_be = arena_be,
+                      .obs_ok = host || n_arenas == 1, .pool = pool, .st = st,
+                      .n_layers = n_layers, .n_kv_heads = n_kv_heads, .group = group,
+                      .via_backend = via_backend || !host || n_arenas > 1};
   kv_compress_plan_init(&k->plan);
   /* Plans run between steps, on the engine's thread: the heads are ranked
    * on the CPU backend's number of threads (idle then), or, beside a
@@ -77,10 +81,18 @@ void sched__kvc_destroy(sched__kvc_t *k) {
 
 bool sched__kvc_chunks_ok(const sched__kvc_t *k) { return !k->via_backend; }
 
-/* Whether this engine can score and compress at all: host scores, or a
- * backend that reads them back. */
+/* Whether this engine can score and compress at all: host scores, or
+ * backends that read them back. */
 static bool can_compress(const sched__kvc_t *k) {
-  return !k->via_backend || k->be->ops->read_rows;
+  bool ok = true;
+  for (int32_t r = 0; r < k->n_arenas; r++) ok &= k->arena_be[r]->ops->read_rows != NULL;
+  return !k->via_backend || ok;
+}
+
+bool sched__kvc_supported(const sched__kvc_t *k, const sched_kv_compression_t *c) {
+  if (k->obs_ok) return true;
+  return c->plan.policy != KV_POLICY_DBUDGET &&
+         !(c->plan.policy == KV_POLICY_KVCOMPRESS && c->plan.layer_budget == KV_LAYER_ZIGZAG);
 }
 
 int32_t sched_kv_window(const sched_kv_compression_t *k) {
@@ -132,12 +144,36 @@ static int grow(void **p, size_t *cap, size_t n, size_t el) {
   return 0;
 }
 
+/* The rows (blocks) of s's table in arena a, as indices into it: n. */
+static int64_t rows_in(sched__kvc_t *k, const kv_seq_t *kv, const k_kv_arena_t *a) {
+  const int32_t LH = kv->n_layers * kv->n_heads;
+  int64_t n = 0;
+  for (int32_t i = 0; i < LH; i++)
+    for (int32_t b = 0; b < kv->n_blocks[i]; b++) {
+      int32_t id = kv->blocks[(int64_t)i * kv->max_blocks + b] - a->first_block;
+      if (id >= 0 && id < a->n_blocks) k->rows[n++] = id;
+    }
+  return n;
+}
+
+/* Rows rows[0..n) of arena a's array src (score or pos) into the mirror
+ * dst, at the pool's slots. */
+static int read_rows_of(sched__kvc_t *k, k_backend_t *be, const k_kv_arena_t *a, const void *src,
+                        int64_t n, void *dst) {
+  const size_t row = (size_t)a->block_size * sizeof(float);
+  int rc = be->ops->read_rows(be, k->stage, src, k->rows, n, row);
+  for (int64_t j = 0; !rc && j < n; j++)
+    memcpy((char *)dst + ((size_t)k->rows[j] + (size_t)a->first_block) * row,
+           k->stage + j * a->block_size, row);
+  return rc;
+}
+
 /* Read s's scores and positions back into the host mirror, and its
  * observations into host copies: the planner's input (via_backend). */
 static int read_back(sched__kvc_t *k, const sched__seq_t *s, kv_compress_input_t *in) {
   const kv_seq_t *kv = &s->kv;
   const int32_t LH = kv->n_layers * kv->n_heads, B = kv->block_size;
-  const size_t n_slots = (size_t)k->arena->n_blocks * (size_t)B;
+  const size_t n_slots = (size_t)k->pool->n_blocks * (size_t)B;
   /* calloc of this size maps zero pages: only the blocks read back are
    * ever touched */
   if (!k->m_score && !(k->m_score = calloc(n_slots, sizeof *k->m_score))) return -ENOMEM;
@@ -147,17 +183,13 @@ static int read_back(sched__kvc_t *k, const sched__seq_t *s, kv_compress_input_t
   if (grow((void **)&k->rows, &k->cap_rows, (size_t)n, sizeof *k->rows) ||
       grow((void **)&k->stage, &k->cap_stage, (size_t)n * (size_t)B, sizeof *k->stage))
     return -ENOMEM;
-  n = 0;
-  for (int32_t i = 0; i < LH; i++)
-    for (int32_t b = 0; b < kv->n_blocks[i]; b++)
-      k->rows[n++] = kv->blocks[(int64_t)i * kv->max_blocks + b];
-  const size_t row = (size_t)B * sizeof(float);
-  int rc = k->be->ops->read_rows(k->be, k->stage, k->arena->score, k->rows, n, row);
-  for (int64_t j = 0; !rc && j < n; j++)
-    memcpy(k->m_score + (size_t)k->rows[j] * B, k->stage + j * B, row);
-  if (!rc) rc = k->be->ops->read_rows(k->be, k->stage, k->arena->pos, k->rows, n, row);
-  for (int64_t j = 0; !rc && j < n; j++)
-    memcpy(k->m_pos + (size_t)k->rows[j] * B, k->stage + j * B, row);
+  int rc = 0;
+  for (int32_t r = 0; !rc && r < k->n_arenas; r++) {
+    const k_kv_arena_t *a = &k->arenas[r];
+    n = rows_in(k, kv, a);
+    rc = read_rows_of(k, k->arena_be[r], a, a->score, n, k->m_score);
+    if (!rc) rc = read_rows_of(k, k->arena_be[r], a, a->pos, n, k->m_pos);
+  }
   if (rc) return rc;
   in->score = k->m_score;
   in->pos = k->m_pos;
@@ -186,7 +218,7 @@ static int scores_set_aside(sched__kvc_t *k, sched__seq_t *s) {
   const kv_seq_t *kv = &s->kv;
   size_t n = (size_t)kv->n_layers * (size_t)kv->n_heads * (size_t)kv->max_blocks * (size_t)kv->block_size;
   if (!s->obs_prev && !(s->obs_prev = malloc(n * sizeof(float)))) return -ENOMEM;
-  kv_scores_set_aside(kv, k->arena->score, s->chunk, s->obs_prev);
+  kv_scores_set_aside(kv, k->arenas[0].score, s->chunk, s->obs_prev); /* host, one arena */
   return 0;
 }
 
@@ -221,10 +253,10 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   v->n_obs = end - (s->n_computed > wstart ? s->n_computed : wstart);
   size_t per_head = (size_t)s->kv.max_blocks * (size_t)s->kv.block_size;
   size_t lh = (size_t)k->n_layers * (size_t)k->n_kv_heads;
-  if (c->plan.layer_budget == KV_LAYER_ZIGZAG && c->plan.policy == KV_POLICY_KVCOMPRESS &&
-      !s->obs_mass && !(s->obs_mass = obs_alloc(k, lh * per_head, true)))
+  if (k->obs_ok && c->plan.layer_budget == KV_LAYER_ZIGZAG &&
+      c->plan.policy == KV_POLICY_KVCOMPRESS && !s->obs_mass && !(s->obs_mass = obs_alloc(k, lh * per_head, true)))
     return -ENOMEM;
-  if (c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
+  if (k->obs_ok && c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
       !(s->obs_last = obs_alloc(k, lh * (size_t)k->group * per_head, false)))
     return -ENOMEM;
   v->obs_pool = c->pool;
@@ -249,11 +281,11 @@ static int32_t compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free, bool
    * room is reserved anyway): only the KVs the end would not keep go early. */
   if (mid) prm.max_cache_tokens = kv_compress_budget_tokens(&prm, s->n_tokens, s->kv.block_size);
   int32_t w = s->obs_window, wend = mid ? s->n_computed : s->n_prompt;
-  if (s->obs_prev) kv_scores_merge_max(&s->kv, k->arena->score, s->obs_prev);
+  if (s->obs_prev) kv_scores_merge_max(&s->kv, k->arenas[0].score, s->obs_prev);
   kv_compress_input_t in = {
       .seq = &s->kv,
-      .score = k->arena->score,
-      .pos = k->arena->pos,
+      .score = k->arenas[0].score,
+      .pos = k->arenas[0].pos,
       .n_tokens = s->n_computed,
       .last_pos = s->n_computed - 1,
       .group = k->group,
@@ -265,7 +297,8 @@ static int32_t compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free, bool
   int64_t t0 = sched__now_ns();
   int32_t freed = 0;
   if ((!k->via_backend || !read_back(k, s, &in)) &&
-      !kv_compress_run(&k->plan, &prm, &in, k->be, k->arena, &s->kv, k->pool)) {
+      !kv_compress_run_on(&k->plan, &prm, &in, k->n_arenas, k->arena_be, k->arenas, &s->kv,
+                          k->pool)) {
     freed = k->plan.blocks_freed;
     s->kv_evicted += k->plan.tokens_evicted;
     if (k->plan.pressure_overrode) k->st->kv_budget_overrides++;

@@ -156,12 +156,6 @@ static void arena_copy(sched_kveval_t *ev, bool save) {
   }
 }
 
-static void pool_copy(kv_pool_t *dst, const kv_pool_t *src) {
-  dst->n_free = src->n_free;
-  memcpy(dst->free_ids, src->free_ids, (size_t)src->n_blocks * sizeof *src->free_ids);
-  memcpy(dst->refs, src->refs, (size_t)src->n_blocks * sizeof *src->refs);
-}
-
 static void snapshot(sched_kveval_t *ev, bool save) {
   size_t lh = heads_of(ev), tb = lh * (size_t)ev->seq.max_blocks * sizeof(int32_t);
   size_t vb = (size_t)ev->w->cfg.n_vocab * sizeof(float);
@@ -169,13 +163,13 @@ static void snapshot(sched_kveval_t *ev, bool save) {
   else memcpy(ev->last, ev->snap_last, vb);
   if (save) {
     ev->snap_past = ev->n_past;
-    pool_copy(&ev->snap_pool, &ev->pool);
+    kv_pool_copy(&ev->snap_pool, &ev->pool);
     memcpy(ev->snap_blocks, ev->seq.blocks, tb);
     memcpy(ev->snap_nb, ev->seq.n_blocks, lh * sizeof(int32_t));
     memcpy(ev->snap_ctx, ev->seq.ctx, lh * sizeof(int32_t));
   } else {
     ev->n_past = ev->snap_past;
-    pool_copy(&ev->pool, &ev->snap_pool);
+    kv_pool_copy(&ev->pool, &ev->snap_pool);
     memcpy(ev->seq.blocks, ev->snap_blocks, tb);
     memcpy(ev->seq.n_blocks, ev->snap_nb, lh * sizeof(int32_t));
     memcpy(ev->seq.ctx, ev->snap_ctx, lh * sizeof(int32_t));

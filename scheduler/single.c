@@ -22,12 +22,24 @@ int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_
   s->be = be;
   s->chunk = chunk;
   s->max_len = max_len;
+  if (tp < 1 || tp > 64 || (tp > 1 && (!tp_w || !tp_be || !comm))) {
+    snprintf(err, errlen, "tensor parallelism needs shards, backends and a communicator");
+    return -EINVAL;
+  }
+  bool per_rank = false;
+  for (int32_t r = 0; tp > 1 && r < tp; r++) per_rank |= !tp_be[r]->host_memory;
+  s->n_arenas = per_rank ? tp : 1;
   int32_t per_head = (max_len + B - 1) / B;
   if (n_blocks <= 0) n_blocks = per_head * c->n_layers * c->n_kv_heads;
-  int rc;
-  if ((rc = kv_pool_init(&s->pool, n_blocks)) ||
-      (rc = kv_arena_init(&s->arena, be, n_blocks, B, c->head_dim)) ||
-      (rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len))) {
+  n_blocks = (n_blocks + s->n_arenas - 1) / s->n_arenas * s->n_arenas; /* equal parts */
+  int rc = kv_pool_init_parts(&s->pool, n_blocks, s->n_arenas);
+  for (int32_t r = 0; r < s->n_arenas && !rc; r++) {
+    s->arena_be[r] = per_rank ? tp_be[r] : be;
+    rc = kv_arena_init_part(&s->arenas[r], s->arena_be[r], &s->pool, r, B, c->head_dim);
+  }
+  if (!rc && !(rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len)))
+    rc = kv_seq_set_parts(&s->seq, s->n_arenas);
+  if (rc) {
     snprintf(err, errlen, "cannot allocate the KV cache (%d blocks): %s", n_blocks, strerror(-rc));
     sched_single_destroy(s);
     return rc;
@@ -39,13 +51,8 @@ int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_
     sched_single_destroy(s);
     return -ENOMEM;
   }
-  if (tp < 1 || tp > 64 || (tp > 1 && (!tp_w || !tp_be || !comm))) {
-    snprintf(err, errlen, "tensor parallelism needs shards, backends and a communicator");
-    sched_single_destroy(s);
-    return -EINVAL;
-  }
   const k_kv_arena_t *kvs[64];
-  for (int32_t r = 0; r < tp; r++) kvs[r] = &s->arena;
+  for (int32_t r = 0; r < tp; r++) kvs[r] = &s->arenas[per_rank ? r : 0];
   if ((rc = model_group_init(&s->model, tp, tp > 1 ? tp_w : w, tp > 1 ? tp_be : &be, kvs, comm,
                              chunk, chunk, err, errlen))) {
     sched_single_destroy(s);
@@ -60,7 +67,7 @@ void sched_single_destroy(sched_single_t *s) {
   free(s->pos);
   free(s->rows);
   kv_seq_destroy(&s->seq, &s->pool);
-  kv_arena_destroy(&s->arena, s->be);
+  for (int32_t r = 0; r < s->n_arenas; r++) kv_arena_destroy(&s->arenas[r], s->arena_be[r]);
   kv_pool_destroy(&s->pool);
   memset(s, 0, sizeof *s);
 }

@@ -15,7 +15,11 @@ typedef struct sched_single {
   const model_weights_t *w; /* borrows */
   k_backend_t *be;          /* borrows */
   kv_pool_t pool;
-  k_kv_arena_t arena;
+  /* the arena (on be), or one per rank where the ranks' memories are
+   * apart, each on its rank's backend holding its part of the pool */
+  int32_t n_arenas;
+  k_kv_arena_t arenas[64];
+  k_backend_t *arena_be[64];
   kv_seq_t seq;
   model_group_t model;
   int32_t chunk;    /* tokens per forward step */
@@ -29,8 +33,9 @@ typedef struct sched_single {
 int sched_single_init(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
                       int32_t max_len, int32_t chunk, int32_t n_blocks, char *err, size_t errlen);
 /* The same over tp ranks (tp > 1): rank r with the shard tp_w[r] on
- * tp_be[r] (host-memory backends reading the one arena of be), summing
- * through comm; w stays the whole model. */
+ * tp_be[r], summing through comm; w stays the whole model. Host-memory
+ * ranks read the one arena of be; device ranks keep their KV heads in
+ * arenas of their own. */
 int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_t *be,
                          int32_t tp, const model_weights_t *tp_w, k_backend_t *const *tp_be,
                          k_comm_t *comm, int32_t max_len, int32_t chunk, int32_t n_blocks,

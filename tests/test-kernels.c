@@ -464,6 +464,7 @@ static void test_embed(void) {
 /* An arena on the backend, every slot filled with garbage: huge V, position
  * 0 (visible to every query), so reading a slot not in use shows. */
 static void arena_new(k_kv_arena_t *a, int32_t n_blocks, int32_t bs, int32_t d) {
+  *a = (k_kv_arena_t){0};
   a->n_blocks = n_blocks;
   a->block_size = bs;
   a->head_dim = d;

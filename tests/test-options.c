@@ -330,7 +330,7 @@ static void check_same_options(const cfg_options_t *a, const cfg_options_t *b) {
 #define SAME(f) CHECK(a->f == b->f)
   SAME_STR(model); SAME_STR(load_format); SAME_STR(dummy_config); SAME(dummy_seed);
   SAME_STR(chat_template); SAME(max_model_len); SAME_STR(device); SAME(threads);
-  SAME(enforce_eager);
+  SAME(enforce_eager); SAME(kv_arena_per_rank);
   SAME_STR(cpu_numerics); SAME(max_num_batched_tokens); SAME(kv_cache_memory);
   SAME_STR(log_level); SAME_STR(host); SAME(port); SAME_STR(api_key); SAME_STR(api_key_file);
   SAME(metrics_require_key); SAME_STR(served_model_name); SAME(max_num_seqs); SAME(max_waiting);
@@ -360,6 +360,7 @@ static const char *const all_options[] = {
     "--device", "cpu",
     "--threads", "3",
     "--tensor-parallel-size", "3",
+    "--kv-arena-per-rank",
     "--enforce-eager",
     "--gpu-memory-utilization", "0.75",
     "--cpu-numerics", "exact",

@@ -155,6 +155,104 @@ static void test_pool_shuffle(void) {
   free(again);
 }
 
+/* A pool cut in parts (tensor-parallel ranks): each part lends only its own
+ * ids; the free count is what an even spread can use; a sequence's heads
+ * draw from their rank's part, and an append fails when one part is short
+ * even though the pool as a whole is not. */
+static void test_pool_parts(void) {
+  kv_pool_t p;
+  CHECK_INT_EQ(kv_pool_init_parts(&p, 10, 3), -EINVAL); /* not equal parts */
+  CHECK_INT_EQ(kv_pool_init_parts(&p, 12, 0), -EINVAL);
+  CHECK_INT_EQ(kv_pool_init_parts(&p, 12, 3), 0);
+  CHECK_INT_EQ(p.part_blocks, 4);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 12);
+  kv_pool_shuffle(&p, 3);
+  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  int32_t got[4];
+  for (int i = 0; i < 4; i++) {
+    got[i] = kv_pool_alloc_in(&p, 1);
+    CHECK(got[i] >= 4 && got[i] < 8);
+  }
+  CHECK_INT_EQ(kv_pool_alloc_in(&p, 1), -1); /* part 1 is empty, the others are not */
+  CHECK_INT_EQ(kv_pool_part_free(&p, 0), 4);
+  CHECK_INT_EQ(kv_pool_used_count(&p), 4);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 0); /* an even spread can use nothing more */
+  int32_t a = kv_pool_alloc(&p);           /* from a part with the most free */
+  CHECK(a >= 0 && kv_pool_part_of(&p, a) != 1);
+  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  kv_pool_release(&p, got[2]);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 1), 1);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 3);
+  CHECK_INT_EQ(kv_pool_alloc_in(&p, 1), got[2]);
+  /* a snapshot */
+  kv_pool_t q;
+  CHECK_INT_EQ(kv_pool_init_parts(&q, 12, 3), 0);
+  kv_pool_copy(&q, &p);
+  CHECK_INT_EQ(kv_pool_check(&q), 0);
+  CHECK_INT_EQ(kv_pool_used_count(&q), 5);
+  for (int32_t k = 0; k < 3; k++) CHECK_INT_EQ(kv_pool_part_free(&q, k), kv_pool_part_free(&p, k));
+  kv_pool_destroy(&q);
+  /* free ids swapped between two parts' stacks: each once, yet caught */
+  int32_t *top0 = &p.free_ids[kv_pool_part_free(&p, 0) - 1];
+  int32_t *top2 = &p.free_ids[2 * p.part_blocks + kv_pool_part_free(&p, 2) - 1];
+  int32_t t = *top0;
+  *top0 = *top2;
+  *top2 = t;
+  CHECK_INT_EQ(kv_pool_check(&p), -EFAULT);
+  *top2 = *top0;
+  *top0 = t;
+  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  for (int i = 0; i < 4; i++) kv_pool_release(&p, got[i]);
+  kv_pool_release(&p, a);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 12);
+  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  kv_pool_destroy(&p);
+
+  /* 2 layers x 4 heads over 2 ranks: heads 0-1 on part 0, 2-3 on part 1 */
+  const int32_t L = 2, H = 4, B = 16;
+  CHECK_INT_EQ(kv_pool_init_parts(&p, 2 * 20, 2), 0);
+  kv_pool_shuffle(&p, 11);
+  kv_seq_t s;
+  CHECK_INT_EQ(kv_seq_init(&s, L, H, B, 400), 0);
+  CHECK_INT_EQ(kv_seq_set_parts(&s, 3), -EINVAL); /* does not divide 4 heads */
+  CHECK_INT_EQ(kv_seq_append(&s, &p, 1), -EINVAL); /* one part; the pool has two */
+  CHECK_INT_EQ(kv_pool_used_count(&p), 0);
+  CHECK_INT_EQ(kv_seq_set_parts(&s, 2), 0);
+  CHECK_INT_EQ(kv_seq_part_of(&s, 1), 0);
+  CHECK_INT_EQ(kv_seq_part_of(&s, 2), 1);
+  CHECK_INT_EQ(kv_seq_blocks_needed(&s, 33), L * H * 3);
+  CHECK_INT_EQ(kv_seq_append(&s, &p, 33), 0); /* 12 blocks from each part */
+  for (int32_t l = 0; l < L; l++)
+    for (int32_t h = 0; h < H; h++)
+      for (int32_t b = 0; b < 3; b++)
+        CHECK_INT_EQ(kv_pool_part_of(&p, kv_seq_table(&s, l, h)[b]), h / 2);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 0), 8);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 1), 8);
+  /* part 1 loses 5 blocks elsewhere: 3 left there, 8 in part 0 */
+  int32_t held[5];
+  for (int i = 0; i < 5; i++) held[i] = kv_pool_alloc_in(&p, 1);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 6);
+  /* 16 more tokens need 4 blocks of each part: 11 free in all, yet no */
+  CHECK_INT_EQ(kv_seq_blocks_needed(&s, 16), 8);
+  CHECK_INT_EQ(kv_seq_append(&s, &p, 16), -ENOSPC);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 0), 8); /* all or nothing */
+  CHECK_INT_EQ(kv_pool_part_free(&p, 1), 3);
+  /* a head of part 1 shorter (as after compression): the most of any part counts */
+  kv_pool_release(&p, held[0]);
+  kv_pool_release(&p, held[1]);
+  CHECK_INT_EQ(kv_seq_blocks_needed(&s, 16), 8);
+  CHECK_INT_EQ(kv_seq_append(&s, &p, 16), 0);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 0), 4);
+  CHECK_INT_EQ(kv_pool_part_free(&p, 1), 1);
+  for (int i = 2; i < 5; i++) kv_pool_release(&p, held[i]);
+  CHECK_INT_EQ(kv_pool_used_count(&p), kv_seq_blocks_held(&s));
+  kv_seq_destroy(&s, &p);
+  CHECK_INT_EQ(kv_pool_free_count(&p), 40);
+  CHECK_INT_EQ(kv_pool_check(&p), 0);
+  kv_pool_destroy(&p);
+}
+
+
 static void test_block_bytes_and_arena(void) {
   CHECK_INT_EQ(kv_block_bytes(K_F32, 16, 64), 16 * (2 * 64 * 4 + 4 + 4));
   CHECK_INT_EQ(kv_block_bytes(K_F32, 1, 1), 2 * 4 + 4 + 4);
@@ -604,6 +702,7 @@ int main(void) {
   RUN(test_pool_refcounts);
   RUN(test_pool_check_detects);
   RUN(test_pool_shuffle);
+  RUN(test_pool_parts);
   RUN(test_block_bytes_and_arena);
   RUN(test_seq_init);
   RUN(test_seq_blocks_needed);

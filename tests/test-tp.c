@@ -97,32 +97,37 @@ typedef struct tp_run {
   k_comm_t *comm;
   model_group_t g;
   kv_pool_t pool;
-  k_kv_arena_t arena;
+  k_kv_arena_t arenas[4]; /* one shared, or one per rank */
+  int32_t n_arenas;
   kv_seq_t seq;
 } tp_run_t;
 
 /* Teacher-forced logits of tokens[0..n) (prefill in chunks of `chunk`, then
  * one token per step) from the weights w (on a CPU backend) split over N
- * ranks; all[n][V]. */
-static void run_tp(const model_weights_t *w, int32_t N, const int32_t *tokens, int32_t n,
-                   int32_t prefill, int32_t chunk, float *all) {
-  tp_run_t t = {.n = N};
+ * ranks; all[n][V]. per_rank: each rank keeps its KV heads' blocks in an
+ * arena of its own (the pool cut in N parts), as on devices; else the
+ * ranks share one. */
+static void run_tp(const model_weights_t *w, int32_t N, bool per_rank, const int32_t *tokens,
+                   int32_t n, int32_t prefill, int32_t chunk, float *all) {
+  tp_run_t t = {.n = N, .n_arenas = per_rank ? N : 1};
   const model_config_t *c = &w->cfg;
   char err[256];
   const int32_t V = c->n_vocab, B = 16, per_head = (n + B - 1) / B;
-  const int32_t n_blocks = per_head * c->n_layers * c->n_kv_heads;
-  CHECK_INT_EQ(kv_pool_init(&t.pool, n_blocks), 0);
+  const int32_t n_blocks = per_head * c->n_layers * c->n_kv_heads + 3 * t.n_arenas;
+  CHECK_INT_EQ(kv_pool_init_parts(&t.pool, n_blocks, t.n_arenas), 0);
   kv_pool_shuffle(&t.pool, 7);
   CHECK_INT_EQ(kv_seq_init(&t.seq, c->n_layers, c->n_kv_heads, B, n), 0);
+  CHECK_INT_EQ(kv_seq_set_parts(&t.seq, t.n_arenas), 0);
   if (N > 1) CHECK_INT_EQ(k_comm_cpu_new(&t.comm, N), 0);
   for (int32_t r = 0; r < N; r++) {
     CHECK_INT_EQ(k_cpu_backend_new(&t.bes[r], 1), 0);
     t.bes[r]->numerics = w->be->numerics;
     if (N > 1 && model_weights_shard(&t.shards[r], w, r, N, t.bes[r], err, sizeof err))
       FAIL_AT("shard %d/%d: %s", r, N, err);
-    t.kvs[r] = &t.arena;
+    t.kvs[r] = &t.arenas[per_rank ? r : 0];
   }
-  CHECK_INT_EQ(kv_arena_init(&t.arena, t.bes[0], n_blocks, B, c->head_dim), 0);
+  for (int32_t r = 0; r < t.n_arenas; r++)
+    CHECK_INT_EQ(kv_arena_init_part(&t.arenas[r], t.bes[r], &t.pool, r, B, c->head_dim), 0);
   if (model_group_init(&t.g, N, N > 1 ? t.shards : w, t.bes, t.kvs, t.comm, chunk, chunk, err,
                        sizeof err))
     FAIL_AT("group: %s", err);
@@ -139,9 +144,15 @@ static void run_tp(const model_weights_t *w, int32_t N, const int32_t *tokens, i
     CHECK_INT_EQ(model_group_forward(&t.g, &b, all + (int64_t)done * V), 0);
     done += m;
   }
+  /* every head's blocks in its rank's part */
+  for (int32_t l = 0; l < c->n_layers; l++)
+    for (int32_t h = 0; h < c->n_kv_heads; h++)
+      for (int32_t b = 0; b < t.seq.n_blocks[l * c->n_kv_heads + h]; b++)
+        CHECK_INT_EQ(kv_pool_part_of(&t.pool, kv_seq_table(&t.seq, l, h)[b]),
+                     per_rank ? h / (c->n_kv_heads / N) : 0);
   model_group_destroy(&t.g);
   kv_seq_destroy(&t.seq, &t.pool);
-  kv_arena_destroy(&t.arena, t.bes[0]);
+  for (int32_t r = 0; r < t.n_arenas; r++) kv_arena_destroy(&t.arenas[r], t.bes[r]);
   kv_pool_destroy(&t.pool);
   for (int32_t r = 0; r < N; r++) {
     if (N > 1) model_weights_destroy(&t.shards[r]);
@@ -187,17 +198,18 @@ static void test_dummy_shards(void) {
     for (int32_t i = 0; i < N_TOK; i++) tokens[i] = (i * 7919 + 13) % c.n_vocab;
     float *ref = malloc((size_t)N_TOK * (size_t)c.n_vocab * sizeof(float));
     float *got = malloc((size_t)N_TOK * (size_t)c.n_vocab * sizeof(float));
-    run_tp(&w, 1, tokens, N_TOK, 50, 20, ref);
-    for (int32_t N = 2; N <= 3; N++) {
-      memset(got, 0, (size_t)N_TOK * (size_t)c.n_vocab * sizeof(float));
-      run_tp(&w, N, tokens, N_TOK, 50, 20, got);
-      int agree;
-      double d = max_diff(ref, got, N_TOK, c.n_vocab, &agree);
-      fprintf(stderr, "   dummy (tied %d) N=%d: max |logit diff| %.3g, top-1 %d/%d\n", tied, N, d,
-              agree, N_TOK);
-      CHECK(d <= 1e-4);
-      CHECK_INT_EQ(agree, N_TOK);
-    }
+    run_tp(&w, 1, false, tokens, N_TOK, 50, 20, ref);
+    for (int32_t N = 2; N <= 3; N++)
+      for (int per_rank = 0; per_rank <= 1; per_rank++) {
+        memset(got, 0, (size_t)N_TOK * (size_t)c.n_vocab * sizeof(float));
+        run_tp(&w, N, per_rank, tokens, N_TOK, 50, 20, got);
+        int agree;
+        double d = max_diff(ref, got, N_TOK, c.n_vocab, &agree);
+        fprintf(stderr, "   dummy (tied %d) N=%d, %s: max |logit diff| %.3g, top-1 %d/%d\n",
+                tied, N, per_rank ? "an arena per rank" : "one arena", d, agree, N_TOK);
+        CHECK(d <= 1e-4);
+        CHECK_INT_EQ(agree, N_TOK);
+      }
     /* what cannot be split says so */
     model_weights_t bad;
     CHECK_INT_EQ(model_weights_shard(&bad, &w, 0, 4, be, err, sizeof err), -EINVAL);
@@ -229,11 +241,11 @@ static void test_gguf_shards(void) {
   for (int32_t i = 0; i < N_TOK; i++) tokens[i] = (i * 104729 + 1) % V;
   float *ref = malloc((size_t)N_TOK * (size_t)V * sizeof(float));
   float *got = malloc((size_t)N_TOK * (size_t)V * sizeof(float));
-  run_tp(&w, 1, tokens, N_TOK, 32, 16, ref);
-  run_tp(&w, 3, tokens, N_TOK, 32, 16, got); /* 3 KV heads, 1536 MLP columns */
+  run_tp(&w, 1, false, tokens, N_TOK, 32, 16, ref);
+  run_tp(&w, 3, true, tokens, N_TOK, 32, 16, got); /* 3 KV heads, 1536 MLP columns */
   int agree;
   double d = max_diff(ref, got, N_TOK, V, &agree);
-  fprintf(stderr, "   SmolLM2 Q4_1 N=3: max |logit diff| %.3g, top-1 %d/%d\n", d, agree, N_TOK);
+  fprintf(stderr, "   SmolLM2 Q4_1 N=3, an arena per rank: max |logit diff| %.3g, top-1 %d/%d\n", d, agree, N_TOK);
   CHECK(d <= 1e-4);
   CHECK_INT_EQ(agree, N_TOK);
   model_weights_t bad;

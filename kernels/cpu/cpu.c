@@ -283,6 +283,11 @@ static int cpu_embed(k_backend_t *be, float *y, const k_weight_t *table, const i
   return 0;
 }
 
+/* Index in kv's arrays of the pool's block id (a rank's arena holds a part). */
+static inline int64_t arena_block(const k_kv_arena_t *kv, int32_t id) {
+  return (int64_t)id - kv->first_block;
+}
+
 static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
                         const k_attn_args_t *a) {
   const int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
@@ -296,7 +301,7 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
       if (first < 0) return -EINVAL;
       for (int32_t t = 0; t < n_new; t++) {
         int32_t i = first + t;
-        int64_t sl = (int64_t)table[i / B] * B + i % B;
+        int64_t sl = arena_block(kv, table[i / B]) * B + i % B;
         if (sl < 0 || sl >= n_slots) return -EINVAL;
         int64_t src = ((int64_t)(r0 + t) * H + h) * d;
         memcpy(kv->k + sl * d, k + src, (size_t)d * sizeof(float));
@@ -413,7 +418,7 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
   float kt[ATT_MAX_D][ATT_MAX_B] __attribute__((aligned(64)));
   float sc[ATT_MAX_B] __attribute__((aligned(64)));
   for (int32_t b0 = 0; b0 < ctx; b0 += B) {
-    int32_t blk = table[b0 / B];
+    int64_t blk = arena_block(kv, table[b0 / B]);
     int32_t n = ctx - b0 < B ? ctx - b0 : B;
     const float *kb = kv->k + (int64_t)blk * B * D;
     const float *vb = kv->v + (int64_t)blk * B * D;
@@ -562,7 +567,7 @@ static void att_finish(const att_job_t *j, int32_t s, int32_t h, float *sq, floa
   for (int32_t k = 0; k < ctx; k++) {
     float add = 0.0f;
     for (int32_t g = 0; g < G; g++) add += sq[g * ld + k];
-    kv->score[(int64_t)table[k / B] * B + k % B] += add;
+    kv->score[arena_block(kv, table[k / B]) * B + k % B] += add;
   }
   for (int32_t k = 0; om && k < ctx; k++) {
     float ms = 0.0f;
@@ -664,7 +669,8 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
       float mx = -INFINITY;
       for (int32_t t = 0; t < nch * 16; t++) {
         if (t >= ctx) { w[t] = -INFINITY; continue; }
-        int32_t blk = table[t / B], off = t % B;
+        int64_t blk = arena_block(kv, table[t / B]);
+        int32_t off = t % B;
         if (kv->pos[(int64_t)blk * B + off] > qp) { w[t] = -INFINITY; continue; }
         const float *kr = kv->k + ((int64_t)blk * B + off) * D;
         float sc;
@@ -703,7 +709,8 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
       memset(acc, 0, sizeof acc);
       for (int32_t t = 0; t < ctx; t++) {
         float p = pr[t];
-        int32_t blk = table[t / B], off = t % B;
+        int64_t blk = arena_block(kv, table[t / B]);
+        int32_t off = t % B;
         const float *vr = kv->v + ((int64_t)blk * B + off) * D;
         float *ac = acc[gemm ? 0 : (t / 16) % 4][t % 16];
         for (int32_t d = 0; d < D; d++) ac[d] = fmaf(vr[d], p, ac[d]);

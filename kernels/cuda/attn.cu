@@ -1185,7 +1185,7 @@ typedef struct kc_plan {
   uint64_t gen;
   const k_seq_kv_t *seqs;
   const int32_t *q_start;
-  int32_t n_seqs, layer, QH, H, Dq, head0, all, B, n_blocks, Dk;
+  int32_t n_seqs, layer, QH, H, Dq, head0, all, B, n_blocks, first_block, Dk;
   k_dtype_t type;
   // what it holds
   bool attn_ok;  // the shape suits attention
@@ -1508,7 +1508,7 @@ static int kc_pack(kc_t *c, kc_attn_t *st, const k_kv_arena_t *kv, const k_attn_
           return -ENOMEM;
         int32_t *dst = (int32_t *)(st->sec[KC_S_BLOCKS].p + st->sec[KC_S_BLOCKS].n);
         for (int32_t b = 0; b < nblk; b++) {
-          const int32_t id = table[b];
+          const int32_t id = table[b] - kv->first_block; // the pool's id, in this arena
           if (id < 0 || id >= kv->n_blocks) {
             pl->read_ok = false;
             if (first_new >= 0 && ((int64_t)b + 1) * B > first_new) pl->write_ok = false;
@@ -1617,7 +1617,8 @@ static int kc_plan_get(kc_t *c, kc_attn_t *st, const k_kv_arena_t *kv, const k_a
   if (st->plan_ok && pl->gen == st->gen && pl->seqs == a->seqs && pl->q_start == a->q_start &&
       pl->n_seqs == S && pl->layer == a->layer &&
       pl->QH == a->n_q_heads && pl->H == H && pl->Dq == a->head_dim && pl->head0 == a->kv_head0 &&
-      pl->all == all && pl->B == B && pl->n_blocks == kv->n_blocks && pl->Dk == Dk &&
+      pl->all == all && pl->B == B && pl->n_blocks == kv->n_blocks &&
+      pl->first_block == kv->first_block && pl->Dk == Dk &&
       pl->type == kv->type && st->fp.n == st->fp2.n && !memcmp(st->fp.p, st->fp2.p, st->fp.n))
     return 0;
   kc_vec_t t = st->fp;
@@ -1636,6 +1637,7 @@ static int kc_plan_get(kc_t *c, kc_attn_t *st, const k_kv_arena_t *kv, const k_a
   pl->all = all;
   pl->B = B;
   pl->n_blocks = kv->n_blocks;
+  pl->first_block = kv->first_block;
   pl->Dk = Dk;
   pl->type = kv->type;
   pl->n_tokens = a->q_start[S];

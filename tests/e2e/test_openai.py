@@ -478,54 +478,69 @@ def main():
     def tensor_parallel_same_outputs():
         """--tensor-parallel-size 3 (SmolLM2's 3 KV heads, one per rank) serves
         the greedy outputs of one rank, streamed and batched, with compression,
-        and its seeded samples;
+        and its seeded samples, whether the ranks share one KV arena or each
+        keeps its heads in its own (--kv-arena-per-rank, as on GPUs: the pool
+        in three parts, scores read back and moves made per rank);
         a size that does not divide the heads is a start-up error."""
         exact = ("--cpu-numerics", "exact")
-        one, three = Server(*exact), Server(*exact, "--tensor-parallel-size", "3")
+        one = Server(*exact)
+        three = Server(*exact, "--tensor-parallel-size", "3")
+        apart = Server(*exact, "--tensor-parallel-size", "3", "--kv-arena-per-rank",
+                       "--debug-checks")
         try:
             prompts = ["The capital of France is", "def fib(n):", passkey_prompt(4242, n=20)]
-            for p in prompts:
-                a, b = (s.client().completions.create(
-                    model=NAME, prompt=p, max_tokens=24, temperature=0,
-                    extra_body={"ignore_eos": True}) for s in (one, three))
-                check(a.choices[0].text == b.choices[0].text,
-                      f"tp1 {a.choices[0].text!r} vs tp3 {b.choices[0].text!r}")
+            refs = [one.client().completions.create(
+                model=NAME, prompt=p, max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
             msgs = [{"role": "user", "content": "Name three colours."}]
             ref = one.client().chat.completions.create(model=NAME, messages=msgs, max_tokens=20,
                                                        temperature=0).choices[0].message.content
-            got = "".join(c.choices[0].delta.content or "" for c in three.client().chat.completions.create(
-                model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True) if c.choices)
-            check(ref == got, f"chat tp1 {ref!r} vs tp3 stream {got!r}")
-            # seeded temperature sampling: drawn by the backend with one rank,
-            # by the host sampler from the gathered logits with three
-            a, b = (s.client().completions.create(
+            sampled = one.client().completions.create(
                 model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=5,
-                extra_body={"ignore_eos": True}) for s in (one, three))
-            check(a.choices[0].text == b.choices[0].text,
-                  f"sampled tp1 {a.choices[0].text!r} vs tp3 {b.choices[0].text!r}")
-            out = [None] * 4
-            def worker(i):
-                out[i] = three.client().completions.create(
-                    model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16, temperature=0,
-                    extra_body={"ignore_eos": True,
-                                "kv_compression": {"method": "kvcompress", "ratio": 4}})
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=300)
-            for i in range(4):
-                alone = one.client().completions.create(
-                    model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16, temperature=0,
-                    extra_body={"ignore_eos": True,
-                                "kv_compression": {"method": "kvcompress", "ratio": 4}})
-                check(out[i] is not None and out[i].choices[0].text == alone.choices[0].text,
-                      f"compressed {i}: tp3 {out[i] and out[i].choices[0].text!r} vs "
-                      f"tp1 {alone.choices[0].text!r}")
-            check(three.metric("vllm:kv_cache_usage_perc") == 0, "tp3: KV blocks not all returned")
+                extra_body={"ignore_eos": True}).choices[0].text
+            kvc = [{"method": "kvcompress", "ratio": 4},
+                   {"method": "kvcompress", "ratio": 4, "layer_budget": "zigzag"},
+                   {"method": "dbudget"}, {"method": "kvcompress", "ratio": 2}]
+            alone = [one.client().completions.create(
+                model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True, "kv_compression": kvc[i]}).choices[0].text
+                for i in range(4)]
+            for name, srv in (("tp3", three), ("tp3 apart", apart)):
+                for p, want in zip(prompts, refs):
+                    got = srv.client().completions.create(
+                        model=NAME, prompt=p, max_tokens=24, temperature=0,
+                        extra_body={"ignore_eos": True}).choices[0].text
+                    check(got == want, f"tp1 {want!r} vs {name} {got!r}")
+                got = "".join(c.choices[0].delta.content or "" for c in srv.client().chat.completions.create(
+                    model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True) if c.choices)
+                check(ref == got, f"chat tp1 {ref!r} vs {name} stream {got!r}")
+                # seeded temperature sampling: drawn by the backend with one
+                # rank, by the host sampler from the gathered logits with three
+                got = srv.client().completions.create(
+                    model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=5,
+                    extra_body={"ignore_eos": True}).choices[0].text
+                check(got == sampled, f"sampled tp1 {sampled!r} vs {name} {got!r}")
+                out = [None] * 4
+                def worker(i):
+                    out[i] = srv.client().completions.create(
+                        model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16,
+                        temperature=0, extra_body={"ignore_eos": True, "kv_compression": kvc[i]})
+                threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=300)
+                for i in range(4):
+                    check(out[i] is not None and out[i].choices[0].text == alone[i]
+                          and (i == 2 or out[i].usage.model_dump().get("kv_tokens_evicted", 0) > 0),
+                          f"compressed {kvc[i]}: {name} {out[i] and out[i].choices[0].text!r} "
+                          f"{out[i] and out[i].usage} vs tp1 {alone[i]!r}")
+                check(srv.metric("vllm:kv_cache_usage_perc") == 0,
+                      f"{name}: KV blocks not all returned")
         finally:
             one.stop()
             three.stop()
+            apart.stop()
         r = subprocess.run([BIN, "serve", "--model", MODEL, "--port", "0",
                             "--tensor-parallel-size", "2"], capture_output=True, text=True,
                            timeout=120)
