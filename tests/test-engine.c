@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kernels/comm.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
@@ -1012,6 +1013,91 @@ static void bench_pick(int32_t n) {
   kv_pool_destroy(&pool);
 }
 
+/* Tensor parallelism over the model's 3 KV heads, the ranks sharing one KV
+ * arena or each keeping its heads' blocks in an arena of its own (as on
+ * GPUs: the pool in three parts, scores read back and moves made per rank).
+ * The arithmetic is the same, so the tokens are, whatever the layout:
+ * (a) under memory pressure, uncompressed (preemptions, the parts' free
+ * counts); (b) compressed, by KV-Compress global and uniform and by
+ * StreamingLLM, again every 8 decode steps, with the same KVs kept. Every
+ * step's accounting is checked (debug_checks). */
+static void test_tp_arenas(void) {
+  enum { N = 3, N_C = 4 };
+  k_backend_t *bes[N];
+  model_weights_t shards[N];
+  k_comm_t *comm;
+  CHECK_INT_EQ(k_comm_cpu_new(&comm, N), 0);
+  for (int32_t r = 0; r < N; r++) {
+    CHECK_INT_EQ(k_cpu_backend_new(&bes[r], 1), 0);
+    bes[r]->numerics = be->numerics;
+    if (model_weights_shard(&shards[r], &w, r, N, bes[r], err, sizeof err)) FAIL_AT("%s", err);
+  }
+  const int32_t heads = w.cfg.n_layers * w.cfg.n_kv_heads, per_seq = heads * (64 / 16);
+  out_t o[2][2][N_PROMPTS];
+  int n_of[2] = {0, 0};
+  for (int apart = 0; apart < 2; apart++)
+    for (int comp = 0; comp < 2; comp++) {
+      sched_engine_config_t c = config();
+      c.tp_size = N;
+      c.tp_weights = shards;
+      c.tp_backends = bes;
+      c.tp_comm = comm;
+      c.kv_per_rank = apart;
+      c.max_model_len = comp ? 256 : 64;
+      if (!comp) /* 1.5 sequences: preemption */
+        c.kv_cache_memory = (int64_t)(per_seq * 3 / 2) * (int64_t)kv_block_bytes(K_F32, 16,
+                                                                                 w.cfg.head_dim);
+      sched_engine_t *e = engine(&c, false);
+      int n = 0;
+      for (int i = 0; i < (comp ? 2 * N_C : N_PROMPTS); i++) {
+        if (!comp && n_ids[i] + 16 > 64) continue;
+        /* compressed: the long prompt, cut shorter by 9 tokens a request */
+        spec_t sp = {.ids = comp ? long_ids : ids[i], .n = comp ? n_long - 9 * i : n_ids[i],
+                     .max_tokens = 16, .ignore_eos = true, .logprobs = -1};
+        sched_request_t *r = request((uint64_t)i, &o[apart][comp][n], &sp);
+        if (comp) {
+          static const kv_policy_t pol[N_C] = {KV_POLICY_KVCOMPRESS, KV_POLICY_KVCOMPRESS,
+                                               KV_POLICY_STREAMING, KV_POLICY_NONE};
+          r->kvc.plan.policy = pol[n % N_C];
+          r->kvc.plan.ratio = 2;
+          r->kvc.plan.min_tokens = 8;
+          r->kvc.plan.protected_window = 4;
+          r->kvc.plan.sinks = 1;
+          if (n % N_C == 1) r->kvc.plan.layer_budget = KV_LAYER_UNIFORM;
+          r->kvc.interval = 8;
+        }
+        CHECK_INT_EQ(sched_engine_submit(e, r), 0);
+        n++;
+      }
+      CHECK(n >= 4);
+      n_of[comp] = n;
+      CHECK_INT_EQ(sched_engine_start(e), 0);
+      run_until(e, all_done, &(outs_ref_t){o[apart][comp], n});
+      sched_stats_t st;
+      sched_engine_stats(e, &st);
+      if (!comp) CHECK(st.preemptions > 0);
+      if (comp) CHECK(st.kv_compressions > 0);
+      check_idle(e);
+      fprintf(stderr, "   %s, %s: %llu preemptions, %llu compressions\n",
+              apart ? "an arena per rank" : "one arena", comp ? "compressed" : "uncompressed",
+              (unsigned long long)st.preemptions, (unsigned long long)st.kv_compressions);
+      sched_engine_free(e);
+    }
+  for (int comp = 0; comp < 2; comp++)
+    for (int j = 0; j < n_of[comp]; j++) {
+      check_same(&o[1][comp][j], &o[0][comp][j]);
+      CHECK_INT_EQ(o[1][comp][j].kv_kept, o[0][comp][j].kv_kept);
+      CHECK_INT_EQ(o[1][comp][j].kv_evicted, o[0][comp][j].kv_evicted);
+      if (comp && j % N_C != 3 && o[1][comp][j].kv_evicted <= 0)
+        FAIL_AT("request %d evicted nothing", j);
+    }
+  for (int32_t r = 0; r < N; r++) {
+    model_weights_destroy(&shards[r]);
+    k_backend_free(bes[r]);
+  }
+  k_comm_free(comm);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "--bench") == 0) {
     const int32_t ns[] = {1, 64, 256, 1024};
@@ -1043,6 +1129,7 @@ int main(int argc, char **argv) {
   RUN(test_compress_between_chunks);
   RUN(test_compress_via_backend);
   RUN(test_graphs);
+  RUN(test_tp_arenas);
 
   model_tok_free(tok);
   model_weights_destroy(&w);

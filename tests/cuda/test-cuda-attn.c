@@ -102,7 +102,9 @@ static void side_free(side_t *sd, int32_t S) {
   kv_arena_destroy(&sd->kv, sd->be);
 }
 
-static void run_case(const attn_case_t *c) {
+/* first_block: the arenas hold the pool's blocks from this id on (a
+ * tensor-parallel rank's part of the pool). */
+static void run_case_at(const attn_case_t *c, int32_t first_block) {
   k_backend_t *gpu = c->f16 ? g_gpu16 : g_gpu;
   const k_dtype_t kt = gpu->kv_type;
   const int32_t S = c->n_seqs, H = c->n_kv_heads, QH = c->n_q_heads, D = c->head_dim,
@@ -174,10 +176,10 @@ static void run_case(const attn_case_t *c) {
         int32_t *cx = ctx + ((int64_t)s * L + l) * HA + ha;
         if (l == LY && ha >= h0 && ha < h0 + H) {
           int32_t i = s * H + ha - h0, n = keep[i] + c->seqs[s].n_q, nb = (n + B - 1) / B;
-          for (int32_t b = 0; b < stride; b++) row[b] = b < nb ? ids[next++] : -1;
+          for (int32_t b = 0; b < stride; b++) row[b] = b < nb ? ids[next++] + first_block : -1;
           *cx = n;
         } else {
-          for (int32_t b = 0; b < stride; b++) row[b] = poison;
+          for (int32_t b = 0; b < stride; b++) row[b] = poison + first_block;
           *cx = B < 3 ? B : 3;
         }
       }
@@ -188,6 +190,7 @@ static void run_case(const attn_case_t *c) {
   const int64_t n_slots = (int64_t)n_arena * B;
   for (int k = 0; k < 2; k++) {
     CHECK_INT_EQ(kv_arena_init(&sd[k].kv, sd[k].be, n_arena, B, D), 0);
+    sd[k].kv.first_block = first_block;
     sd[k].mass = test_xmalloc((size_t)S * sizeof(float *));
     sd[k].last = test_xmalloc((size_t)S * sizeof(float *));
   }
@@ -322,7 +325,7 @@ static void run_case(const attn_case_t *c) {
         const int32_t *row = tables + (((int64_t)s * L + LY) * HA + h0 + h) * stride;
         const int32_t n = ctx[((int64_t)s * L + LY) * HA + h0 + h];
         for (int32_t t = 0; t < n; t++) {
-          int64_t sl = (int64_t)row[t / B] * B + t % B;
+          int64_t sl = (int64_t)(row[t / B] - first_block) * B + t % B;
           scored[sl] = c->seqs[s].n_obs != 0 && c->seqs[s].n_q > 0;
           if (gp[sl] != sd[0].kv.pos[sl])
             FAIL_AT("%s: slot %lld position %d vs cpu %d", c->name, (long long)sl, gp[sl],
@@ -410,6 +413,8 @@ static void run_case(const attn_case_t *c) {
   free(pv);
   free(keep);
 }
+
+static void run_case(const attn_case_t *c) { run_case_at(c, 0); }
 
 /* A decode batch: 8 sequences with one row each, contexts from 1 to 3000
  * (the long ones split over several CTAs), ragged heads, scores on some. */
@@ -533,6 +538,9 @@ static void test_tensor_parallel(void) {
   attn_case_t c = {"tensor parallel", 8, 2, 128, 16, 1, 3, 3, 2, 3, seqs, 1.0f, 1400, false, 7,
                    true, false};
   run_case(&c);
+  /* the rank's own arena: the pool's ids from 5,000 on (kernels/backend.h) */
+  c.name = "tensor parallel, a part of the pool";
+  run_case_at(&c, 5000);
 }
 
 /* The fp16 KV arena. */

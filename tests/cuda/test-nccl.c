@@ -2,7 +2,7 @@
  * GPU machine), and where two or more devices are visible N = 2: the
  * all-reduce sums bit-identically on every rank, and a model sharded over
  * two GPUs gives the logits of one GPU (each rank with a KV arena of its
- * own; the engine does not run CUDA ranks yet).
+ * own holding its part of the pool, as the engine keeps them).
  *
  * Exits 77 (skip) when no CUDA device is visible; PRESSD_REQUIRE_GPU=1
  * turns that into a failure. */
@@ -72,19 +72,22 @@ static void run_model(const model_weights_t *host_w, int32_t N, k_backend_t **be
                       const int32_t *tokens, int32_t n, float *logits) {
   char err[256];
   const model_config_t *c = &host_w->cfg;
-  const int32_t B = 16, per_head = (n + B - 1) / B, n_blocks = per_head * c->n_layers * c->n_kv_heads;
+  const int32_t B = 16, per_head = (n + B - 1) / B;
+  const int32_t n_blocks = (per_head * c->n_layers * c->n_kv_heads / N + 2) * N;
   kv_pool_t pool;
   kv_seq_t seq;
   k_kv_arena_t arenas[8];
   const k_kv_arena_t *kvs[8];
   model_weights_t shards[8];
   k_comm_t *comm = NULL;
-  CHECK_INT_EQ(kv_pool_init(&pool, n_blocks), 0);
+  CHECK_INT_EQ(kv_pool_init_parts(&pool, n_blocks, N), 0);
+  kv_pool_shuffle(&pool, 5);
   CHECK_INT_EQ(kv_seq_init(&seq, c->n_layers, c->n_kv_heads, B, n), 0);
+  CHECK_INT_EQ(kv_seq_set_parts(&seq, N), 0);
   if (N > 1 && k_comm_nccl_new(&comm, N, bes, err, sizeof err)) FAIL_AT("%s", err);
   for (int32_t r = 0; r < N; r++) {
     if (model_weights_shard(&shards[r], host_w, r, N, bes[r], err, sizeof err)) FAIL_AT("%s", err);
-    CHECK_INT_EQ(kv_arena_init(&arenas[r], bes[r], n_blocks, B, c->head_dim), 0);
+    CHECK_INT_EQ(kv_arena_init_part(&arenas[r], bes[r], &pool, r, B, c->head_dim), 0);
     kvs[r] = &arenas[r];
   }
   model_group_t g;
