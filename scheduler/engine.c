@@ -561,6 +561,16 @@ static int bad(char *why, size_t len, const char *fmt, ...) {
   return -1;
 }
 
+/* Whether every rank's backend can go on after a failed step. */
+static bool healthy(const sched_engine_t *e) {
+  const int32_t n = e->cfg.tp_size > 1 ? e->cfg.tp_size : 1;
+  for (int32_t r = 0; r < n; r++) {
+    k_backend_t *b = n > 1 ? e->cfg.tp_backends[r] : e->be;
+    if (b->ops->health && b->ops->health(b)) return false;
+  }
+  return true;
+}
+
 /* The KV accounting after a step: the pool is consistent, and the blocks it
  * has lent are exactly those the sequences' tables hold, each in one table
  * once, every head with the blocks its length needs. O(pool + tables). */
@@ -658,7 +668,7 @@ static void *engine_main(void *arg) {
     __atomic_store_n(&e->step_start_ns, t0, __ATOMIC_RELAXED);
     e->step_failed = false;
     step(e);
-    if (e->step_failed && e->be->ops->health && e->be->ops->health(e->be)) {
+    if (e->step_failed && !healthy(e)) {
       /* the device cannot go on: end everything, and let the process restart */
       __atomic_store_n(&e->step_start_ns, 0, __ATOMIC_RELAXED);
       finish_all(e, SCHED_FINISH_ERROR,
