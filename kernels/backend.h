@@ -216,6 +216,13 @@ typedef struct k_ops {
    * Decoding without copying the logits off the device. */
   int (*sample)(k_backend_t *be, int32_t *ids, const float *x, int64_t m, int64_t n,
                 const k_draw_t *draws);
+  /* Optional (NULL: penalised rows are drawn on the host): row i of
+   * x[m][n] (backend memory) has the logits of the ids rows[i] lists
+   * rewritten by k_draw_penalise (kernels/draw.h); rows, ids and seen are
+   * host arrays. Before sample, so that penalised requests draw on the
+   * device too. */
+  int (*penalize)(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
+                  const int32_t *ids, const int32_t *seen);
   /* Optional (NULL: host memory only; see host_memory): row i of dst (host
    * memory, n * row_bytes) = row rows[i] of src (backend memory), for
    * n rows of row_bytes (a multiple of 4); rows is a host array, each

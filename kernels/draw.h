@@ -21,8 +21,9 @@
  *   min-p  of those, w_i > 0 and w_i >= min_p.
  * A row whose maximum is not finite (all -inf, or +inf present) gives its
  * argmax; NaN logits weigh nothing. key is one draw of the request's seeded
- * generator per token. Only the penalties (which rewrite the row from the
- * request's history) stay on the host. Host and device agree up to the
+ * generator per token. Penalties rewrite the row first, from the request's
+ * history (k_draw_penalise: the host sampler's and the backends' penalize
+ * op, the same floats). Host and device agree up to the
  * rounding of exp and log (1 ulp apart on CUDA) and of the sums top-p
  * compares, which decide only near-exact ties. */
 #ifndef PRESSD_KERNELS_DRAW_H
@@ -82,6 +83,28 @@ K_DRAW_FN double k_draw_score(float l, float lmax, const k_draw_t *d, int64_t i)
   if (!(w > 0.0f && w >= d->min_p)) return -INFINITY;
   return (double)x + k_draw_gumbel(d->key, i);
 }
+
+/* Penalties (vLLM's and llama.cpp's) of the logit l of an id the request
+ * has seen, gen times among its generated tokens, in its prompt or not:
+ * repetition (HF: a positive logit divided by rep, a negative one
+ * multiplied), then for generated ids presence and frequency (OpenAI:
+ * minus freq * gen + pres). */
+K_DRAW_FN float k_draw_penalise(float l, int32_t gen, bool in_prompt, float rep, float pres,
+                                float freq) {
+  if (rep != 1.0f && (gen > 0 || in_prompt)) l = l > 0.0f ? l / rep : l * rep;
+  if (gen > 0) l -= fmaf(freq, (float)gen, pres);
+  return l;
+}
+
+/* The penalties of one row of logits for a backend's penalize op: entries
+ * [first, first + n) of the packed ids[] and seen[] arrays, seen[j] =
+ * 2 * (times ids[j] was generated) + (ids[j] is in the prompt), each id
+ * once. */
+typedef struct k_penalty {
+  int64_t first;
+  int32_t n;
+  float rep, pres, freq;
+} k_penalty_t;
 
 #ifndef __CUDACC__
 /* The draw of one row of n logits on the host (kernels/draw.c). w and idx

@@ -172,6 +172,8 @@ bool model_can_sample(const model_t *m) {
   return !m->comm && m->be->ops->sample && m->be->ops->read_rows;
 }
 
+bool model_can_penalize(const model_t *m) { return model_can_sample(m) && m->be->ops->penalize; }
+
 /* Before layer l's attention: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D],
  * rotated. */
 static int layer_in(model_t *m, int32_t l, int64_t T) {
@@ -280,6 +282,7 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   const int32_t Hq = c->n_heads, Hkv = c->n_kv_heads, L = c->n_layers;
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
       (b->ids && !model_can_sample(m)) || b->n_host_rows < 0 ||
+      (b->pens && (!b->ids || !model_can_penalize(m) || !b->pen_ids || !b->pen_seen)) ||
       (b->ids && b->n_host_rows > b->n_logits))
     return -EINVAL;
   /* R rows through the segments: the batch's, or its graph bucket */
@@ -320,6 +323,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   TRY(op->rmsnorm(be, m->xn, m->xn, w->out_norm, b->n_logits, E, c->rms_eps));
   TRY(op->matmul(be, m->logits, m->xn, &w->output, b->n_logits));
   if (b->ids) {
+    if (b->pens)
+      TRY(op->penalize(be, m->logits, b->n_logits, c->n_vocab, b->pens, b->pen_ids, b->pen_seen));
     TRY(op->sample(be, m->d_ids, m->logits, b->n_logits, c->n_vocab, b->draws));
     TRY(op->download(be, b->ids, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
     if (b->n_host_rows > 0)

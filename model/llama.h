@@ -32,6 +32,11 @@ typedef struct model_batch {
   const k_draw_t *draws;
   const int32_t *host_rows;
   int32_t n_host_rows;
+  /* Optional [n_logits] (host), with ids and only where model_can_penalize:
+   * each row's penalties (kernels/draw.h), applied on the backend before
+   * the draw; pen_ids and pen_seen hold the rows' packed entries. */
+  const k_penalty_t *pens;
+  const int32_t *pen_ids, *pen_seen;
 } model_batch_t;
 
 typedef struct model {
@@ -73,6 +78,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits);
 /* Whether model_forward draws a batch's tokens (b->ids): an unsharded
  * model on a backend with the sample and read_rows ops. */
 bool model_can_sample(const model_t *m);
+/* Whether it can also apply penalties before drawing (b->pens). */
+bool model_can_penalize(const model_t *m);
 
 /* Steps as graphs: the work between two attention calls goes through the
  * backend's replay op (CUDA graphs) over the step's tokens rounded up to

@@ -64,6 +64,10 @@ struct sched_engine {
   int32_t *ids;      /* owns: [max_num_seqs] the rows' tokens, drawn by the backend */
   k_draw_t *draws;   /* owns: [max_num_seqs] how the backend draws them */
   int32_t *host_rows; /* owns: [max_num_seqs] rows the host samples (their logits come back) */
+  bool penalize;      /* the backend applies penalties before drawing */
+  k_penalty_t *pens;  /* owns: [max_num_seqs] the rows' penalties */
+  int32_t *pen_ids, *pen_seen; /* owns: [cap_pen] their packed entries */
+  int64_t cap_pen;
   k_seq_kv_t *views; /* owns: [max_num_seqs] the batch's KV as the kernels read it */
   float *logits;     /* owns: [max_num_seqs][n_vocab] */
   float *lp_row;     /* owns: [n_vocab] raw logits of a row, for logprobs */
@@ -397,8 +401,22 @@ static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int3
 
 /* Whether s's next token can be drawn on the device (kernels/draw.h), with
  * no log-probabilities asked for. */
-static bool draw_on_device(const sched__seq_t *s) {
-  return s->req->logprobs < 0 && sched_sampler_on_device(&s->smp);
+static bool draw_on_device(const sched_engine_t *e, const sched__seq_t *s) {
+  return s->req->logprobs < 0 && sched_sampler_on_device(&s->smp, e->penalize);
+}
+
+/* Room for n more packed penalty entries after used ones. */
+static int pen_room(sched_engine_t *e, int64_t used, int64_t n) {
+  if (used + n <= e->cap_pen) return 0;
+  int64_t cap = e->cap_pen ? e->cap_pen : 4096;
+  while (cap < used + n) cap *= 2;
+  int32_t *a = realloc(e->pen_ids, (size_t)cap * sizeof *a);
+  if (a) e->pen_ids = a;
+  int32_t *b = realloc(e->pen_seen, (size_t)cap * sizeof *b);
+  if (b) e->pen_seen = b;
+  if (!a || !b) return -ENOMEM;
+  e->cap_pen = cap;
+  return 0;
 }
 
 /* Sample s's next token from its logits row (or take the one the backend
@@ -484,6 +502,7 @@ static void step(sched_engine_t *e) {
    * other rows' logits come back to the host (host_rows). */
   const bool device = model_group_can_sample(&e->model);
   int32_t t = 0, n_logits = 0, n_host = 0;
+  int64_t n_pen = 0; /* packed penalty entries */
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
@@ -493,8 +512,12 @@ static void step(sched_engine_t *e) {
     for (int32_t j = 0; j < m; j++) e->pos[t + j] = s->n_computed + j;
     t += m;
     if (s->n_computed + m < s->n_tokens) continue;
-    if (device && draw_on_device(s)) { /* the generator advances as sched_sample's would */
+    e->pens[n_logits] = (k_penalty_t){0};
+    if (device && draw_on_device(e, s) &&
+        !pen_room(e, n_pen, s->smp.n_seen)) { /* the generator advances as sched_sample's would */
       sched_sampler_next_draw(&s->smp, &e->draws[n_logits]);
+      n_pen += sched_sampler_penalty(&s->smp, &e->pens[n_logits], n_pen, e->pen_ids + n_pen,
+                                     e->pen_seen + n_pen);
     } else {
       e->draws[n_logits] = (k_draw_t){0};
       e->host_rows[n_host++] = n_logits;
@@ -516,6 +539,9 @@ static void step(sched_engine_t *e) {
       .draws = device ? e->draws : NULL,
       .host_rows = e->host_rows,
       .n_host_rows = device ? n_host : 0,
+      .pens = n_pen > 0 ? e->pens : NULL,
+      .pen_ids = e->pen_ids,
+      .pen_seen = e->pen_seen,
   };
   const int64_t f0 = sched__now_ns();
   int rc = model_group_forward(&e->model, &b, e->logits);
@@ -820,12 +846,14 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->ids = malloc((size_t)S * sizeof *e->ids);
   e->draws = malloc((size_t)S * sizeof *e->draws);
   e->host_rows = malloc((size_t)S * sizeof *e->host_rows);
+  e->pens = malloc((size_t)S * sizeof *e->pens);
+  e->penalize = model_group_can_penalize(&e->model);
   e->views = malloc((size_t)S * sizeof *e->views);
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
   if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws ||
-      !e->host_rows || !e->views ||
+      !e->host_rows || !e->pens || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -879,6 +907,9 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->ids);
   free(e->draws);
   free(e->host_rows);
+  free(e->pens);
+  free(e->pen_ids);
+  free(e->pen_seen);
   free(e->views);
   free(e->logits);
   free(e->lp_row);

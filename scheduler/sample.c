@@ -103,6 +103,11 @@ static uint64_t random_seed(void) {
 
 /* ---- init / destroy ------------------------------------------------------ */
 
+static bool penalised(const sched_sample_params_t *p) {
+  return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
+         p->frequency_penalty != 0.0f;
+}
+
 int sched_sampler_init(sched_sampler_t *s, const sched_sample_params_t *p, int32_t n_vocab) {
   assert(s && p);
   memset(s, 0, sizeof *s);
@@ -117,6 +122,7 @@ int sched_sampler_init(sched_sampler_t *s, const sched_sample_params_t *p, int32
   s->probs = calloc(n, sizeof *s->probs);
   s->idx = calloc(n, sizeof *s->idx);
   if (!s->counts || !s->in_prompt || !s->probs || !s->idx) goto fail_nomem;
+  if (penalised(p) && !(s->seen = malloc(n * sizeof *s->seen))) goto fail_nomem;
   uint64_t x = p->has_seed ? p->seed : random_seed();
   for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
   return 0;
@@ -132,19 +138,25 @@ void sched_sampler_destroy(sched_sampler_t *s) {
   free(s->in_prompt);
   free(s->probs);
   free(s->idx);
+  free(s->seen);
   memset(s, 0, sizeof *s);
 }
 
 void sched_sampler_prompt(sched_sampler_t *s, const int32_t *ids, size_t n) {
   assert(s && (ids || n == 0));
-  for (size_t i = 0; i < n; i++)
-    if (ids[i] >= 0 && ids[i] < s->n_vocab) s->in_prompt[ids[i]] = 1;
+  for (size_t i = 0; i < n; i++) {
+    const int32_t id = ids[i];
+    if (id < 0 || id >= s->n_vocab || s->in_prompt[id]) continue;
+    if (s->seen && !s->counts[id]) s->seen[s->n_seen++] = id;
+    s->in_prompt[id] = 1;
+  }
 }
 
 void sched_sampler_accept(sched_sampler_t *s, int32_t id) {
   assert(s);
   if (id < 0 || id >= s->n_vocab) return;
-  if (s->counts[id] < INT32_MAX) s->counts[id]++;
+  if (s->seen && !s->counts[id] && !s->in_prompt[id]) s->seen[s->n_seen++] = id;
+  if (s->counts[id] < (1 << 29)) s->counts[id]++; /* 2 * count + 1 fits an int32 */
 }
 
 /* ---- helpers ------------------------------------------------------------- */
@@ -162,15 +174,12 @@ int32_t sched_argmax(const float *logits, int32_t n) {
 }
 
 static void apply_penalties(const sched_sampler_t *s, float *logits) {
-  const float rp = s->p.repetition_penalty, pp = s->p.presence_penalty,
-              fp = s->p.frequency_penalty;
-  const bool rep = rp != 1.0f, add = pp != 0.0f || fp != 0.0f;
-  if (!rep && !add) return;
-  for (int32_t i = 0; i < s->n_vocab; i++) {
-    const int32_t c = s->counts[i];
-    if (rep && (c || s->in_prompt[i]))
-      logits[i] = logits[i] > 0.0f ? logits[i] / rp : logits[i] * rp;
-    if (add && c) logits[i] -= fp * (float)c + pp;
+  const sched_sample_params_t *p = &s->p;
+  if (!penalised(p)) return;
+  for (int32_t j = 0; j < s->n_seen; j++) {
+    const int32_t i = s->seen[j];
+    logits[i] = k_draw_penalise(logits[i], s->counts[i], s->in_prompt[i], p->repetition_penalty,
+                                p->presence_penalty, p->frequency_penalty);
   }
 }
 
@@ -184,10 +193,23 @@ static k_draw_t draw_of(sched_sampler_t *s) {
                     .top_k = p->top_k, .key = xoshiro_next(s->rng)};
 }
 
-bool sched_sampler_on_device(const sched_sampler_t *s) {
+bool sched_sampler_on_device(const sched_sampler_t *s, bool penalize) {
+  return penalize || !penalised(&s->p);
+}
+
+int32_t sched_sampler_penalty(const sched_sampler_t *s, k_penalty_t *row, int64_t first,
+                              int32_t *ids, int32_t *seen) {
   const sched_sample_params_t *p = &s->p;
-  return p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
-         p->frequency_penalty == 0.0f;
+  *row = (k_penalty_t){.first = first, .rep = p->repetition_penalty,
+                       .pres = p->presence_penalty, .freq = p->frequency_penalty};
+  if (!penalised(p)) return 0;
+  for (int32_t j = 0; j < s->n_seen; j++) {
+    const int32_t i = s->seen[j];
+    ids[j] = i;
+    seen[j] = 2 * s->counts[i] + (s->in_prompt[i] != 0);
+  }
+  row->n = s->n_seen;
+  return s->n_seen;
 }
 
 void sched_sampler_next_draw(sched_sampler_t *s, k_draw_t *d) { *d = draw_of(s); }

@@ -33,6 +33,8 @@ typedef struct sched_sampler {
   uint64_t rng[4];     /* xoshiro256** state */
   int32_t *counts;     /* owns: [n_vocab] occurrences of each id in the penalised history */
   uint8_t *in_prompt;  /* owns: [n_vocab] id seen in prompt (repetition penalty covers prompt) */
+  int32_t *seen;       /* owns, with penalties: [n_vocab] the ids counted or in the prompt */
+  int32_t n_seen;
   float *probs;        /* owns: [n_vocab] scratch */
   int32_t *idx;        /* owns: [n_vocab] scratch */
 } sched_sampler_t;
@@ -48,9 +50,16 @@ void sched_sampler_accept(sched_sampler_t *s, int32_t id);
  * raw (penalised, unscaled) distribution. */
 int32_t sched_sample(sched_sampler_t *s, float *logits, float *logprob);
 
-/* Whether sched_sample's token is kernels/draw.h's draw of the raw logits
- * (no penalties), which a device can then make without the row. */
-bool sched_sampler_on_device(const sched_sampler_t *s);
+/* Whether sched_sample's token is kernels/draw.h's draw of the raw logits,
+ * or (penalize: a backend with the penalize op) of the logits penalised as
+ * sched_sampler_penalty says, which a device can then make without the row. */
+bool sched_sampler_on_device(const sched_sampler_t *s, bool penalize);
+/* The penalties of the next token for a backend's penalize op: *row, and
+ * its entries written at ids[0..n), seen[0..n) (room for n_seen each; the
+ * row's entries start at first of the caller's packed arrays). Returns n
+ * (0 without penalties). */
+int32_t sched_sampler_penalty(const sched_sampler_t *s, k_penalty_t *row, int64_t first,
+                              int32_t *ids, int32_t *seen);
 /* The draw of the next token for a device (where sched_sampler_on_device),
  * consuming what sched_sample would have. */
 void sched_sampler_next_draw(sched_sampler_t *s, k_draw_t *d);

@@ -172,6 +172,7 @@ typedef struct spec {
   const char *stop[2];
   int32_t logprobs;
   bool no_top_p; /* with a temperature: top_p 1 (drawn on the backend), else 0.9 */
+  bool penalties; /* repetition 1.3, presence 0.2, frequency 0.4 */
 } spec_t;
 
 static sched_request_t *request(uint64_t id, out_t *o, const spec_t *sp) {
@@ -191,6 +192,11 @@ static sched_request_t *request(uint64_t id, out_t *o, const spec_t *sp) {
   r->sample.seed = 1234; /* the same draws for every run of a prompt */
   r->sample.has_seed = true;
   if (sp->temperature > 0 && !sp->no_top_p) r->sample.top_p = 0.9f;
+  if (sp->penalties) {
+    r->sample.repetition_penalty = 1.3f;
+    r->sample.presence_penalty = 0.2f;
+    r->sample.frequency_penalty = 0.4f;
+  }
   for (int i = 0; i < 2 && sp->stop[i]; i++) r->n_stop++;
   if (r->n_stop) {
     r->stop = calloc((size_t)r->n_stop, sizeof *r->stop);
@@ -244,13 +250,15 @@ static int32_t n_long;
 /* Reference outputs: greedy, except prompt 7 (temperature and top-p) and
  * prompt 5 (temperature alone), drawn by the backend's sample op, or by the
  * host sampler where the backend has none, the same tokens either way.
- * Prompt 3 asks for logprobs (sampled on the host). */
+ * Prompts 5 and 6 have penalties (applied by the backend's penalize op, or
+ * by the host sampler). Prompt 3 asks for logprobs (sampled on the host). */
 static out_t alone[N_PROMPTS];
 
 static spec_t spec_of(int i) {
   return (spec_t){.ids = ids[i], .n = n_ids[i], .max_tokens = 24, .ignore_eos = true,
                   .temperature = i == 7 ? 0.8f : i == 5 ? 1.0f : 0.0f,
-                  .logprobs = i == 3 ? 5 : -1, .no_top_p = i == 5};
+                  .logprobs = i == 3 ? 5 : -1, .no_top_p = i == 5,
+                  .penalties = i == 5 || i == 6};
 }
 
 static void encode(const char *text, int32_t *out, int32_t cap, int32_t *n) {
@@ -324,6 +332,13 @@ static void test_sampled_on_host(void) {
   }
   run_until(e, all_done, &(outs_ref_t){o, N_PROMPTS});
   for (int i = 0; i < N_PROMPTS; i++) check_same(&o[i], &alone[i]);
+  /* the penalties change the greedy prompt's text: they were applied */
+  out_t plain;
+  spec_t sp = spec_of(6);
+  sp.penalties = false;
+  submit(e, 300, &plain, &sp);
+  run_until(e, all_done, &(outs_ref_t){&plain, 1});
+  CHECK(strcmp(plain.text, alone[6].text) != 0);
   check_idle(e);
   sched_engine_free(e);
   be->ops = real;

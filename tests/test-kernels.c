@@ -322,6 +322,61 @@ static void test_silu_mul_add(void) {
  * against a plain scan. With draws: temperature 0 is the argmax, min-p 1
  * the maximum, one key one token, and the frequencies over many keys are
  * softmax(l / T), min-p's cut included. */
+/* A random penalize case: m rows of n logits; row r lists up to 300
+ * distinct ids (none for every fourth row) with random histories. */
+static void penalty_case(uint64_t *rng, int64_t m, int64_t n, k_penalty_t *rows, int32_t *ids,
+                         int32_t *seen) {
+  int64_t used = 0;
+  for (int64_t r = 0; r < m; r++) {
+    int32_t k = r % 4 == 3 ? 0 : 1 + rng_int(rng, 300);
+    rows[r] = (k_penalty_t){.first = used, .n = k, .rep = r % 3 ? 1.0f + 0.1f * (float)(r % 5) : 1.0f,
+                            .pres = r % 2 ? 0.4f : 0.0f, .freq = (float)(r % 7) * 0.15f - 0.3f};
+    for (int32_t j = 0; j < k; j++) {
+      int32_t id;
+      bool dup;
+      do { /* distinct within the row */
+        id = rng_int(rng, (int32_t)n);
+        dup = false;
+        for (int32_t q = 0; q < j && !dup; q++) dup = ids[used + q] == id;
+      } while (dup);
+      ids[used + j] = id;
+      seen[used + j] = 2 * rng_int(rng, 5) + rng_int(rng, 2);
+    }
+    used += k;
+  }
+}
+
+/* penalize: the listed ids of each row rewritten by k_draw_penalise, the
+ * rest untouched; an id outside the row refused before anything changes. */
+static void test_penalize(void) {
+  enum { M = 12, N = 1000 };
+  uint64_t rng = 3;
+  float *x = test_rand_floats(&rng, (size_t)M * N, 5.0f), *want = test_xmalloc((size_t)M * N * 4);
+  k_penalty_t rows[M];
+  int32_t *ids = test_xmalloc(M * 300 * sizeof *ids), *seen = test_xmalloc(M * 300 * sizeof *seen);
+  penalty_case(&rng, M, N, rows, ids, seen);
+  memcpy(want, x, (size_t)M * N * 4);
+  for (int64_t r = 0; r < M; r++)
+    for (int32_t j = 0; j < rows[r].n; j++) {
+      float *l = &want[r * N + ids[rows[r].first + j]];
+      const int32_t s = seen[rows[r].first + j];
+      *l = k_draw_penalise(*l, s >> 1, s & 1, rows[r].rep, rows[r].pres, rows[r].freq);
+    }
+  CHECK(memcmp(x, want, (size_t)M * N * 4) != 0); /* the case changes something */
+  CHECK_INT_EQ(g_be->ops->penalize(g_be, x, M, N, rows, ids, seen), 0);
+  CHECK(memcmp(x, want, (size_t)M * N * 4) == 0);
+  CHECK_NEAR(k_draw_penalise(2.0f, 0, true, 2.0f, 0.5f, 0.5f), 1.0, 0);    /* prompt only */
+  CHECK_NEAR(k_draw_penalise(-2.0f, 3, false, 2.0f, 0.5f, 0.5f), -6.0, 0); /* -4 - 1.5 - 0.5 */
+  CHECK_NEAR(k_draw_penalise(2.0f, 0, false, 2.0f, 0.5f, 0.5f), 2.0, 0);   /* unseen */
+  ids[rows[0].first] = N;
+  CHECK_INT_EQ(g_be->ops->penalize(g_be, x, M, N, rows, ids, seen), -EINVAL);
+  CHECK(memcmp(x, want, (size_t)M * N * 4) == 0);
+  free(x);
+  free(want);
+  free(ids);
+  free(seen);
+}
+
 static void test_sample(void) {
   enum { M = 9, N = 1000 };
   uint64_t rng = 31;
@@ -1143,6 +1198,7 @@ int main(void) {
   RUN(test_rope);
   RUN(test_silu_mul_add);
   RUN(test_sample);
+  RUN(test_penalize);
   RUN(test_embed);
   RUN(test_kv_write);
   RUN(test_kv_move);

@@ -344,6 +344,61 @@ static void test_penalties(void) {
   sched_sampler_destroy(&s);
 }
 
+/* What a device is handed (sched_sampler_penalty) rewrites a row exactly as
+ * sched_sample does: random histories over a vocabulary of 500, every mix
+ * of the three penalties; the drawn token is then the same as well. */
+static void test_penalties_exported(void) {
+  enum { V = 500 };
+  static float a[V], b[V];
+  static int32_t ids[V], seen[V];
+  uint64_t rng = 77;
+  for (int trial = 0; trial < 40; trial++) {
+    sched_sample_params_t p = params(trial % 2 ? 0.0f : 0.9f, 1000 + (uint64_t)trial);
+    p.repetition_penalty = trial % 4 < 2 ? 1.0f : 1.1f + 0.1f * (float)(trial % 5);
+    p.presence_penalty = trial % 3 ? 0.3f : 0.0f;
+    p.frequency_penalty = trial % 5 ? -0.2f + 0.1f * (float)(trial % 7) : 0.0f;
+    sched_sampler_t s, t;
+    CHECK_INT_EQ(sched_sampler_init(&s, &p, V), 0);
+    CHECK_INT_EQ(sched_sampler_init(&t, &p, V), 0);
+    int32_t prompt[300];
+    const int32_t np = (int32_t)(rng_next(&rng) % 300);
+    for (int32_t i = 0; i < np; i++) prompt[i] = (int32_t)(rng_next(&rng) % V);
+    sched_sampler_prompt(&s, prompt, (size_t)np);
+    sched_sampler_prompt(&t, prompt, (size_t)np);
+    const int32_t ng = (int32_t)(rng_next(&rng) % 200);
+    for (int32_t i = 0; i < ng; i++) {
+      int32_t id = (int32_t)(rng_next(&rng) % 60); /* repeats */
+      sched_sampler_accept(&s, id);
+      sched_sampler_accept(&t, id);
+    }
+    for (int32_t i = 0; i < V; i++) a[i] = b[i] = (float)((double)rng_next(&rng) / 0x1p64 * 8.0 - 4.0);
+    k_penalty_t row;
+    const int32_t n = sched_sampler_penalty(&t, &row, 7, ids, seen);
+    CHECK_INT_EQ(row.first, 7);
+    CHECK_INT_EQ(row.n, n);
+    const bool any = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f ||
+                     p.frequency_penalty != 0.0f;
+    if (!any) CHECK_INT_EQ(n, 0);
+    for (int32_t j = 0; j < n; j++) {
+      for (int32_t k = 0; k < j; k++) CHECK(ids[k] != ids[j]); /* each id once */
+      b[ids[j]] = k_draw_penalise(b[ids[j]], seen[j] >> 1, seen[j] & 1, row.rep, row.pres,
+                                  row.freq);
+    }
+    k_draw_t d;
+    sched_sampler_next_draw(&t, &d);
+    const int32_t want = sched_sample(&s, a, NULL);
+    for (int32_t i = 0; i < V; i++)
+      if (memcmp(&a[i], &b[i], sizeof a[i])) FAIL_AT("trial %d id %d: %g vs %g", trial, i, a[i], b[i]);
+    float w[V];
+    int32_t idx[V];
+    CHECK_INT_EQ(k_draw_row(b, V, &d, w, idx), want);
+    CHECK(sched_sampler_on_device(&t, true));
+    CHECK(sched_sampler_on_device(&t, false) == !any);
+    sched_sampler_destroy(&s);
+    sched_sampler_destroy(&t);
+  }
+}
+
 static void expect_bad(sched_sample_params_t p, const char *name) {
   char err[200] = "";
   int rc = sched_sample_params_check(&p, err, sizeof err);
@@ -443,6 +498,7 @@ int main(void) {
   RUN(test_top_p);
   RUN(test_min_p);
   RUN(test_penalties);
+  RUN(test_penalties_exported);
   RUN(test_params_check);
   RUN(test_unseeded);
   return 0;

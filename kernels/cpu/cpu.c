@@ -262,6 +262,23 @@ static int cpu_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, 
   return 0;
 }
 
+static int cpu_penalize(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
+                        const int32_t *ids, const int32_t *seen) {
+  (void)be;
+  for (int64_t r = 0; r < m; r++)
+    for (int32_t j = 0; j < rows[r].n; j++)
+      if (ids[rows[r].first + j] < 0 || ids[rows[r].first + j] >= n) return -EINVAL;
+  for (int64_t r = 0; r < m; r++) {
+    const k_penalty_t *p = &rows[r];
+    for (int32_t j = 0; j < p->n; j++) {
+      const int32_t s = seen[p->first + j];
+      float *l = &x[r * n + ids[p->first + j]];
+      *l = k_draw_penalise(*l, s >> 1, s & 1, p->rep, p->pres, p->freq);
+    }
+  }
+  return 0;
+}
+
 static int cpu_read_rows(k_backend_t *be, void *dst, const void *src, const int32_t *rows,
                          int64_t n, size_t row_bytes) {
   (void)be;
@@ -844,6 +861,7 @@ static const k_ops_t cpu_ops = {
     .attention = cpu_attention,
     .kv_move = cpu_kv_move,
     .sample = cpu_sample,
+    .penalize = cpu_penalize,
     .read_rows = cpu_read_rows,
 };
 

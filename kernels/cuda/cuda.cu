@@ -153,6 +153,8 @@ typedef struct kc_core {
   size_t rbuf_cap;
   k_draw_t *draws;      /* owns: sample's per-row draws */
   size_t draws_cap;
+  char *pen;            /* owns: penalize's rows, then their ids and seen */
+  size_t pen_cap;
   char *stage;          /* owns: pinned host memory, KC_STAGE bytes (NULL: none) */
   size_t stage_off;     /* next free byte of stage */
   cudaEvent_t stage_ev; /* owns: after the last copy out of stage */
@@ -893,6 +895,49 @@ static int kc_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, i
   return launched(c);
 }
 
+/* Penalties (kernels/draw.h) of row r's listed ids, one block per row;
+ * each id once in a row, so no two threads write one logit. */
+__global__ void penalize_kernel(float *x, int64_t m, int64_t n, const k_penalty_t *rows,
+                                const int32_t *ids, const int32_t *seen) {
+  for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
+    const k_penalty_t p = rows[r];
+    for (int32_t j = threadIdx.x; j < p.n; j += blockDim.x) {
+      const int32_t s = seen[p.first + j];
+      float *l = &x[r * n + ids[p.first + j]];
+      *l = k_draw_penalise(*l, s >> 1, (s & 1) != 0, p.rep, p.pres, p.freq);
+    }
+  }
+}
+
+static int kc_penalize(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
+                       const int32_t *ids, const int32_t *seen) {
+  kc_t *c = kc_of(be);
+  kc_core_t *k = core_of(c);
+  int rc = kc_enter(c);
+  if (rc) return rc;
+  if (m < 0 || n <= 0) return -EINVAL;
+  int64_t used = 0; /* entries the rows span */
+  for (int64_t r = 0; r < m; r++) {
+    if (rows[r].n < 0 || rows[r].first < 0) return -EINVAL;
+    for (int32_t j = 0; j < rows[r].n; j++)
+      if (ids[rows[r].first + j] < 0 || ids[rows[r].first + j] >= n) return -EINVAL;
+    if (rows[r].n > 0 && rows[r].first + rows[r].n > used) used = rows[r].first + rows[r].n;
+  }
+  if (m == 0 || used == 0) return 0;
+  const size_t rb = ((size_t)m * sizeof *rows + 255) & ~(size_t)255;
+  const size_t eb = ((size_t)used * sizeof(int32_t) + 255) & ~(size_t)255;
+  if ((rc = scratch_reserve(c, (void **)&k->pen, &k->pen_cap, rb + 2 * eb)) ||
+      (rc = copy_in(c, k->pen, rows, (size_t)m * sizeof *rows)) ||
+      (rc = copy_in(c, k->pen + rb, ids, (size_t)used * sizeof(int32_t))) ||
+      (rc = copy_in(c, k->pen + rb + eb, seen, (size_t)used * sizeof(int32_t))))
+    return rc;
+  const unsigned grid = (unsigned)(m < 65535 ? m : 65535);
+  penalize_kernel<<<grid, 256, 0, c->stream>>>(x, m, n, (const k_penalty_t *)k->pen,
+                                               (const int32_t *)(k->pen + rb),
+                                               (const int32_t *)(k->pen + rb + eb));
+  return launched(c);
+}
+
 /* Rows of a table, one block per row (grid-stride over rows). An id outside
  * the table (which the CPU backend refuses with -EINVAL; here the ids are in
  * device memory) gives a row of NaNs rather than a read out of bounds. */
@@ -1122,6 +1167,7 @@ static void kc_destroy(k_backend_t *be) {
     cudaFree(k->ridx);
     cudaFree(k->rbuf);
     cudaFree(k->draws);
+    cudaFree(k->pen);
     if (k->stage) cudaFreeHost(k->stage);
     if (k->stage_ev) cudaEventDestroy(k->stage_ev);
     if (k->t0) cudaEventDestroy(k->t0);
@@ -1247,6 +1293,7 @@ static k_ops_t kc_make_ops(void) {
   o.health = kc_health;
   o.kv_move = kc_kv_move;
   o.sample = kc_sample;
+  o.penalize = kc_penalize;
   o.read_rows = kc_read_rows;
   o.replay = kc_replay;
   o.replay_drop = kc_replay_drop;

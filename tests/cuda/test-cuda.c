@@ -447,6 +447,61 @@ static void test_sample(void) {
   free(got);
 }
 
+/* A random penalize case: m rows of n logits; row r lists up to 300
+ * distinct ids (none for every fourth row) with random histories. */
+static void penalty_case(uint64_t *rng, int64_t m, int64_t n, k_penalty_t *rows, int32_t *ids,
+                         int32_t *seen) {
+  int64_t used = 0;
+  for (int64_t r = 0; r < m; r++) {
+    int32_t k = r % 4 == 3 ? 0 : 1 + rng_int(rng, 300);
+    rows[r] = (k_penalty_t){.first = used, .n = k, .rep = r % 3 ? 1.0f + 0.1f * (float)(r % 5) : 1.0f,
+                            .pres = r % 2 ? 0.4f : 0.0f, .freq = (float)(r % 7) * 0.15f - 0.3f};
+    for (int32_t j = 0; j < k; j++) {
+      int32_t id;
+      bool dup;
+      do { /* distinct within the row */
+        id = rng_int(rng, (int32_t)n);
+        dup = false;
+        for (int32_t q = 0; q < j && !dup; q++) dup = ids[used + q] == id;
+      } while (dup);
+      ids[used + j] = id;
+      seen[used + j] = 2 * rng_int(rng, 5) + rng_int(rng, 2);
+    }
+    used += k;
+  }
+}
+
+/* The penalize kernel against the CPU's, bit for bit (a division, a
+ * product and an fmaf per logit, IEEE on both), 300 rows of 128,256. */
+static void test_penalize(void) {
+  const int64_t m = 300, n = 128256;
+  uint64_t rng = 23;
+  float *x = test_rand_floats(&rng, (size_t)(m * n), 12.0f);
+  float *got = test_xmalloc((size_t)(m * n) * sizeof *got);
+  k_penalty_t *rows = test_xmalloc((size_t)m * sizeof *rows);
+  int32_t *ids = test_xmalloc((size_t)m * 300 * sizeof *ids);
+  int32_t *seen = test_xmalloc((size_t)m * 300 * sizeof *seen);
+  penalty_case(&rng, m, n, rows, ids, seen);
+  float *dx = d_new(g_gpu, (size_t)(m * n) * sizeof(float));
+  GOK(g_gpu, g_gpu->ops->upload(g_gpu, dx, x, (size_t)(m * n) * sizeof(float)));
+  CHECK_INT_EQ(g_cpu->ops->penalize(g_cpu, x, m, n, rows, ids, seen), 0);
+  GOK(g_gpu, g_gpu->ops->penalize(g_gpu, dx, m, n, rows, ids, seen));
+  d_get(g_gpu, got, dx, (size_t)(m * n) * sizeof(float));
+  for (int64_t i = 0; i < m * n; i++)
+    if (memcmp(&got[i], &x[i], sizeof x[i]))
+      FAIL_AT("row %lld col %lld: %.9g vs the CPU's %.9g", (long long)(i / n),
+              (long long)(i % n), got[i], x[i]);
+  ids[5] = -1;
+  CHECK_INT_EQ(g_gpu->ops->penalize(g_gpu, dx, m, n, rows, ids, seen), -EINVAL);
+  printf("   penalize: %lld rows, equal to the CPU's bit for bit\n", (long long)m);
+  g_gpu->ops->free(g_gpu, dx);
+  free(x);
+  free(got);
+  free(rows);
+  free(ids);
+  free(seen);
+}
+
 static void test_embed(void) {
   static const k_dtype_t types[] = {K_F32, K_BF16, K_F16};
   static const int64_t colss[] = {576, 7};
@@ -796,6 +851,7 @@ int main(void) {
   RUN(test_rope);
   RUN(test_silu_mul_add);
   RUN(test_sample);
+  RUN(test_penalize);
   RUN(test_embed);
   RUN(test_fill_dummy);
   RUN(test_kv_move);

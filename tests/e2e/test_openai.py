@@ -174,6 +174,20 @@ def main():
         device = cl.completions.create(**kw).choices[0].text
         on_host = cl.completions.create(**kw, logprobs=1).choices[0].text
         check(device == on_host, f"{device!r} vs {on_host!r}")
+        # penalties too: applied by the backend before its draw, or by the
+        # host sampler; and they change the text
+        for kw in [dict(temperature=0.9, seed=8, presence_penalty=0.6, frequency_penalty=0.8),
+                   dict(temperature=0, extra_body={"ignore_eos": True,
+                                                   "repetition_penalty": 1.5})]:
+            kw = dict(model=NAME, prompt="The cat sat on the mat. The cat", max_tokens=40,
+                      **{"extra_body": {"ignore_eos": True}, **kw})
+            device = cl.completions.create(**kw).choices[0].text
+            on_host = cl.completions.create(**kw, logprobs=1).choices[0].text
+            check(device == on_host, f"penalised {kw}: {device!r} vs {on_host!r}")
+            plain = {k: v for k, v in kw.items() if "penalty" not in k}
+            plain["extra_body"] = {"ignore_eos": True}
+            check(cl.completions.create(**plain).choices[0].text != device,
+                  f"{kw}: the penalties changed nothing")
 
     def engine_metrics():
         # steps counted; on the CPU none runs as CUDA graphs, and
