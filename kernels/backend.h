@@ -223,6 +223,14 @@ typedef struct k_ops {
    * device too. */
   int (*penalize)(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
                   const int32_t *ids, const int32_t *seen);
+  /* Optional (NULL: rows that ask for log-probabilities come back to the
+   * host): out[i] = the log-probabilities (kernels/draw.h) of row i of
+   * x[m][n] (backend memory) for the id ids[i] (backend memory: as sample
+   * drew it) and the top want[i], for every row with want[i] >= 0; want
+   * and out are host arrays, other rows' out untouched. Returns once out
+   * holds them. */
+  int (*logprobs)(k_backend_t *be, k_logprobs_t *out, const float *x, int64_t m, int64_t n,
+                  const int32_t *ids, const int32_t *want);
   /* Optional (NULL: host memory only; see host_memory): row i of dst (host
    * memory, n * row_bytes) = row rows[i] of src (backend memory), for
    * n rows of row_bytes (a multiple of 4); rows is a host array, each

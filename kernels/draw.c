@@ -7,6 +7,7 @@
  * ranked. */
 #include "kernels/draw.h"
 
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -208,4 +209,39 @@ int32_t k_draw_row(const float *l, int64_t n, const k_draw_t *d, float *w, int32
     }
   }
   return (int32_t)best;
+}
+
+void k_draw_logprobs(const float *l, int64_t n, int32_t id, int32_t k, k_logprobs_t *out) {
+  if (k > K_DRAW_MAX_TOP) k = K_DRAW_MAX_TOP;
+  if (k < 0) k = 0;
+  int32_t *top = out->top;
+  float *tv = out->top_lp;
+  int32_t got = 0;
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; i++) {
+    const float x = l[i];
+    if (!(x > -INFINITY)) continue; /* NaN, -inf */
+    if (x > mx) mx = x;
+    if (k == 0 || (got == k && !(x > tv[k - 1]))) continue;
+    int32_t j = got < k ? got++ : k - 1; /* insert; ties keep the lower id first */
+    while (j > 0 && x > tv[j - 1]) {
+      top[j] = top[j - 1];
+      tv[j] = tv[j - 1];
+      j--;
+    }
+    top[j] = (int32_t)i;
+    tv[j] = x;
+  }
+  out->n_top = got;
+  if (!isfinite(mx)) { /* degenerate row */
+    out->chosen = l[id] == mx ? 0.0f : -INFINITY;
+    for (int32_t j = 0; j < got; j++) tv[j] = tv[j] == mx ? 0.0f : -INFINITY;
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; i++)
+    if (l[i] > -INFINITY) sum += exp((double)l[i] - (double)mx);
+  const double lse = (double)mx + log(sum);
+  out->chosen = l[id] > -INFINITY ? (float)((double)l[id] - lse) : -INFINITY;
+  for (int32_t j = 0; j < got; j++) tv[j] = (float)((double)tv[j] - lse);
 }

@@ -106,7 +106,24 @@ typedef struct k_penalty {
   float rep, pres, freq;
 } k_penalty_t;
 
+/* Log-probabilities of one row for the OpenAI API: under log-softmax of the
+ * raw logits (NaN and -inf weigh nothing), the drawn id's and the n_top
+ * (at most K_DRAW_MAX_TOP) most likely ids', larger first, the lower id
+ * first on ties. A row whose maximum is not finite gives 0 to the ids at
+ * it and -inf to the rest. */
+#define K_DRAW_MAX_TOP 20
+typedef struct k_logprobs {
+  float chosen;
+  int32_t n_top;
+  int32_t top[K_DRAW_MAX_TOP];
+  float top_lp[K_DRAW_MAX_TOP];
+} k_logprobs_t;
+
 #ifndef __CUDACC__
+/* The log-probabilities of id and the top k of row l[n] on the host
+ * (kernels/draw.c; lse in double). */
+void k_draw_logprobs(const float *l, int64_t n, int32_t id, int32_t k, k_logprobs_t *out);
+
 /* The draw of one row of n logits on the host (kernels/draw.c). w and idx
  * are scratch of n each, needed only where k_draw_needs_rank(d, n). */
 int32_t k_draw_row(const float *l, int64_t n, const k_draw_t *d, float *w, int32_t *idx);

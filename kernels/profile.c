@@ -169,6 +169,13 @@ static int p_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, in
   return end(p, be, "sample", t, p->real->sample(be, ids, x, m, n, draws));
 }
 
+static int p_logprobs(k_backend_t *be, k_logprobs_t *out, const float *x, int64_t m, int64_t n,
+                      const int32_t *ids, const int32_t *want) {
+  prof_t *p = prof_of(be);
+  double t = begin(p, be);
+  return end(p, be, "logprobs", t, p->real->logprobs(be, out, x, m, n, ids, want));
+}
+
 static int p_penalize(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
                       const int32_t *ids, const int32_t *seen) {
   prof_t *p = prof_of(be);
@@ -251,6 +258,7 @@ int k_profile_wrap(k_backend_t *be) {
   if (o->attn_prepare) o->attn_prepare = p_attn_prepare;
   if (o->sample) o->sample = p_sample;
   if (o->penalize) o->penalize = p_penalize;
+  if (o->logprobs) o->logprobs = p_logprobs;
   if (o->kv_move) o->kv_move = p_kv_move;
   if (o->read_rows) o->read_rows = p_read_rows;
   o->replay = NULL; /* every op timed alone: nothing captured */

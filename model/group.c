@@ -111,6 +111,10 @@ bool model_group_can_penalize(const model_group_t *g) {
   return g->n == 1 && model_can_penalize(&g->ranks[0]);
 }
 
+bool model_group_can_logprobs(const model_group_t *g) {
+  return g->n == 1 && model_can_logprobs(&g->ranks[0]);
+}
+
 int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits) {
   if (g->n == 1) return model_forward(&g->ranks[0], b, logits);
   pthread_mutex_lock(&g->mu);

@@ -45,6 +45,8 @@ int model_group_forward(model_group_t *g, const model_batch_t *b, float *logits)
 bool model_group_can_sample(const model_group_t *g);
 /* model_can_penalize of the group. */
 bool model_group_can_penalize(const model_group_t *g);
+/* model_can_logprobs of the group. */
+bool model_group_can_logprobs(const model_group_t *g);
 /* model_set_graphs of an unsharded group (a sharded one stays eager). */
 void model_group_set_graphs(model_group_t *g, bool on);
 /* model_capture_graphs of an unsharded group. */

@@ -174,6 +174,8 @@ bool model_can_sample(const model_t *m) {
 
 bool model_can_penalize(const model_t *m) { return model_can_sample(m) && m->be->ops->penalize; }
 
+bool model_can_logprobs(const model_t *m) { return model_can_sample(m) && m->be->ops->logprobs; }
+
 /* Before layer l's attention: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D],
  * rotated. */
 static int layer_in(model_t *m, int32_t l, int64_t T) {
@@ -283,6 +285,7 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
   if (T <= 0 || T > m->cap_tokens || b->n_logits > m->cap_logits || b->n_logits < 0 ||
       (b->ids && !model_can_sample(m)) || b->n_host_rows < 0 ||
       (b->pens && (!b->ids || !model_can_penalize(m) || !b->pen_ids || !b->pen_seen)) ||
+      (b->lp_want && (!b->ids || !model_can_logprobs(m) || !b->lp)) ||
       (b->ids && b->n_host_rows > b->n_logits))
     return -EINVAL;
   /* R rows through the segments: the batch's, or its graph bucket */
@@ -326,6 +329,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits) {
     if (b->pens)
       TRY(op->penalize(be, m->logits, b->n_logits, c->n_vocab, b->pens, b->pen_ids, b->pen_seen));
     TRY(op->sample(be, m->d_ids, m->logits, b->n_logits, c->n_vocab, b->draws));
+    if (b->lp_want)
+      TRY(op->logprobs(be, b->lp, m->logits, b->n_logits, c->n_vocab, m->d_ids, b->lp_want));
     TRY(op->download(be, b->ids, m->d_ids, (size_t)b->n_logits * sizeof(int32_t)));
     if (b->n_host_rows > 0)
       TRY(op->read_rows(be, logits, m->logits, b->host_rows, b->n_host_rows,

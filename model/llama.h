@@ -37,6 +37,12 @@ typedef struct model_batch {
    * the draw; pen_ids and pen_seen hold the rows' packed entries. */
   const k_penalty_t *pens;
   const int32_t *pen_ids, *pen_seen;
+  /* Optional [n_logits] (host), with ids and only where model_can_logprobs:
+   * lp_want[i] >= 0 asks for row i's log-probabilities (kernels/draw.h) of
+   * its drawn id and top lp_want[i] ids, into lp[i]. Not with pens on the
+   * same row (they are of the raw logits). */
+  const int32_t *lp_want;
+  k_logprobs_t *lp;
 } model_batch_t;
 
 typedef struct model {
@@ -80,6 +86,8 @@ int model_forward(model_t *m, const model_batch_t *b, float *logits);
 bool model_can_sample(const model_t *m);
 /* Whether it can also apply penalties before drawing (b->pens). */
 bool model_can_penalize(const model_t *m);
+/* Whether it can also work out log-probabilities (b->lp_want). */
+bool model_can_logprobs(const model_t *m);
 
 /* Steps as graphs: the work between two attention calls goes through the
  * backend's replay op (CUDA graphs) over the step's tokens rounded up to

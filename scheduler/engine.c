@@ -65,6 +65,9 @@ struct sched_engine {
   k_draw_t *draws;   /* owns: [max_num_seqs] how the backend draws them */
   int32_t *host_rows; /* owns: [max_num_seqs] rows the host samples (their logits come back) */
   bool penalize;      /* the backend applies penalties before drawing */
+  bool logprobs;      /* the backend works out log-probabilities */
+  int32_t *lp_want;   /* owns: [max_num_seqs] the rows' top counts asked (-1: none) */
+  k_logprobs_t *lp;   /* owns: [max_num_seqs] the backend's log-probabilities */
   k_penalty_t *pens;  /* owns: [max_num_seqs] the rows' penalties */
   int32_t *pen_ids, *pen_seen; /* owns: [cap_pen] their packed entries */
   int64_t cap_pen;
@@ -363,46 +366,27 @@ static void finish_all(sched_engine_t *e, sched_finish_t fin, const char *msg) {
 
 /* ---- sampling and stop rules --------------------------------------------- */
 
-/* The chosen token's log-probability and the top n alternatives under
- * log-softmax of the raw logits in e->lp_row (NaN counts as -inf). */
-static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int32_t n) {
-  const float *l = e->lp_row;
-  const int32_t V = e->n_vocab;
-  if (n > SCHED_MAX_TOP_LOGPROBS) n = SCHED_MAX_TOP_LOGPROBS;
-  sched_top_logprob_t *top = ev->top;
-  int32_t k = 0;
-  float mx = -INFINITY;
-  for (int32_t i = 0; i < V; i++) {
-    float x = l[i];
-    if (!(x > -INFINITY)) continue; /* NaN, -inf */
-    if (x > mx) mx = x;
-    if (n == 0 || (k == n && !(x > top[n - 1].logprob))) continue;
-    int32_t j = k < n ? k++ : n - 1; /* insert, ties keep the lower id first */
-    while (j > 0 && x > top[j - 1].logprob) {
-      top[j] = top[j - 1];
-      j--;
-    }
-    top[j].token = i;
-    top[j].logprob = x;
+/* The event's log-probabilities: from lp (the backend's), or worked out
+ * from the raw logits in e->lp_row (kernels/draw.h). */
+static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int32_t n,
+                          const k_logprobs_t *lp) {
+  k_logprobs_t own;
+  if (!lp) {
+    k_draw_logprobs(e->lp_row, e->n_vocab, id, n, &own);
+    lp = &own;
   }
-  ev->n_top = k;
-  if (!isfinite(mx)) { /* degenerate row */
-    ev->logprob = l[id] == mx ? 0.0f : -INFINITY;
-    for (int32_t j = 0; j < k; j++) top[j].logprob = top[j].logprob == mx ? 0.0f : -INFINITY;
-    return;
-  }
-  double sum = 0.0;
-  for (int32_t i = 0; i < V; i++)
-    if (l[i] > -INFINITY) sum += exp((double)l[i] - (double)mx);
-  const double lse = (double)mx + log(sum);
-  ev->logprob = l[id] > -INFINITY ? (float)((double)l[id] - lse) : -INFINITY;
-  for (int32_t j = 0; j < k; j++) top[j].logprob = (float)((double)top[j].logprob - lse);
+  ev->logprob = lp->chosen;
+  ev->n_top = lp->n_top < SCHED_MAX_TOP_LOGPROBS ? lp->n_top : SCHED_MAX_TOP_LOGPROBS;
+  for (int32_t j = 0; j < ev->n_top; j++)
+    ev->top[j] = (sched_top_logprob_t){.token = lp->top[j], .logprob = lp->top_lp[j]};
 }
 
 /* Whether s's next token can be drawn on the device (kernels/draw.h), with
  * no log-probabilities asked for. */
 static bool draw_on_device(const sched_engine_t *e, const sched__seq_t *s) {
-  return s->req->logprobs < 0 && sched_sampler_on_device(&s->smp, e->penalize);
+  if (s->req->logprobs >= 0) /* of the raw logits: not where penalties rewrote them */
+    return e->logprobs && sched_sampler_on_device(&s->smp, false);
+  return sched_sampler_on_device(&s->smp, e->penalize);
 }
 
 /* Room for n more packed penalty entries after used ones. */
@@ -420,9 +404,10 @@ static int pen_room(sched_engine_t *e, int64_t used, int64_t n) {
 }
 
 /* Sample s's next token from its logits row (or take the one the backend
- * drew, row NULL), post its event, and mark s finished when a stop rule
- * fires. */
-static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row, int32_t drawn) {
+ * drew, row NULL, with its log-probabilities lp where asked), post its
+ * event, and mark s finished when a stop rule fires. */
+static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row, int32_t drawn,
+                       const k_logprobs_t *lp) {
   const sched_request_t *r = s->req;
   if (!s->prompt_counted) {
     e->st.prompt_tokens += (uint64_t)s->n_prompt;
@@ -439,7 +424,7 @@ static void emit_token(sched_engine_t *e, sched__seq_t *s, float *row, int32_t d
   sched_event_t *ev = stage_push(e, s);
   ev->n_tokens = 1;
   ev->token = id;
-  if (r->logprobs >= 0) fill_logprobs(e, ev, id, r->logprobs);
+  if (r->logprobs >= 0) fill_logprobs(e, ev, id, r->logprobs, row ? NULL : lp);
 
   const bool eog = !r->ignore_eos && model_tok_is_eog(e->tok, id);
   const bool len = s->n_gen >= r->max_tokens || s->n_tokens >= s->cap; /* max_model_len, pool */
@@ -503,6 +488,7 @@ static void step(sched_engine_t *e) {
   const bool device = model_group_can_sample(&e->model);
   int32_t t = 0, n_logits = 0, n_host = 0;
   int64_t n_pen = 0; /* packed penalty entries */
+  bool any_lp = false;
   for (int32_t i = 0; i < n; i++) {
     sched__seq_t *s = sc->batch[i];
     const int32_t m = s->chunk;
@@ -513,11 +499,14 @@ static void step(sched_engine_t *e) {
     t += m;
     if (s->n_computed + m < s->n_tokens) continue;
     e->pens[n_logits] = (k_penalty_t){0};
+    e->lp_want[n_logits] = -1;
     if (device && draw_on_device(e, s) &&
         !pen_room(e, n_pen, s->smp.n_seen)) { /* the generator advances as sched_sample's would */
       sched_sampler_next_draw(&s->smp, &e->draws[n_logits]);
       n_pen += sched_sampler_penalty(&s->smp, &e->pens[n_logits], n_pen, e->pen_ids + n_pen,
                                      e->pen_seen + n_pen);
+      e->lp_want[n_logits] = s->req->logprobs;
+      any_lp |= s->req->logprobs >= 0;
     } else {
       e->draws[n_logits] = (k_draw_t){0};
       e->host_rows[n_host++] = n_logits;
@@ -542,6 +531,8 @@ static void step(sched_engine_t *e) {
       .pens = n_pen > 0 ? e->pens : NULL,
       .pen_ids = e->pen_ids,
       .pen_seen = e->pen_seen,
+      .lp_want = any_lp ? e->lp_want : NULL,
+      .lp = e->lp,
   };
   const int64_t f0 = sched__now_ns();
   int rc = model_group_forward(&e->model, &b, e->logits);
@@ -564,7 +555,7 @@ static void step(sched_engine_t *e) {
     if (s->n_computed == s->n_tokens) {
       const bool host = !device || (hi < n_host && e->host_rows[hi] == li);
       float *row = !host ? NULL : e->logits + (int64_t)(device ? hi++ : li) * e->n_vocab;
-      emit_token(e, s, row, host ? 0 : e->ids[li]);
+      emit_token(e, s, row, host ? 0 : e->ids[li], host ? NULL : &e->lp[li]);
       li++;
     }
   }
@@ -848,12 +839,15 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->host_rows = malloc((size_t)S * sizeof *e->host_rows);
   e->pens = malloc((size_t)S * sizeof *e->pens);
   e->penalize = model_group_can_penalize(&e->model);
+  e->logprobs = model_group_can_logprobs(&e->model);
+  e->lp_want = malloc((size_t)S * sizeof *e->lp_want);
+  e->lp = malloc((size_t)S * sizeof *e->lp);
   e->views = malloc((size_t)S * sizeof *e->views);
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
   if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws ||
-      !e->host_rows || !e->pens || !e->views ||
+      !e->host_rows || !e->pens || !e->lp_want || !e->lp || !e->views ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -908,6 +902,8 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->draws);
   free(e->host_rows);
   free(e->pens);
+  free(e->lp_want);
+  free(e->lp);
   free(e->pen_ids);
   free(e->pen_seen);
   free(e->views);

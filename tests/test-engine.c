@@ -54,6 +54,7 @@ static void on_notify(void *ctx) {
 typedef struct out {
   int32_t tokens[MAX_OUT];
   float logprob[MAX_OUT];
+  double top_sum[MAX_OUT]; /* the top alternatives' ids and log-probabilities, summed */
   int32_t n;
   char text[8192];
   size_t n_text;
@@ -77,6 +78,9 @@ static void collect(sched_event_t *ev) {
   if (ev->n_tokens == 1) {
     CHECK(o->n < MAX_OUT);
     o->logprob[o->n] = ev->logprob;
+    o->top_sum[o->n] = 0.0;
+    for (int32_t j = 0; j < ev->n_top; j++)
+      o->top_sum[o->n] += (double)ev->top[j].logprob * 1e3 + ev->top[j].token;
     o->tokens[o->n++] = ev->token;
     if (o->logprobs >= 0) { /* the chosen greedy token is the top one */
       CHECK_INT_EQ(ev->n_top, o->logprobs);
@@ -227,6 +231,9 @@ static void check_same(const out_t *a, const out_t *b) {
               a->text, b->text);
   CHECK_STR_EQ(a->text, b->text);
   CHECK_INT_EQ(a->finish, b->finish);
+  for (int32_t i = 0; a->logprobs >= 0 && b->logprobs >= 0 && i < a->n; i++)
+    if (memcmp(&a->logprob[i], &b->logprob[i], sizeof a->logprob[i]) || a->top_sum[i] != b->top_sum[i])
+      FAIL_AT("token %d: log-probabilities %.9g vs %.9g", i, a->logprob[i], b->logprob[i]);
 }
 
 /* ---- prompts ---------------------------------------------------------------- */

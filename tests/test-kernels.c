@@ -377,6 +377,31 @@ static void test_penalize(void) {
   free(seen);
 }
 
+/* logprobs: log-softmax of the raw row (NaN and -inf weigh nothing), the
+ * top ids larger first and the lower id first on ties; rows not asked
+ * untouched; a drawn id outside the row refused. */
+static void test_logprobs(void) {
+  const float l2 = (float)M_LN2;
+  const float x[2][5] = {{0.0f, l2, l2, -INFINITY, NAN}, {1.0f, 1.0f, 1.0f, 1.0f, 1.0f}};
+  const int32_t ids[2] = {3, 4}, want[2] = {4, -1};
+  k_logprobs_t out[2];
+  memset(out, 0x5a, sizeof out);
+  CHECK_INT_EQ(g_be->ops->logprobs(g_be, out, &x[0][0], 2, 5, ids, want), 0);
+  CHECK_INT_EQ(out[0].n_top, 3); /* -inf and NaN are not candidates */
+  CHECK_INT_EQ(out[0].top[0], 1);
+  CHECK_INT_EQ(out[0].top[1], 2);
+  CHECK_INT_EQ(out[0].top[2], 0);
+  CHECK_NEAR(out[0].top_lp[0], log(2.0 / 5.0), 1e-6);
+  CHECK_NEAR(out[0].top_lp[1], log(2.0 / 5.0), 1e-6);
+  CHECK_NEAR(out[0].top_lp[2], log(1.0 / 5.0), 1e-6);
+  CHECK(out[0].chosen == -INFINITY);
+  unsigned char z[sizeof out[1]];
+  memset(z, 0x5a, sizeof z);
+  CHECK(memcmp(&out[1], z, sizeof z) == 0);
+  const int32_t bad[2] = {5, 0};
+  CHECK_INT_EQ(g_be->ops->logprobs(g_be, out, &x[0][0], 2, 5, bad, want), -EINVAL);
+}
+
 static void test_sample(void) {
   enum { M = 9, N = 1000 };
   uint64_t rng = 31;
@@ -1199,6 +1224,7 @@ int main(void) {
   RUN(test_silu_mul_add);
   RUN(test_sample);
   RUN(test_penalize);
+  RUN(test_logprobs);
   RUN(test_embed);
   RUN(test_kv_write);
   RUN(test_kv_move);

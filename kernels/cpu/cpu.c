@@ -262,6 +262,29 @@ static int cpu_sample(k_backend_t *be, int32_t *ids, const float *x, int64_t m, 
   return 0;
 }
 
+typedef struct lp_job {
+  k_logprobs_t *out;
+  const float *x;
+  int64_t n;
+  const int32_t *ids, *want;
+} lp_job_t;
+
+static void lp_row(void *arg, int64_t r, int32_t thread) {
+  const lp_job_t *j = arg;
+  (void)thread;
+  if (j->want[r] >= 0) k_draw_logprobs(j->x + r * j->n, j->n, j->ids[r], j->want[r], &j->out[r]);
+}
+
+static int cpu_logprobs(k_backend_t *be, k_logprobs_t *out, const float *x, int64_t m, int64_t n,
+                        const int32_t *ids, const int32_t *want) {
+  if (m < 0 || n <= 0) return -EINVAL;
+  for (int64_t r = 0; r < m; r++)
+    if (want[r] >= 0 && (ids[r] < 0 || ids[r] >= n)) return -EINVAL;
+  lp_job_t j = {out, x, n, ids, want};
+  k_pool_run(pool_of(be), m, lp_row, &j);
+  return 0;
+}
+
 static int cpu_penalize(k_backend_t *be, float *x, int64_t m, int64_t n, const k_penalty_t *rows,
                         const int32_t *ids, const int32_t *seen) {
   (void)be;
@@ -862,6 +885,7 @@ static const k_ops_t cpu_ops = {
     .kv_move = cpu_kv_move,
     .sample = cpu_sample,
     .penalize = cpu_penalize,
+    .logprobs = cpu_logprobs,
     .read_rows = cpu_read_rows,
 };
 

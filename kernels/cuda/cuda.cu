@@ -155,6 +155,8 @@ typedef struct kc_core {
   size_t draws_cap;
   char *pen;            /* owns: penalize's rows, then their ids and seen */
   size_t pen_cap;
+  char *lp;             /* owns: logprobs' row list and wants, then its results */
+  size_t lp_cap;
   char *stage;          /* owns: pinned host memory, KC_STAGE bytes (NULL: none) */
   size_t stage_off;     /* next free byte of stage */
   cudaEvent_t stage_ev; /* owns: after the last copy out of stage */
@@ -938,6 +940,113 @@ static int kc_penalize(k_backend_t *be, float *x, int64_t m, int64_t n, const k_
   return launched(c);
 }
 
+/* The block's largest 64-bit key; every thread gets it. */
+__device__ uint64_t block_max_u64(uint64_t v) {
+  __shared__ uint64_t part[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < nw ? part[lane] : 0;
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  __syncthreads(); /* part free again */
+  return v;
+}
+
+/* kernels/draw.h's log-probabilities, one block per asked row: the
+ * maximum, the sum of exponentials in double, then the top ids one at a
+ * time, each the largest rank key below the one before. */
+__global__ void logprobs_kernel(k_logprobs_t *out, const float *x, int64_t n,
+                                const int32_t *rows, const int32_t *want, const int32_t *ids) {
+  __shared__ float sf[KC_SAMPLE_THREADS / 32];
+  __shared__ int64_t si[KC_SAMPLE_THREADS / 32];
+  const int32_t r = rows[blockIdx.x];
+  const float *row = x + (int64_t)r * n;
+  float mx = -INFINITY;
+  int64_t at = n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    if (row[i] > mx) { /* NaN and -inf never */
+      mx = row[i];
+      at = i;
+    }
+  block_best(mx, at, sf, si, n);
+  const bool finite = isfinite(mx);
+  double lse = 0.0;
+  if (finite) {
+    double sum = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      if (row[i] > -INFINITY) sum += exp((double)row[i] - (double)mx);
+    sum = block_sum(sum);
+    __syncthreads(); /* block_sum's part free again */
+    lse = (double)mx + log(sum);
+  }
+  k_logprobs_t *o = &out[blockIdx.x];
+  const int32_t k = want[blockIdx.x] < K_DRAW_MAX_TOP ? want[blockIdx.x] : K_DRAW_MAX_TOP;
+  uint64_t prev = ~0ull;
+  int32_t got = 0;
+  for (; got < k; got++) {
+    uint64_t best = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      if (!(row[i] > -INFINITY)) continue;
+      const uint64_t key = rank_key(row[i], i);
+      if (key < prev && key > best) best = key;
+    }
+    best = block_max_u64(best);
+    if (best == 0) break; /* no id left */
+    prev = best;
+    if (threadIdx.x == 0) {
+      const int32_t id = (int32_t)(0xffffffffu - (uint32_t)best);
+      const float v = row[id];
+      o->top[got] = id;
+      o->top_lp[got] = finite ? (float)((double)v - lse) : v == mx ? 0.0f : -INFINITY;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const float l = row[ids[r]];
+    o->n_top = got;
+    o->chosen = !finite ? (l == mx ? 0.0f : -INFINITY)
+                        : l > -INFINITY ? (float)((double)l - lse) : -INFINITY;
+  }
+}
+
+static int kc_logprobs(k_backend_t *be, k_logprobs_t *out, const float *x, int64_t m, int64_t n,
+                       const int32_t *ids, const int32_t *want) {
+  kc_t *c = kc_of(be);
+  kc_core_t *k = core_of(c);
+  int rc = kc_enter(c);
+  if (rc) return rc;
+  if (m < 0 || n <= 0 || n > INT32_MAX) return -EINVAL;
+  int32_t *list = (int32_t *)malloc((size_t)(m > 0 ? m : 1) * 2 * sizeof(int32_t));
+  if (!list) return -ENOMEM;
+  int32_t nr = 0;
+  for (int64_t r = 0; r < m; r++)
+    if (want[r] >= 0) list[nr++] = (int32_t)r;
+  for (int32_t j = 0; j < nr; j++) list[nr + j] = want[list[j]];
+  k_logprobs_t *res = NULL;
+  const size_t lb = ((size_t)nr * 2 * sizeof(int32_t) + 255) & ~(size_t)255;
+  const size_t ob = (size_t)nr * sizeof(k_logprobs_t);
+  if (nr > 0 && !(rc = scratch_reserve(c, (void **)&k->lp, &k->lp_cap, lb + ob)) &&
+      !(rc = copy_in(c, k->lp, list, (size_t)nr * 2 * sizeof(int32_t)))) {
+    logprobs_kernel<<<(unsigned)nr, KC_SAMPLE_THREADS, 0, c->stream>>>(
+        (k_logprobs_t *)(k->lp + lb), x, n, (const int32_t *)k->lp,
+        (const int32_t *)k->lp + nr, ids);
+    if (!(rc = launched(c)) && !(res = (k_logprobs_t *)malloc(ob))) rc = -ENOMEM;
+    if (!rc && !(rc = kc_check(c, cudaMemcpyAsync(res, k->lp + lb, ob, cudaMemcpyDeviceToHost,
+                                                   c->stream))))
+      rc = kc_check(c, cudaStreamSynchronize(c->stream));
+    for (int32_t j = 0; !rc && j < nr; j++) out[list[j]] = res[j];
+  }
+  free(res);
+  free(list);
+  return rc;
+}
+
 /* Rows of a table, one block per row (grid-stride over rows). An id outside
  * the table (which the CPU backend refuses with -EINVAL; here the ids are in
  * device memory) gives a row of NaNs rather than a read out of bounds. */
@@ -1168,6 +1277,7 @@ static void kc_destroy(k_backend_t *be) {
     cudaFree(k->rbuf);
     cudaFree(k->draws);
     cudaFree(k->pen);
+    cudaFree(k->lp);
     if (k->stage) cudaFreeHost(k->stage);
     if (k->stage_ev) cudaEventDestroy(k->stage_ev);
     if (k->t0) cudaEventDestroy(k->t0);
@@ -1294,6 +1404,7 @@ static k_ops_t kc_make_ops(void) {
   o.kv_move = kc_kv_move;
   o.sample = kc_sample;
   o.penalize = kc_penalize;
+  o.logprobs = kc_logprobs;
   o.read_rows = kc_read_rows;
   o.replay = kc_replay;
   o.replay_drop = kc_replay_drop;

@@ -502,6 +502,67 @@ static void test_penalize(void) {
   free(seen);
 }
 
+/* The logprobs kernel against the CPU's: the same top ids in the same order
+ * (ties: the lower id first), the values within 1e-6 (sums in double in
+ * another order); rows of ties, NaN, +inf and nothing above -inf among
+ * 200 random rows of 128,256, and rows not asked untouched. */
+static void test_logprobs(void) {
+  const int64_t m = 200, n = 128256;
+  uint64_t rng = 29;
+  float *x = test_rand_floats(&rng, (size_t)(m * n), 12.0f);
+  for (int64_t i = 0; i < n; i++) {
+    x[0 * n + i] = 1.0f;                      /* all tied */
+    x[1 * n + i] = -INFINITY;                 /* nothing */
+    x[2 * n + i] = i % 3 ? NAN : -(float)i;   /* NaN around the top */
+    x[3 * n + i] = (float)(i % 1000) * 1e-3f; /* 128 ties of each value */
+  }
+  x[4 * n + 5] = INFINITY;
+  x[4 * n + 900] = INFINITY;
+  int32_t *ids = test_xmalloc((size_t)m * sizeof *ids), *want = test_xmalloc((size_t)m * sizeof *want);
+  for (int64_t r = 0; r < m; r++) {
+    ids[r] = rng_int(&rng, (int32_t)n);
+    want[r] = r % 9 == 8 ? -1 : (int32_t)(r % 22) - 1; /* -1 .. 20 */
+  }
+  want[0] = want[1] = want[2] = want[3] = want[4] = 20;
+  ids[2] = 0;
+  k_logprobs_t *a = test_xmalloc((size_t)m * sizeof *a), *b = test_xmalloc((size_t)m * sizeof *b);
+  memset(a, 0x5a, (size_t)m * sizeof *a);
+  memset(b, 0x5a, (size_t)m * sizeof *b);
+  CHECK_INT_EQ(g_cpu->ops->logprobs(g_cpu, a, x, m, n, ids, want), 0);
+  float *dx = d_put(g_gpu, x, (size_t)(m * n) * sizeof(float));
+  int32_t *dids = d_put(g_gpu, ids, (size_t)m * sizeof(int32_t));
+  GOK(g_gpu, g_gpu->ops->logprobs(g_gpu, b, dx, m, n, dids, want));
+  for (int64_t r = 0; r < m; r++) {
+    if (want[r] < 0) {
+      unsigned char z[sizeof *b];
+      memset(z, 0x5a, sizeof z);
+      CHECK(memcmp(&b[r], z, sizeof z) == 0);
+      continue;
+    }
+    if (a[r].n_top != b[r].n_top) FAIL_AT("row %lld: %d tops vs %d", (long long)r, b[r].n_top, a[r].n_top);
+    const float vals[2] = {a[r].chosen, b[r].chosen};
+    if (!(vals[0] == vals[1] || fabs((double)vals[0] - vals[1]) <= 1e-6 * (1 + fabs(vals[0]))))
+      FAIL_AT("row %lld: chosen %.9g vs the CPU's %.9g", (long long)r, vals[1], vals[0]);
+    for (int32_t j = 0; j < a[r].n_top; j++) {
+      if (a[r].top[j] != b[r].top[j])
+        FAIL_AT("row %lld top %d: id %d vs the CPU's %d", (long long)r, j, b[r].top[j], a[r].top[j]);
+      const double p = a[r].top_lp[j], q = b[r].top_lp[j];
+      if (!(p == q || fabs(p - q) <= 1e-6 * (1 + fabs(p))))
+        FAIL_AT("row %lld top %d: %.9g vs the CPU's %.9g", (long long)r, j, q, p);
+    }
+  }
+  CHECK_INT_EQ(a[1].n_top, 0);
+  CHECK_INT_EQ(a[0].top[1], 1);
+  printf("   logprobs: %lld rows, the CPU's ids, values within 1e-6\n", (long long)m);
+  g_gpu->ops->free(g_gpu, dx);
+  g_gpu->ops->free(g_gpu, dids);
+  free(x);
+  free(ids);
+  free(want);
+  free(a);
+  free(b);
+}
+
 static void test_embed(void) {
   static const k_dtype_t types[] = {K_F32, K_BF16, K_F16};
   static const int64_t colss[] = {576, 7};
@@ -852,6 +913,7 @@ int main(void) {
   RUN(test_silu_mul_add);
   RUN(test_sample);
   RUN(test_penalize);
+  RUN(test_logprobs);
   RUN(test_embed);
   RUN(test_fill_dummy);
   RUN(test_kv_move);

@@ -4,6 +4,7 @@ Starts the real daemon on 127.0.0.1 (a free port), drives it with the SDK
 and raw HTTP, and stops it. Exit 77 (skip) when the model or the openai
 package is missing. Environment: PRESSD_BIN, PRESSD_MODEL.
 """
+import math
 import http.client
 import json
 import os
@@ -168,12 +169,27 @@ def main():
         check(rest > 24, f"the logprobs request ended too soon ({rest} chunks left)")
         check(alone == beside, f"{alone!r} vs {beside!r}")
         # top-k and top-p as well: drawn by the backend, or by the host
-        # sampler when the request asks for logprobs
+        # sampler when the request asks for logprobs with a penalty (whose
+        # log-probabilities are of the raw row)
         kw = dict(model=NAME, prompt="Once upon a time", max_tokens=24, temperature=0.8, top_p=0.9,
-                  seed=5, extra_body={"ignore_eos": True, "top_k": 40})
+                  seed=5, extra_body={"ignore_eos": True, "top_k": 40, "repetition_penalty": 1.2})
         device = cl.completions.create(**kw).choices[0].text
         on_host = cl.completions.create(**kw, logprobs=1).choices[0].text
         check(device == on_host, f"{device!r} vs {on_host!r}")
+        # log-probabilities worked out by the backend, and by the host from
+        # the row (a penalised request): the first token's are of the raw
+        # logits either way, no token having been generated to penalise
+        kw = dict(model=NAME, prompt="The capital of France is", max_tokens=1, temperature=0,
+                  logprobs=5)
+        dev = cl.completions.create(**kw).choices[0].logprobs
+        host = cl.completions.create(**kw, presence_penalty=0.5).choices[0].logprobs
+        check(dev.tokens == host.tokens and len(dev.top_logprobs[0]) == 5
+              and dev.top_logprobs[0].keys() == host.top_logprobs[0].keys(), f"{dev} vs {host}")
+        check(abs(dev.token_logprobs[0] - host.token_logprobs[0]) < 1e-5
+              and all(abs(v - host.top_logprobs[0][t]) < 1e-5 for t, v in dev.top_logprobs[0].items()),
+              f"{dev} vs {host}")
+        check(abs(dev.token_logprobs[0] - max(dev.top_logprobs[0].values())) < 1e-6
+              and sum(math.exp(v) for v in dev.top_logprobs[0].values()) <= 1 + 1e-5, dev)
         # penalties too: applied by the backend before its draw, or by the
         # host sampler; and they change the text
         for kw in [dict(temperature=0.9, seed=8, presence_penalty=0.6, frequency_penalty=0.8),
