@@ -57,6 +57,8 @@ typedef struct result {
   double step_ms, step_wall_ms, step_cublaslt_ms, step_graphs_ms, step_graphs_wall_ms;
   double matmul_ms, matmul_cublaslt_ms;
   double sample_ms[N_DRAWS]; /* SAMPLE_ROWS rows, per draw kind */
+  double penalize_ms;        /* SAMPLE_ROWS rows of 2,000 seen ids */
+  double logprobs_ms;        /* SAMPLE_ROWS rows, top 5, wall (the results come back) */
   char error[512];
 } result_t;
 
@@ -84,8 +86,10 @@ static void print_json(const result_t *r) {
          r->matmul_cublaslt_ms, r->load_s, r->step_graphs_ms, r->step_graphs_wall_ms,
          bound_ms > 0 && r->step_graphs_ms > 0 ? r->step_graphs_ms / bound_ms : 0.0);
   printf(", \"sample_rows\": %d, \"sample_ms\": {\"argmax\": %.4f, \"temperature\": %.4f, "
-         "\"top_p\": %.4f, \"top_k_top_p\": %.4f}",
-         SAMPLE_ROWS, r->sample_ms[0], r->sample_ms[1], r->sample_ms[2], r->sample_ms[3]);
+         "\"top_p\": %.4f, \"top_k_top_p\": %.4f}, \"penalize_ms\": %.4f, "
+         "\"logprobs_wall_ms\": %.4f",
+         SAMPLE_ROWS, r->sample_ms[0], r->sample_ms[1], r->sample_ms[2], r->sample_ms[3],
+         r->penalize_ms, r->logprobs_ms);
   if (r->error[0]) {
     printf(", \"error\": \"");
     for (const char *p = r->error; *p; p++)
@@ -149,6 +153,50 @@ static int time_sample(k_backend_t *be, int64_t n, double *ms) {
   }
   if (x) be->ops->free(be, x);
   if (ids) be->ops->free(be, ids);
+  return rc;
+}
+
+/* The penalize op (2,000 seen ids a row) and the logprobs op (top 5, the
+ * results brought back) over SAMPLE_ROWS rows, best of SAMPLE_REPS. */
+static int time_penalize_logprobs(k_backend_t *be, int64_t n, double *pen_ms, double *lp_ms) {
+  enum { SEEN = 2000 };
+  const int64_t m = SAMPLE_ROWS;
+  float *x = be->ops->alloc(be, (size_t)(m * n) * sizeof(float));
+  int32_t *ids = be->ops->alloc(be, (size_t)m * sizeof(int32_t));
+  k_penalty_t rows[SAMPLE_ROWS];
+  int32_t *pid = malloc((size_t)m * SEEN * sizeof *pid), *seen = malloc((size_t)m * SEEN * sizeof *seen);
+  int32_t want[SAMPLE_ROWS], zero[SAMPLE_ROWS];
+  k_logprobs_t *out = malloc((size_t)m * sizeof *out);
+  int rc = x && ids && pid && seen && out ? be->ops->fill_dummy(be, x, K_F32, 0, m * n, 6, 1, 8.0f, 0.0f)
+                                          : -ENOMEM;
+  for (int64_t r = 0; r < m; r++) {
+    rows[r] = (k_penalty_t){.first = r * SEEN, .n = SEEN, .rep = 1.1f, .pres = 0.2f, .freq = 0.3f};
+    for (int32_t j = 0; j < SEEN && pid; j++) {
+      pid[r * SEEN + j] = (int32_t)(((int64_t)j * 61 + r) % n); /* distinct in a row */
+      seen[r * SEEN + j] = 2 * (j % 4) + (j % 3 == 0);
+    }
+    want[r] = 5;
+    zero[r] = 0;
+  }
+  if (!rc) rc = be->ops->upload(be, ids, zero, sizeof zero);
+  *pen_ms = *lp_ms = 0.0;
+  for (int rep = 0; !rc && rep <= SAMPLE_REPS; rep++) { /* rep 0: warm-up */
+    double t = 0.0, t0;
+    rc = k_cuda_timer_start(be);
+    if (!rc) rc = be->ops->penalize(be, x, m, n, rows, pid, seen);
+    if (!rc) rc = k_cuda_timer_stop(be, &t);
+    if (!rc && rep > 0 && (*pen_ms == 0.0 || t < *pen_ms)) *pen_ms = t;
+    if (!rc) rc = be->ops->sync(be);
+    t0 = now_s();
+    if (!rc) rc = be->ops->logprobs(be, out, x, m, n, ids, want);
+    t = (now_s() - t0) * 1e3;
+    if (!rc && rep > 0 && (*lp_ms == 0.0 || t < *lp_ms)) *lp_ms = t;
+  }
+  if (x) be->ops->free(be, x);
+  if (ids) be->ops->free(be, ids);
+  free(pid);
+  free(seen);
+  free(out);
   return rc;
 }
 
@@ -293,6 +341,12 @@ int main(void) {
           "bench-cuda-decode: %d draws: argmax %.3f ms, temperature %.3f, top-p %.3f, "
           "top-k + top-p %.3f\n",
           SAMPLE_ROWS, r.sample_ms[0], r.sample_ms[1], r.sample_ms[2], r.sample_ms[3]);
+  if ((rc = time_penalize_logprobs(be, c.n_vocab, &r.penalize_ms, &r.logprobs_ms))) {
+    fail(&r, be, "penalize, logprobs", rc);
+    goto out;
+  }
+  fprintf(stderr, "bench-cuda-decode: %d rows: penalize %.3f ms, logprobs %.3f ms (wall)\n",
+          SAMPLE_ROWS, r.penalize_ms, r.logprobs_ms);
 out:
   print_json(&r);
   sched_single_destroy(&s);
