@@ -6,7 +6,8 @@
  * Requests of ~700 prompt tokens, each with a compression policy (global
  * KV-Compress, ZigZagKV layer budgets, DBudgetKV, StreamingLLM, none) and
  * compressed again every 8 decode steps, greedy and seeded temperature
- * sampling, all at once. On each backend: every request ends with its 32
+ * sampling (one with penalties, applied on the device), one greedy request
+ * asking for log-probabilities (worked out on the device), all at once. On each backend: every request ends with its 32
  * tokens, the compressed ones evicted KVs and kept no more than their
  * budget, StreamingLLM (no scores) kept exactly what the CPU kept, and every
  * KV block is back in the pool afterwards. How far the tokens agree with the
@@ -41,6 +42,7 @@ enum { N_REQ = 6, N_OUT = 32, MAX_PROMPT = 800 };
 typedef struct out {
   int32_t tokens[N_OUT + 1];
   int32_t n, kept, evicted;
+  int32_t logprobs; /* asked (-1: none) */
   sched_finish_t finish;
   bool done;
 } out_t;
@@ -56,7 +58,8 @@ static const model_config_t smollm2 = {
 
 /* Request i's compression: 0, 1 global KV-Compress 4x; 2 ZigZagKV 4x;
  * 3 DBudgetKV; 4 StreamingLLM 4x; 5 none. Requests 1 and 5 sample at
- * temperature 0.8 (seeded), the others are greedy. */
+ * temperature 0.8 (seeded), 5 with repetition and frequency penalties; the
+ * others are greedy, 0 with the top 5 log-probabilities. */
 static sched_request_t *request(int i, out_t *o) {
   sched_request_t *r = sched_request_new();
   CHECK(r != NULL);
@@ -67,8 +70,12 @@ static sched_request_t *request(int i, out_t *o) {
   memcpy(r->prompt, g_prompt[i], (size_t)g_n[i] * sizeof *r->prompt);
   r->max_tokens = N_OUT;
   r->ignore_eos = true;
-  r->logprobs = -1;
+  r->logprobs = o->logprobs = i == 0 ? 5 : -1;
   r->sample.temperature = i == 1 || i == 5 ? 0.8f : 0.0f;
+  if (i == 5) {
+    r->sample.repetition_penalty = 1.2f;
+    r->sample.frequency_penalty = 0.3f;
+  }
   r->sample.seed = 77 + (uint64_t)i;
   r->sample.has_seed = true;
   static const kv_policy_t pol[N_REQ] = {KV_POLICY_KVCOMPRESS, KV_POLICY_KVCOMPRESS,
@@ -94,7 +101,7 @@ static void run(k_backend_t *be, out_t *o, bool graphs) {
   if (sched_engine_new(&e, &c, &w, be, g_tok, err, sizeof err))
     FAIL_AT("%s: %s", be->ops->name, err);
   CHECK_INT_EQ(sched_engine_start(e), 0);
-  memset(o, 0, N_REQ * sizeof *o);
+  memset(o, 0, N_REQ * sizeof *o); /* request() sets logprobs */
   for (int i = 0; i < N_REQ; i++) CHECK_INT_EQ(sched_engine_submit(e, request(i, &o[i])), 0);
   time_t deadline = time(NULL) + 600;
   for (int left = N_REQ; left > 0;) {
@@ -103,6 +110,14 @@ static void run(k_backend_t *be, out_t *o, bool graphs) {
     for (size_t k = 0; k < n; k++) {
       out_t *x = evs[k].user;
       if (evs[k].n_tokens == 1 && x->n <= N_OUT) x->tokens[x->n++] = evs[k].token;
+      if (evs[k].n_tokens == 1 && x->logprobs >= 0) { /* greedy: the token is the top one */
+        CHECK_INT_EQ(evs[k].n_top, x->logprobs);
+        CHECK_INT_EQ(evs[k].top[0].token, evs[k].token);
+        CHECK_NEAR(evs[k].top[0].logprob, evs[k].logprob, 1e-6);
+        CHECK(evs[k].logprob <= 0.0f && evs[k].logprob > -30.0f);
+        for (int32_t j = 1; j < evs[k].n_top; j++)
+          CHECK(evs[k].top[j].logprob <= evs[k].top[j - 1].logprob);
+      }
       if (evs[k].finish != SCHED_FINISH_NONE) {
         x->done = true;
         x->finish = evs[k].finish;
