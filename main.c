@@ -541,15 +541,6 @@ static int cmd_serve(cfg_options_t *o) {
   sched_engine_t *eng = NULL;
   sched_kv_compression_t kvc;
   if ((rc = kv_compression_of(o, &kvc, err, sizeof err))) goto fail_chat;
-  if (m.tp > 1 && !run_be->host_memory &&
-      (kvc.plan.policy == KV_POLICY_DBUDGET ||
-       (kvc.plan.policy == KV_POLICY_KVCOMPRESS && kvc.plan.layer_budget == KV_LAYER_ZIGZAG))) {
-    snprintf(err, sizeof err, "--kv-compression dbudget and --kv-layer-budget zigzag need the "
-                              "prefill's observations in one memory, which ranks on separate "
-                              "GPUs do not share: use kvcompress with global or uniform budgets");
-    rc = -ENOTSUP;
-    goto fail_chat;
-  }
   uint64_t wd_us = notify_watchdog_usec();
   loop_age_limit_s = (double)wd_us / 2e6 > 2 ? (double)wd_us / 2e6 : 2;
   sched_engine_config_t ec = {

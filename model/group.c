@@ -11,6 +11,12 @@ typedef struct rank_arg {
 } rank_arg_t;
 
 static int run_rank(model_group_t *g, int32_t r, const model_batch_t *b, float *logits) {
+  model_batch_t own;
+  if (b->rank_seqs) { /* this rank's views */
+    own = *b;
+    own.seqs = b->rank_seqs[r];
+    b = &own;
+  }
   int rc = model_forward(&g->ranks[r], b, logits);
   if (rc && g->comm) g->comm->ops->abort(g->comm); /* nobody waits for this rank */
   return rc;

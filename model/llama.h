@@ -43,6 +43,11 @@ typedef struct model_batch {
    * same row (they are of the raw logits). */
   const int32_t *lp_want;
   k_logprobs_t *lp;
+  /* Optional, under tensor parallelism: [n_ranks] the views each rank's
+   * attention reads (rank_seqs[r][i] is seqs[i] with the observation
+   * buffers of rank r, where each rank's memory is its own); NULL: seqs
+   * for every rank. */
+  const k_seq_kv_t *const *rank_seqs;
 } model_batch_t;
 
 typedef struct model {

@@ -52,8 +52,10 @@ struct sched__seq {
   int32_t since_compress;    /* decode steps since the last compression */
   bool prefill_compressed;   /* the compression after the prefill ran */
   bool kvc_counted;          /* counted among the engine's compressing sequences */
-  float *obs_mass, *obs_last; /* owns (backend memory): the prefill's observations until
-                              * it is compressed */
+  /* owns: the prefill's observations until it is compressed, one buffer
+   * per KV arena (backend memory of its rank; [0]: the only one without
+   * tensor parallelism); NULL when not asked */
+  float **obs_mass, **obs_last;
   float *obs_prev;           /* owns: with fill_chunk, the scores before this window */
   int64_t kv_evicted;        /* KV entries evicted, all heads */
   sched_sampler_t smp;
@@ -140,10 +142,7 @@ typedef struct sched__kvc {
   int32_t n_arenas;
   const k_kv_arena_t *arenas;   /* [n_arenas] */
   k_backend_t *const *arena_be; /* [n_arenas] */
-  /* The kernels can write the prefill's observations (ZigZagKV's attention
-   * mass, DBudgetKV's last query) into one buffer: not where the ranks'
-   * memories are apart. */
-  bool obs_ok;
+
   kv_pool_t *pool;              /* borrows */
   sched_stats_t *st;            /* borrows: counters */
   int32_t n_layers, n_kv_heads, group;
@@ -155,7 +154,8 @@ typedef struct sched__kvc {
   float *stage;                 /* owns: [cap_stage] their rows (block_size floats each) */
   size_t cap_rows, cap_stage;
   float *h_mass, *h_last;       /* owns: host copies of a sequence's observations */
-  size_t cap_mass, cap_last;    /* floats */
+  float *h_rank;                /* owns: one rank's, before they are summed */
+  size_t cap_mass, cap_last, cap_rank; /* floats */
   struct k_pool *par;           /* owns: threads the planner ranks heads on (NULL: one) */
 } sched__kvc_t;
 
@@ -165,8 +165,10 @@ typedef struct sched__kvc {
 void sched__kvc_init(sched__kvc_t *k, int32_t n_arenas, k_backend_t *const *arena_be,
                      const k_kv_arena_t *arenas, kv_pool_t *pool, sched_stats_t *st,
                      int32_t n_layers, int32_t n_kv_heads, int32_t group, bool via_backend);
-/* Whether s's policy can run here (the observations it needs can be had). */
-bool sched__kvc_supported(const sched__kvc_t *k, const sched_kv_compression_t *c);
+/* Rank r's view of s (r > 0, with an arena per rank): v, sched__kvc_view's,
+ * with the observation buffers of rank r, where its kernels write. */
+void sched__kvc_view_rank(const sched__kvc_t *k, const sched__seq_t *s, int32_t r,
+                          k_seq_kv_t *v);
 /* Whether this engine can compress s between prefill chunks (host scores). */
 bool sched__kvc_chunks_ok(const sched__kvc_t *k);
 void sched__kvc_destroy(sched__kvc_t *k); /* NULL-safe */

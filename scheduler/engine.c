@@ -68,6 +68,9 @@ struct sched_engine {
   bool logprobs;      /* the backend works out log-probabilities */
   int32_t *lp_want;   /* owns: [max_num_seqs] the rows' top counts asked (-1: none) */
   k_logprobs_t *lp;   /* owns: [max_num_seqs] the backend's log-probabilities */
+  /* with an arena per rank: each rank's views ([0]: views), which differ in
+   * the observation buffers they point the kernels to */
+  k_seq_kv_t **rank_views; /* owns: [n_arenas], [r > 0]: [max_num_seqs] */
   k_penalty_t *pens;  /* owns: [max_num_seqs] the rows' penalties */
   int32_t *pen_ids, *pen_seen; /* owns: [cap_pen] their packed entries */
   int64_t cap_pen;
@@ -514,6 +517,11 @@ static void step(sched_engine_t *e) {
     e->rows[n_logits++] = t - 1;
   }
   e->q_start[n] = t;
+  for (int32_t r = 1; r < e->n_arenas; r++)
+    for (int32_t i = 0; i < n; i++) {
+      e->rank_views[r][i] = e->views[i];
+      sched__kvc_view_rank(&e->kvc, sc->batch[i], r, &e->rank_views[r][i]);
+    }
 
   model_batch_t b = {
       .n_seqs = n,
@@ -533,6 +541,7 @@ static void step(sched_engine_t *e) {
       .pen_seen = e->pen_seen,
       .lp_want = any_lp ? e->lp_want : NULL,
       .lp = e->lp,
+      .rank_seqs = e->n_arenas > 1 ? (const k_seq_kv_t *const *)e->rank_views : NULL,
   };
   const int64_t f0 = sched__now_ns();
   int rc = model_group_forward(&e->model, &b, e->logits);
@@ -843,11 +852,18 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   e->lp_want = malloc((size_t)S * sizeof *e->lp_want);
   e->lp = malloc((size_t)S * sizeof *e->lp);
   e->views = malloc((size_t)S * sizeof *e->views);
+  bool views_ok = true;
+  if (e->n_arenas > 1 && (e->rank_views = calloc((size_t)e->n_arenas, sizeof *e->rank_views))) {
+    e->rank_views[0] = e->views;
+    for (int32_t r = 1; r < e->n_arenas; r++)
+      views_ok &= (e->rank_views[r] = malloc((size_t)S * sizeof **e->rank_views)) != NULL;
+  }
   e->logits = malloc((size_t)S * (size_t)V * sizeof *e->logits);
   e->lp_row = malloc((size_t)V * sizeof *e->lp_row);
   e->stage = malloc((size_t)S * sizeof *e->stage);
   if (!e->ht || !e->tokens || !e->pos || !e->q_start || !e->rows || !e->ids || !e->draws ||
       !e->host_rows || !e->pens || !e->lp_want || !e->lp || !e->views ||
+      (e->n_arenas > 1 && (!e->rank_views || !views_ok)) ||
       !e->logits || !e->lp_row || !e->stage) {
     rc = -ENOMEM;
     goto fail_rc;
@@ -904,6 +920,8 @@ void sched_engine_free(sched_engine_t *e) {
   free(e->pens);
   free(e->lp_want);
   free(e->lp);
+  for (int32_t r = 1; e->rank_views && r < e->n_arenas; r++) free(e->rank_views[r]);
+  free(e->rank_views);
   free(e->pen_ids);
   free(e->pen_seen);
   free(e->views);
@@ -930,7 +948,6 @@ int sched_engine_submit(sched_engine_t *e, sched_request_t *r) {
   for (int32_t i = 0; i < r->n_prompt; i++)
     if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab) return -EINVAL;
   if (sched_sample_params_check(&r->sample, NULL, 0)) return -EINVAL;
-  if (!sched__kvc_supported(&e->kvc, &r->kvc)) return -ENOTSUP; /* fixed at start */
 
   sched__seq_t *s;
   int rc = seq_new(e, r, &s);

@@ -156,9 +156,8 @@ typedef struct sched_engine_config {
    * be unless kv_per_rank; otherwise (always where a rank's memory is a
    * device's) the pool is cut into one part per rank and each rank keeps
    * its KV heads' blocks in an arena of its own backend's memory,
-   * kv_cache_memory being the sum over the ranks. There ZigZagKV's layer
-   * budgets and DBudgetKV, whose observations one buffer gathers across
-   * the ranks, are refused (submit: -ENOTSUP) unless all is host memory. */
+   * kv_cache_memory being the sum over the ranks, and writes the prefill's
+   * observations into buffers of its own, which the host sums. */
   int32_t tp_size;
   const struct model_weights *tp_weights;
   struct k_backend *const *tp_backends;
@@ -213,8 +212,7 @@ void sched_engine_free(sched_engine_t *e);
 /* Thread-safe. 0: the engine owns r now. -EAGAIN: the waiting queue is full
  * (caller keeps r). -EINVAL: the prompt does not fit max_model_len.
  * -ENOSPC: the prompt does not fit in the KV pool, even compressed between
- * prefill chunks (see kv_below_max_len). -ENOTSUP: its kv_compression
- * cannot run on these ranks (see kv_per_rank). */
+ * prefill chunks (see kv_below_max_len). */
 int sched_engine_submit(sched_engine_t *e, sched_request_t *r);
 /* Thread-safe; the request finishes with SCHED_FINISH_ABORT and its blocks
  * return to the pool at the next step. Unknown ids are ignored. */

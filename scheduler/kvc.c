@@ -54,7 +54,7 @@ void sched__kvc_init(sched__kvc_t *k, int32_t n_arenas, k_backend_t *const *aren
   bool host = true;
   for (int32_t r = 0; r < n_arenas; r++) host &= arena_be[r]->host_memory;
   *k = (sched__kvc_t){.be = be, .n_arenas = n_arenas, .arenas = arenas, .arena_be = arena_be,
-                      .obs_ok = host || n_arenas == 1, .pool = pool, .st = st,
+                      .pool = pool, .st = st,
                       .n_layers = n_layers, .n_kv_heads = n_kv_heads, .group = group,
                       .via_backend = via_backend || !host || n_arenas > 1};
   kv_compress_plan_init(&k->plan);
@@ -77,6 +77,7 @@ void sched__kvc_destroy(sched__kvc_t *k) {
   free(k->stage);
   free(k->h_mass);
   free(k->h_last);
+  free(k->h_rank);
 }
 
 bool sched__kvc_chunks_ok(const sched__kvc_t *k) { return !k->via_backend; }
@@ -89,11 +90,6 @@ static bool can_compress(const sched__kvc_t *k) {
   return !k->via_backend || ok;
 }
 
-bool sched__kvc_supported(const sched__kvc_t *k, const sched_kv_compression_t *c) {
-  if (k->obs_ok) return true;
-  return c->plan.policy != KV_POLICY_DBUDGET &&
-         !(c->plan.policy == KV_POLICY_KVCOMPRESS && c->plan.layer_budget == KV_LAYER_ZIGZAG);
-}
 
 int32_t sched_kv_window(const sched_kv_compression_t *k) {
   if (k->observation_window >= 0) return k->observation_window;
@@ -113,34 +109,65 @@ static bool wants_scores(const sched__seq_t *s) {
   return p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_DBUDGET;
 }
 
-void sched__kvc_seq_free(sched__kvc_t *k, sched__seq_t *s) {
-  k->be->ops->free(k->be, s->obs_mass); /* backend memory */
-  k->be->ops->free(k->be, s->obs_last);
-  free(s->obs_prev);
-  s->obs_mass = s->obs_last = s->obs_prev = NULL;
-}
-
-/* n floats of backend memory for the kernels' observations, zeroed when
- * they add into it. */
-static float *obs_alloc(sched__kvc_t *k, size_t n, bool zero) {
-  float *p = k->be->ops->alloc(k->be, n * sizeof(float));
-  if (!p || !zero) return p;
-  float *z = calloc(n, sizeof *z);
-  if (!z || k->be->ops->upload(k->be, p, z, n * sizeof *z)) {
-    free(z);
-    k->be->ops->free(k->be, p);
-    return NULL;
-  }
-  free(z);
-  return p;
-}
-
 static int grow(void **p, size_t *cap, size_t n, size_t el) {
   if (n <= *cap) return 0;
   void *q = realloc(*p, n * el);
   if (!q) return -ENOMEM;
   *p = q;
   *cap = n;
+  return 0;
+}
+
+static void obs_free(sched__kvc_t *k, float ***obs) {
+  for (int32_t r = 0; *obs && r < k->n_arenas; r++)
+    if ((*obs)[r]) k->arena_be[r]->ops->free(k->arena_be[r], (*obs)[r]); /* backend memory */
+  free(*obs);
+  *obs = NULL;
+}
+
+void sched__kvc_seq_free(sched__kvc_t *k, sched__seq_t *s) {
+  obs_free(k, &s->obs_mass);
+  obs_free(k, &s->obs_last);
+  free(s->obs_prev);
+  s->obs_prev = NULL;
+}
+
+/* n floats of each rank's backend memory for the kernels' observations,
+ * zeroed when they add into it, or when each rank writes its heads' rows
+ * only and the host sums the ranks' buffers. 0 or -ENOMEM. */
+static int obs_alloc(sched__kvc_t *k, float ***obs, size_t n, bool zero) {
+  zero |= k->n_arenas > 1;
+  float *z = zero ? calloc(n, sizeof *z) : NULL;
+  if ((zero && !z) || !(*obs = calloc((size_t)k->n_arenas, sizeof **obs))) {
+    free(z);
+    return -ENOMEM;
+  }
+  int rc = 0;
+  for (int32_t r = 0; r < k->n_arenas && !rc; r++) {
+    k_backend_t *be = k->arena_be[r];
+    if (!((*obs)[r] = be->ops->alloc(be, n * sizeof(float)))) rc = -ENOMEM;
+    else if (zero) rc = be->ops->upload(be, (*obs)[r], z, n * sizeof *z);
+  }
+  free(z);
+  if (rc) obs_free(k, obs);
+  return rc;
+}
+
+/* The host copy of s's observations obs (nf floats on every rank) in *h:
+ * the sum of the ranks' buffers, each of which holds its own heads' rows
+ * and zeros. */
+static int obs_download(sched__kvc_t *k, float *const *obs, size_t nf, float **h, size_t *cap) {
+  int rc;
+  if (grow((void **)h, cap, nf, sizeof(float))) return -ENOMEM;
+  if ((rc = k->arena_be[0]->ops->download(k->arena_be[0], *h, obs[0], nf * sizeof(float))))
+    return rc;
+  for (int32_t r = 1; r < k->n_arenas; r++) {
+    if (grow((void **)&k->h_rank, &k->cap_rank, nf, sizeof(float))) return -ENOMEM;
+    if ((rc = k->arena_be[r]->ops->download(k->arena_be[r], k->h_rank, obs[r],
+                                            nf * sizeof(float))))
+      return rc;
+    for (size_t i = 0; i < nf; i++) (*h)[i] += k->h_rank[i];
+  }
   return 0;
 }
 
@@ -195,17 +222,14 @@ static int read_back(sched__kvc_t *k, const sched__seq_t *s, kv_compress_input_t
   in->pos = k->m_pos;
   const size_t per_head = (size_t)kv->max_blocks * (size_t)B;
   if (s->obs_mass) {
-    size_t nf = (size_t)LH * per_head;
-    if (grow((void **)&k->h_mass, &k->cap_mass, nf, sizeof(float)) ||
-        (rc = k->be->ops->download(k->be, k->h_mass, s->obs_mass, nf * sizeof(float))))
-      return rc ? rc : -ENOMEM;
+    if ((rc = obs_download(k, s->obs_mass, (size_t)LH * per_head, &k->h_mass, &k->cap_mass)))
+      return rc;
     in->obs_mass = k->h_mass;
   }
   if (s->obs_last) {
-    size_t nf = (size_t)LH * (size_t)k->group * per_head;
-    if (grow((void **)&k->h_last, &k->cap_last, nf, sizeof(float)) ||
-        (rc = k->be->ops->download(k->be, k->h_last, s->obs_last, nf * sizeof(float))))
-      return rc ? rc : -ENOMEM;
+    if ((rc = obs_download(k, s->obs_last, (size_t)LH * (size_t)k->group * per_head, &k->h_last,
+                           &k->cap_last)))
+      return rc;
     in->obs_last = k->h_last;
   }
   return 0;
@@ -253,16 +277,23 @@ int sched__kvc_view(sched__kvc_t *k, sched__seq_t *s, k_seq_kv_t *v) {
   v->n_obs = end - (s->n_computed > wstart ? s->n_computed : wstart);
   size_t per_head = (size_t)s->kv.max_blocks * (size_t)s->kv.block_size;
   size_t lh = (size_t)k->n_layers * (size_t)k->n_kv_heads;
-  if (k->obs_ok && c->plan.layer_budget == KV_LAYER_ZIGZAG &&
-      c->plan.policy == KV_POLICY_KVCOMPRESS && !s->obs_mass && !(s->obs_mass = obs_alloc(k, lh * per_head, true)))
+  if (c->plan.layer_budget == KV_LAYER_ZIGZAG && c->plan.policy == KV_POLICY_KVCOMPRESS &&
+      !s->obs_mass && obs_alloc(k, &s->obs_mass, lh * per_head, true))
     return -ENOMEM;
-  if (k->obs_ok && c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
-      !(s->obs_last = obs_alloc(k, lh * (size_t)k->group * per_head, false)))
+  if (c->plan.policy == KV_POLICY_DBUDGET && end == s->n_tokens && !s->obs_last &&
+      obs_alloc(k, &s->obs_last, lh * (size_t)k->group * per_head, false))
     return -ENOMEM;
   v->obs_pool = c->pool;
-  v->obs_mass = s->obs_mass;
-  v->obs_last = end == s->n_tokens ? s->obs_last : NULL;
+  sched__kvc_view_rank(k, s, 0, v);
   return 0;
+}
+
+void sched__kvc_view_rank(const sched__kvc_t *k, const sched__seq_t *s, int32_t r,
+                          k_seq_kv_t *v) {
+  (void)k;
+  if (v->n_obs <= 0) return; /* no window this call */
+  v->obs_mass = s->obs_mass ? s->obs_mass[r] : NULL;
+  v->obs_last = s->obs_last && s->n_computed + s->chunk == s->n_tokens ? s->obs_last[r] : NULL;
 }
 
 /* mid: between prefill chunks (the segment's window observed, the budget
@@ -289,8 +320,8 @@ static int32_t compress(sched__kvc_t *k, sched__seq_t *s, int32_t min_free, bool
       .n_tokens = s->n_computed,
       .last_pos = s->n_computed - 1,
       .group = k->group,
-      .obs_mass = s->obs_mass,
-      .obs_last = s->obs_last,
+      .obs_mass = s->obs_mass ? s->obs_mass[0] : NULL, /* host: one arena */
+      .obs_last = s->obs_last ? s->obs_last[0] : NULL,
       .min_free_blocks = min_free,
       .obs_start = w > 0 && w < wend ? wend - w : 0,
   };

@@ -102,11 +102,6 @@ void srv__handle_generate(srv_req_t *req, srv_api_t api) {
                  "prompt is then compressed between prefill chunks) or shorten the prompt",
                  req->n_prompt, (long long)s->cfg.kv_tokens);
       e.code = "context_length_exceeded";
-    } else if (rc == -ENOTSUP) {
-      srv__error(&e, 400, "kv_compression",
-                 "this server's tensor-parallel ranks keep their KV caches in separate device "
-                 "memories, where the 'dbudget' method and the 'zigzag' layer budget cannot run; "
-                 "use 'kvcompress' with the 'global' or 'uniform' layer budget");
     } else {
       srv__error(&e, 503, NULL, "the engine cannot take requests now (%s)", strerror(-rc));
     }

@@ -1040,11 +1040,13 @@ static void bench_pick(int32_t n) {
  * GPUs: the pool in three parts, scores read back and moves made per rank).
  * The arithmetic is the same, so the tokens are, whatever the layout:
  * (a) under memory pressure, uncompressed (preemptions, the parts' free
- * counts); (b) compressed, by KV-Compress global and uniform and by
- * StreamingLLM, again every 8 decode steps, with the same KVs kept. Every
+ * counts); (b) compressed, by KV-Compress global, uniform and ZigZagKV, by
+ * DBudgetKV and StreamingLLM (one request not), again every 8 decode
+ * steps, with the same KVs kept: the observations the prefill leaves for
+ * ZigZagKV and DBudgetKV are each rank's own, summed on the host. Every
  * step's accounting is checked (debug_checks). */
 static void test_tp_arenas(void) {
-  enum { N = 3, N_C = 4 };
+  enum { N = 3, N_C = 6 };
   k_backend_t *bes[N];
   model_weights_t shards[N];
   k_comm_t *comm;
@@ -1071,7 +1073,7 @@ static void test_tp_arenas(void) {
                                                                                  w.cfg.head_dim);
       sched_engine_t *e = engine(&c, false);
       int n = 0;
-      for (int i = 0; i < (comp ? 2 * N_C : N_PROMPTS); i++) {
+      for (int i = 0; i < (comp ? N_C : N_PROMPTS); i++) {
         if (!comp && n_ids[i] + 16 > 64) continue;
         /* compressed: the long prompt, cut shorter by 9 tokens a request */
         spec_t sp = {.ids = comp ? long_ids : ids[i], .n = comp ? n_long - 9 * i : n_ids[i],
@@ -1079,9 +1081,11 @@ static void test_tp_arenas(void) {
         sched_request_t *r = request((uint64_t)i, &o[apart][comp][n], &sp);
         if (comp) {
           static const kv_policy_t pol[N_C] = {KV_POLICY_KVCOMPRESS, KV_POLICY_KVCOMPRESS,
-                                               KV_POLICY_STREAMING, KV_POLICY_NONE};
+                                               KV_POLICY_STREAMING, KV_POLICY_NONE,
+                                               KV_POLICY_KVCOMPRESS, KV_POLICY_DBUDGET};
           r->kvc.plan.policy = pol[n % N_C];
-          r->kvc.plan.ratio = 2;
+          if (pol[n % N_C] != KV_POLICY_DBUDGET) r->kvc.plan.ratio = 2;
+          if (n % N_C == 4) r->kvc.plan.layer_budget = KV_LAYER_ZIGZAG;
           r->kvc.plan.min_tokens = 8;
           r->kvc.plan.protected_window = 4;
           r->kvc.plan.sinks = 1;
