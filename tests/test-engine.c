@@ -232,7 +232,8 @@ static void check_same(const out_t *a, const out_t *b) {
   CHECK_STR_EQ(a->text, b->text);
   CHECK_INT_EQ(a->finish, b->finish);
   for (int32_t i = 0; a->logprobs >= 0 && b->logprobs >= 0 && i < a->n; i++)
-    if (memcmp(&a->logprob[i], &b->logprob[i], sizeof a->logprob[i]) || a->top_sum[i] != b->top_sum[i])
+    if (memcmp(&a->logprob[i], &b->logprob[i], sizeof a->logprob[i]) ||
+        a->top_sum[i] != b->top_sum[i])
       FAIL_AT("token %d: log-probabilities %.9g vs %.9g", i, a->logprob[i], b->logprob[i]);
 }
 

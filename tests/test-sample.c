@@ -371,7 +371,8 @@ static void test_penalties_exported(void) {
       sched_sampler_accept(&s, id);
       sched_sampler_accept(&t, id);
     }
-    for (int32_t i = 0; i < V; i++) a[i] = b[i] = (float)((double)rng_next(&rng) / 0x1p64 * 8.0 - 4.0);
+    for (int32_t i = 0; i < V; i++)
+      a[i] = b[i] = (float)((double)rng_next(&rng) / 0x1p64 * 8.0 - 4.0);
     k_penalty_t row;
     const int32_t n = sched_sampler_penalty(&t, &row, 7, ids, seen);
     CHECK_INT_EQ(row.first, 7);
@@ -388,7 +389,8 @@ static void test_penalties_exported(void) {
     sched_sampler_next_draw(&t, &d);
     const int32_t want = sched_sample(&s, a, NULL);
     for (int32_t i = 0; i < V; i++)
-      if (memcmp(&a[i], &b[i], sizeof a[i])) FAIL_AT("trial %d id %d: %g vs %g", trial, i, a[i], b[i]);
+      if (memcmp(&a[i], &b[i], sizeof a[i]))
+        FAIL_AT("trial %d id %d: %g vs %g", trial, i, a[i], b[i]);
     float w[V];
     int32_t idx[V];
     CHECK_INT_EQ(k_draw_row(b, V, &d, w, idx), want);

@@ -245,7 +245,8 @@ static void test_gguf_shards(void) {
   run_tp(&w, 3, true, tokens, N_TOK, 32, 16, got); /* 3 KV heads, 1536 MLP columns */
   int agree;
   double d = max_diff(ref, got, N_TOK, V, &agree);
-  fprintf(stderr, "   SmolLM2 Q4_1 N=3, an arena per rank: max |logit diff| %.3g, top-1 %d/%d\n", d, agree, N_TOK);
+  fprintf(stderr, "   SmolLM2 Q4_1 N=3, an arena per rank: max |logit diff| %.3g, top-1 %d/%d\n",
+          d, agree, N_TOK);
   CHECK(d <= 1e-4);
   CHECK_INT_EQ(agree, N_TOK);
   model_weights_t bad;

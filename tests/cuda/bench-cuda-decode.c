@@ -164,11 +164,13 @@ static int time_penalize_logprobs(k_backend_t *be, int64_t n, double *pen_ms, do
   float *x = be->ops->alloc(be, (size_t)(m * n) * sizeof(float));
   int32_t *ids = be->ops->alloc(be, (size_t)m * sizeof(int32_t));
   k_penalty_t rows[SAMPLE_ROWS];
-  int32_t *pid = malloc((size_t)m * SEEN * sizeof *pid), *seen = malloc((size_t)m * SEEN * sizeof *seen);
+  int32_t *pid = malloc((size_t)m * SEEN * sizeof *pid);
+  int32_t *seen = malloc((size_t)m * SEEN * sizeof *seen);
   int32_t want[SAMPLE_ROWS], zero[SAMPLE_ROWS];
   k_logprobs_t *out = malloc((size_t)m * sizeof *out);
-  int rc = x && ids && pid && seen && out ? be->ops->fill_dummy(be, x, K_F32, 0, m * n, 6, 1, 8.0f, 0.0f)
-                                          : -ENOMEM;
+  int rc = x && ids && pid && seen && out
+               ? be->ops->fill_dummy(be, x, K_F32, 0, m * n, 6, 1, 8.0f, 0.0f)
+               : -ENOMEM;
   for (int64_t r = 0; r < m; r++) {
     rows[r] = (k_penalty_t){.first = r * SEEN, .n = SEEN, .rep = 1.1f, .pres = 0.2f, .freq = 0.3f};
     for (int32_t j = 0; j < SEEN && pid; j++) {

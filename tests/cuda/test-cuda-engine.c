@@ -7,10 +7,11 @@
  * KV-Compress, ZigZagKV layer budgets, DBudgetKV, StreamingLLM, none) and
  * compressed again every 8 decode steps, greedy and seeded temperature
  * sampling (one with penalties, applied on the device), one greedy request
- * asking for log-probabilities (worked out on the device), all at once. On each backend: every request ends with its 32
- * tokens, the compressed ones evicted KVs and kept no more than their
- * budget, StreamingLLM (no scores) kept exactly what the CPU kept, and every
- * KV block is back in the pool afterwards. How far the tokens agree with the
+ * asking for log-probabilities (worked out on the device), all at once. On
+ * each backend: every request ends with its 32 tokens, the compressed ones
+ * evicted KVs and kept no more than their budget, StreamingLLM (no scores)
+ * kept exactly what the CPU kept, the log-probabilities are consistent, and
+ * every KV block is back in the pool afterwards. How far the tokens agree with the
  * CPU's (bf16 against fp32, and plans that rank near-equal scores
  * differently) is printed, not required.
  *

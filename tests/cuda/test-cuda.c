@@ -19,6 +19,7 @@
 #include "paged/pool.h"
 #include "scheduler/single.h"
 #include "tests/cuda/gpu-test.h"
+#include "tests/penalty-case.h"
 #include "tests/test.h"
 
 static k_backend_t *g_cpu;   /* reference: fp32, numerics EXACT */
@@ -447,30 +448,6 @@ static void test_sample(void) {
   free(got);
 }
 
-/* A random penalize case: m rows of n logits; row r lists up to 300
- * distinct ids (none for every fourth row) with random histories. */
-static void penalty_case(uint64_t *rng, int64_t m, int64_t n, k_penalty_t *rows, int32_t *ids,
-                         int32_t *seen) {
-  int64_t used = 0;
-  for (int64_t r = 0; r < m; r++) {
-    int32_t k = r % 4 == 3 ? 0 : 1 + rng_int(rng, 300);
-    rows[r] = (k_penalty_t){.first = used, .n = k, .rep = r % 3 ? 1.0f + 0.1f * (float)(r % 5) : 1.0f,
-                            .pres = r % 2 ? 0.4f : 0.0f, .freq = (float)(r % 7) * 0.15f - 0.3f};
-    for (int32_t j = 0; j < k; j++) {
-      int32_t id;
-      bool dup;
-      do { /* distinct within the row */
-        id = rng_int(rng, (int32_t)n);
-        dup = false;
-        for (int32_t q = 0; q < j && !dup; q++) dup = ids[used + q] == id;
-      } while (dup);
-      ids[used + j] = id;
-      seen[used + j] = 2 * rng_int(rng, 5) + rng_int(rng, 2);
-    }
-    used += k;
-  }
-}
-
 /* The penalize kernel against the CPU's, bit for bit (a division, a
  * product and an fmaf per logit, IEEE on both), 300 rows of 128,256. */
 static void test_penalize(void) {
@@ -518,7 +495,8 @@ static void test_logprobs(void) {
   }
   x[4 * n + 5] = INFINITY;
   x[4 * n + 900] = INFINITY;
-  int32_t *ids = test_xmalloc((size_t)m * sizeof *ids), *want = test_xmalloc((size_t)m * sizeof *want);
+  int32_t *ids = test_xmalloc((size_t)m * sizeof *ids);
+  int32_t *want = test_xmalloc((size_t)m * sizeof *want);
   for (int64_t r = 0; r < m; r++) {
     ids[r] = rng_int(&rng, (int32_t)n);
     want[r] = r % 9 == 8 ? -1 : (int32_t)(r % 22) - 1; /* -1 .. 20 */
@@ -539,13 +517,15 @@ static void test_logprobs(void) {
       CHECK(memcmp(&b[r], z, sizeof z) == 0);
       continue;
     }
-    if (a[r].n_top != b[r].n_top) FAIL_AT("row %lld: %d tops vs %d", (long long)r, b[r].n_top, a[r].n_top);
+    if (a[r].n_top != b[r].n_top)
+      FAIL_AT("row %lld: %d tops vs %d", (long long)r, b[r].n_top, a[r].n_top);
     const float vals[2] = {a[r].chosen, b[r].chosen};
     if (!(vals[0] == vals[1] || fabs((double)vals[0] - vals[1]) <= 1e-6 * (1 + fabs(vals[0]))))
       FAIL_AT("row %lld: chosen %.9g vs the CPU's %.9g", (long long)r, vals[1], vals[0]);
     for (int32_t j = 0; j < a[r].n_top; j++) {
       if (a[r].top[j] != b[r].top[j])
-        FAIL_AT("row %lld top %d: id %d vs the CPU's %d", (long long)r, j, b[r].top[j], a[r].top[j]);
+        FAIL_AT("row %lld top %d: id %d vs the CPU's %d", (long long)r, j, b[r].top[j],
+                a[r].top[j]);
       const double p = a[r].top_lp[j], q = b[r].top_lp[j];
       if (!(p == q || fabs(p - q) <= 1e-6 * (1 + fabs(p))))
         FAIL_AT("row %lld top %d: %.9g vs the CPU's %.9g", (long long)r, j, q, p);

@@ -186,7 +186,8 @@ def main():
         check(dev.tokens == host.tokens and len(dev.top_logprobs[0]) == 5
               and dev.top_logprobs[0].keys() == host.top_logprobs[0].keys(), f"{dev} vs {host}")
         check(abs(dev.token_logprobs[0] - host.token_logprobs[0]) < 1e-5
-              and all(abs(v - host.top_logprobs[0][t]) < 1e-5 for t, v in dev.top_logprobs[0].items()),
+              and all(abs(v - host.top_logprobs[0][t]) < 1e-5
+                      for t, v in dev.top_logprobs[0].items()),
               f"{dev} vs {host}")
         check(abs(dev.token_logprobs[0] - max(dev.top_logprobs[0].values())) < 1e-6
               and sum(math.exp(v) for v in dev.top_logprobs[0].values()) <= 1 + 1e-5, dev)
@@ -541,8 +542,9 @@ def main():
                         model=NAME, prompt=p, max_tokens=24, temperature=0,
                         extra_body={"ignore_eos": True}).choices[0].text
                     check(got == want, f"tp1 {want!r} vs {name} {got!r}")
-                got = "".join(c.choices[0].delta.content or "" for c in srv.client().chat.completions.create(
-                    model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True) if c.choices)
+                stream = srv.client().chat.completions.create(
+                    model=NAME, messages=msgs, max_tokens=20, temperature=0, stream=True)
+                got = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
                 check(ref == got, f"chat tp1 {ref!r} vs {name} stream {got!r}")
                 # seeded temperature sampling: drawn by the backend with one
                 # rank, by the host sampler from the gathered logits with three
