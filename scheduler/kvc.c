@@ -90,7 +90,6 @@ static bool can_compress(const sched__kvc_t *k) {
   return !k->via_backend || ok;
 }
 
-
 int32_t sched_kv_window(const sched_kv_compression_t *k) {
   if (k->observation_window >= 0) return k->observation_window;
   /* DBudgetKV's stop reads the last query; ranked by the window's scores it
