@@ -369,6 +369,8 @@ static void finish_all(sched_engine_t *e, sched_finish_t fin, const char *msg) {
 
 /* ---- sampling and stop rules --------------------------------------------- */
 
+_Static_assert(SCHED_MAX_TOP_LOGPROBS <= K_DRAW_MAX_TOP, "the backends' top alternatives");
+
 /* The event's log-probabilities: from lp (the backend's), or worked out
  * from the raw logits in e->lp_row (kernels/draw.h). */
 static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int32_t n,
@@ -384,8 +386,9 @@ static void fill_logprobs(sched_engine_t *e, sched_event_t *ev, int32_t id, int3
     ev->top[j] = (sched_top_logprob_t){.token = lp->top[j], .logprob = lp->top_lp[j]};
 }
 
-/* Whether s's next token can be drawn on the device (kernels/draw.h), with
- * no log-probabilities asked for. */
+/* Whether s's next token is drawn on the device (kernels/draw.h), its
+ * penalties and log-probabilities worked out there too where the backend
+ * can. */
 static bool draw_on_device(const sched_engine_t *e, const sched__seq_t *s) {
   if (s->req->logprobs >= 0) /* of the raw logits: not where penalties rewrote them */
     return e->logprobs && sched_sampler_on_device(&s->smp, false);
