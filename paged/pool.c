@@ -155,3 +155,22 @@ void kv_arena_destroy(k_kv_arena_t *a, k_backend_t *be) {
   if (a->pos) be->ops->free(be, a->pos);
   memset(a, 0, sizeof *a);
 }
+
+int kv_pool_arenas_init(kv_pool_t *p, k_kv_arena_t *arenas, k_backend_t *const *be,
+                        int32_t n_blocks, int32_t n_parts, int32_t block_size, int32_t head_dim) {
+  int rc = kv_pool_init_parts(p, n_blocks, n_parts);
+  if (rc) return rc;
+  for (int32_t q = 0; q < n_parts; q++) {
+    if ((rc = kv_arena_init_part(&arenas[q], be[q], p, q, block_size, head_dim))) {
+      while (q-- > 0) kv_arena_destroy(&arenas[q], be[q]); /* the failed one cleaned itself */
+      kv_pool_destroy(p);
+      return rc;
+    }
+  }
+  return 0;
+}
+
+void kv_pool_arenas_destroy(kv_pool_t *p, k_kv_arena_t *arenas, k_backend_t *const *be) {
+  for (int32_t q = 0; q < p->n_parts; q++) kv_arena_destroy(&arenas[q], be[q]);
+  kv_pool_destroy(p);
+}

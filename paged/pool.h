@@ -45,6 +45,10 @@ static inline int32_t kv_pool_part_free(const kv_pool_t *p, int32_t q) { return 
  * them fits in every part (kv_seq_blocks_needed counts alike). */
 int32_t kv_pool_free_count(const kv_pool_t *p);
 static inline int32_t kv_pool_used_count(const kv_pool_t *p) { return p->n_blocks - p->n_free; }
+/* Free blocks kv_pool_free_count leaves out (0 without parts). */
+static inline int32_t kv_pool_stranded_count(const kv_pool_t *p) {
+  return p->n_free - kv_pool_free_count(p);
+}
 /* Permute each part's free stack (tests: scatter a sequence over the pool). */
 void kv_pool_shuffle(kv_pool_t *p, uint64_t seed);
 /* Internal consistency: every block is free exactly once or referenced.
@@ -61,5 +65,14 @@ int kv_arena_init(k_kv_arena_t *a, k_backend_t *be, int32_t n_blocks, int32_t bl
 int kv_arena_init_part(k_kv_arena_t *a, k_backend_t *be, const kv_pool_t *p, int32_t q,
                        int32_t block_size, int32_t head_dim);
 void kv_arena_destroy(k_kv_arena_t *a, k_backend_t *be); /* NULL-safe */
+
+/* The pool of n_blocks in n_parts parts and the arena of each part,
+ * arenas[q] on be[q] (n_parts 1: one arena holding the whole pool). On
+ * failure nothing stays allocated. */
+int kv_pool_arenas_init(kv_pool_t *p, k_kv_arena_t *arenas, k_backend_t *const *be,
+                        int32_t n_blocks, int32_t n_parts, int32_t block_size, int32_t head_dim);
+/* The arenas of kv_pool_arenas_init (on the same be[]), then the pool;
+ * nothing after a failed init or on a zeroed pool. */
+void kv_pool_arenas_destroy(kv_pool_t *p, k_kv_arena_t *arenas, k_backend_t *const *be);
 
 #endif

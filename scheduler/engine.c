@@ -276,6 +276,7 @@ static void publish_stats_locked(sched_engine_t *e) {
   e->pub.waiting = e->sc.waiting.n;
   e->pub.kv_blocks_total = e->pool.n_blocks;
   e->pub.kv_blocks_used = kv_pool_used_count(&e->pool);
+  e->pub.kv_blocks_stranded = kv_pool_stranded_count(&e->pool);
   e->pub.preemptions = e->sc.preemptions;
   e->n_waiting = e->sc.waiting.n;
 }
@@ -806,11 +807,9 @@ int sched_engine_new(sched_engine_t **out, const sched_engine_config_t *cfg,
   if (rc) goto fail_rc;
   e->cv_ok = true;
   e->n_arenas = per_rank ? n_ranks : 1;
-  rc = kv_pool_init_parts(&e->pool, (int32_t)n_blocks, e->n_arenas);
-  for (int32_t r = 0; r < e->n_arenas && !rc; r++) {
-    e->arena_be[r] = per_rank ? cfg->tp_backends[r] : be;
-    rc = kv_arena_init_part(&e->arenas[r], e->arena_be[r], &e->pool, r, BLOCK_SIZE, c->head_dim);
-  }
+  for (int32_t r = 0; r < e->n_arenas; r++) e->arena_be[r] = per_rank ? cfg->tp_backends[r] : be;
+  rc = kv_pool_arenas_init(&e->pool, e->arenas, e->arena_be, (int32_t)n_blocks, e->n_arenas,
+                           BLOCK_SIZE, c->head_dim);
   if (rc) {
     fail(err, errlen, rc, "cannot allocate the KV cache (%lld blocks%s): %s", (long long)n_blocks,
          per_rank ? " over the ranks" : "", strerror(-rc));
@@ -933,8 +932,7 @@ void sched_engine_free(sched_engine_t *e) {
   sched__sched_destroy(&e->sc);
   model_group_destroy(&e->model);
   sched__kvc_destroy(&e->kvc);
-  for (int32_t r = 0; r < e->n_arenas; r++) kv_arena_destroy(&e->arenas[r], e->arena_be[r]);
-  kv_pool_destroy(&e->pool);
+  kv_pool_arenas_destroy(&e->pool, e->arenas, e->arena_be);
   if (e->cv_ok) pthread_cond_destroy(&e->cv);
   if (e->mu_ok) pthread_mutex_destroy(&e->mu);
   free(e);

@@ -172,6 +172,9 @@ extern const double sched_kvc_bounds[SCHED_KVC_N_BOUNDS];
 typedef struct sched_stats {
   int32_t running, waiting;
   int32_t kv_blocks_total, kv_blocks_used;
+  /* Free blocks no sequence can use now: with the pool in one part per rank,
+   * those free in a part beyond the fullest part's free count (0 otherwise). */
+  int32_t kv_blocks_stranded;
   uint64_t preemptions;
   uint64_t prompt_tokens, generation_tokens; /* totals */
   uint64_t requests_finished;

@@ -32,11 +32,9 @@ int sched_single_init_tp(sched_single_t *s, const model_weights_t *w, k_backend_
   int32_t per_head = (max_len + B - 1) / B;
   if (n_blocks <= 0) n_blocks = per_head * c->n_layers * c->n_kv_heads;
   n_blocks = (n_blocks + s->n_arenas - 1) / s->n_arenas * s->n_arenas; /* equal parts */
-  int rc = kv_pool_init_parts(&s->pool, n_blocks, s->n_arenas);
-  for (int32_t r = 0; r < s->n_arenas && !rc; r++) {
-    s->arena_be[r] = per_rank ? tp_be[r] : be;
-    rc = kv_arena_init_part(&s->arenas[r], s->arena_be[r], &s->pool, r, B, c->head_dim);
-  }
+  for (int32_t r = 0; r < s->n_arenas; r++) s->arena_be[r] = per_rank ? tp_be[r] : be;
+  int rc = kv_pool_arenas_init(&s->pool, s->arenas, s->arena_be, n_blocks, s->n_arenas, B,
+                               c->head_dim);
   if (!rc && !(rc = kv_seq_init(&s->seq, c->n_layers, c->n_kv_heads, B, max_len)))
     rc = kv_seq_set_parts(&s->seq, s->n_arenas);
   if (rc) {
@@ -67,8 +65,7 @@ void sched_single_destroy(sched_single_t *s) {
   free(s->pos);
   free(s->rows);
   kv_seq_destroy(&s->seq, &s->pool);
-  for (int32_t r = 0; r < s->n_arenas; r++) kv_arena_destroy(&s->arenas[r], s->arena_be[r]);
-  kv_pool_destroy(&s->pool);
+  kv_pool_arenas_destroy(&s->pool, s->arenas, s->arena_be);
   memset(s, 0, sizeof *s);
 }
 

@@ -146,6 +146,10 @@ void srv__metrics_format(srv_buf_t *b, const srv_metrics_t *m, const sched_stats
           (unsigned long long)(st->kv_blocks_total > 0 ? st->kv_blocks_total : 0));
   gauge_u(b, "pressd:kv_blocks_used", "KV blocks in use.", model,
           (unsigned long long)(st->kv_blocks_used > 0 ? st->kv_blocks_used : 0));
+  gauge_u(b, "pressd:kv_blocks_stranded",
+          "Free KV blocks no sequence can use now: with a KV arena per tensor-parallel rank, "
+          "those free in one rank's part beyond what the fullest rank's part has free.",
+          model, (unsigned long long)(st->kv_blocks_stranded > 0 ? st->kv_blocks_stranded : 0));
   counter(b, "pressd:engine_steps_total", "Engine steps run.", model,
           (unsigned long long)st->steps);
   counter(b, "pressd:engine_graph_steps_total",

@@ -37,6 +37,7 @@ static void test_pool_basic(void) {
     seen[id] = true;
     CHECK_INT_EQ(p.refs[id], 1);
     CHECK_INT_EQ(kv_pool_free_count(&p), N - 1 - i);
+    CHECK_INT_EQ(kv_pool_stranded_count(&p), 0); /* one part: nothing stranded */
     CHECK_INT_EQ(kv_pool_used_count(&p), i + 1);
     CHECK_INT_EQ(kv_pool_check(&p), 0);
   }
@@ -177,6 +178,7 @@ static void test_pool_parts(void) {
   CHECK_INT_EQ(kv_pool_part_free(&p, 0), 4);
   CHECK_INT_EQ(kv_pool_used_count(&p), 4);
   CHECK_INT_EQ(kv_pool_free_count(&p), 0); /* an even spread can use nothing more */
+  CHECK_INT_EQ(kv_pool_stranded_count(&p), 8);
   int32_t a = kv_pool_alloc(&p);           /* from a part with the most free */
   CHECK(a >= 0 && kv_pool_part_of(&p, a) != 1);
   CHECK_INT_EQ(kv_pool_check(&p), 0);
@@ -277,6 +279,31 @@ static void test_block_bytes_and_arena(void) {
   kv_arena_destroy(&a, be);
   kv_arena_destroy(NULL, be);
   k_backend_free(be);
+}
+
+/* The pool and an arena per part: arena q holds exactly part q's blocks. */
+static void test_pool_arenas(void) {
+  k_backend_t *be[3] = {NULL, NULL, NULL};
+  for (int r = 0; r < 3; r++) CHECK_INT_EQ(k_cpu_backend_new(&be[r], 1), 0);
+  kv_pool_t p;
+  k_kv_arena_t a[3];
+  CHECK_INT_EQ(kv_pool_arenas_init(&p, a, be, 10, 3, 16, 8), -EINVAL); /* unequal parts */
+  CHECK_INT_EQ(p.n_parts, 0);
+  kv_pool_arenas_destroy(&p, a, be); /* nothing to do */
+  CHECK_INT_EQ(kv_pool_arenas_init(&p, a, be, 12, 3, 16, 8), 0);
+  for (int32_t q = 0; q < 3; q++) {
+    CHECK_INT_EQ(a[q].n_blocks, 4);
+    CHECK_INT_EQ(a[q].first_block, 4 * q);
+    CHECK(a[q].k && a[q].pos);
+    a[q].pos[4 * 16 - 1] = q; /* the part's last slot is the arena's (ASan checks) */
+  }
+  CHECK_INT_EQ(kv_pool_free_count(&p), 12);
+  kv_pool_arenas_destroy(&p, a, be);
+  CHECK(p.n_parts == 0 && a[0].k == NULL && a[2].pos == NULL);
+  CHECK_INT_EQ(kv_pool_arenas_init(&p, a, be, 5, 1, 16, 8), 0); /* unpartitioned: one arena */
+  CHECK(a[0].n_blocks == 5 && a[0].first_block == 0);
+  kv_pool_arenas_destroy(&p, a, be);
+  for (int r = 0; r < 3; r++) k_backend_free(be[r]);
 }
 
 /* ---- sequences -------------------------------------------------------------- */
@@ -704,6 +731,7 @@ int main(void) {
   RUN(test_pool_shuffle);
   RUN(test_pool_parts);
   RUN(test_block_bytes_and_arena);
+  RUN(test_pool_arenas);
   RUN(test_seq_init);
   RUN(test_seq_blocks_needed);
   RUN(test_seq_append_all_or_nothing);

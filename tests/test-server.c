@@ -351,6 +351,7 @@ static void test_metrics(void) {
                       .waiting = 1,
                       .kv_blocks_total = 200,
                       .kv_blocks_used = 50,
+                      .kv_blocks_stranded = 6,
                       .preemptions = 4,
                       .prompt_tokens = 1000,
                       .generation_tokens = 77};
@@ -363,6 +364,8 @@ static void test_metrics(void) {
   CHECK(has_line(t, "vllm:num_requests_running" L " 2"));
   CHECK(has_line(t, "vllm:num_requests_waiting" L " 1"));
   CHECK(has_line(t, "vllm:kv_cache_usage_perc" L " 0.25"));
+  CHECK(has_line(t, "# TYPE pressd:kv_blocks_stranded gauge"));
+  CHECK(has_line(t, "pressd:kv_blocks_stranded" L " 6"));
   CHECK(has_line(t, "# TYPE vllm:num_preemptions_total counter"));
   CHECK(has_line(t, "vllm:num_preemptions_total" L " 4"));
   CHECK(has_line(t, "vllm:prompt_tokens_total" L " 1000"));

@@ -114,8 +114,6 @@ static void run_tp(const model_weights_t *w, int32_t N, bool per_rank, const int
   char err[256];
   const int32_t V = c->n_vocab, B = 16, per_head = (n + B - 1) / B;
   const int32_t n_blocks = per_head * c->n_layers * c->n_kv_heads + 3 * t.n_arenas;
-  CHECK_INT_EQ(kv_pool_init_parts(&t.pool, n_blocks, t.n_arenas), 0);
-  kv_pool_shuffle(&t.pool, 7);
   CHECK_INT_EQ(kv_seq_init(&t.seq, c->n_layers, c->n_kv_heads, B, n), 0);
   CHECK_INT_EQ(kv_seq_set_parts(&t.seq, t.n_arenas), 0);
   if (N > 1) CHECK_INT_EQ(k_comm_cpu_new(&t.comm, N), 0);
@@ -126,8 +124,9 @@ static void run_tp(const model_weights_t *w, int32_t N, bool per_rank, const int
       FAIL_AT("shard %d/%d: %s", r, N, err);
     t.kvs[r] = &t.arenas[per_rank ? r : 0];
   }
-  for (int32_t r = 0; r < t.n_arenas; r++)
-    CHECK_INT_EQ(kv_arena_init_part(&t.arenas[r], t.bes[r], &t.pool, r, B, c->head_dim), 0);
+  CHECK_INT_EQ(kv_pool_arenas_init(&t.pool, t.arenas, t.bes, n_blocks, t.n_arenas, B, c->head_dim),
+               0);
+  kv_pool_shuffle(&t.pool, 7);
   if (model_group_init(&t.g, N, N > 1 ? t.shards : w, t.bes, t.kvs, t.comm, chunk, chunk, err,
                        sizeof err))
     FAIL_AT("group: %s", err);
@@ -152,8 +151,7 @@ static void run_tp(const model_weights_t *w, int32_t N, bool per_rank, const int
                      per_rank ? h / (c->n_kv_heads / N) : 0);
   model_group_destroy(&t.g);
   kv_seq_destroy(&t.seq, &t.pool);
-  for (int32_t r = 0; r < t.n_arenas; r++) kv_arena_destroy(&t.arenas[r], t.bes[r]);
-  kv_pool_destroy(&t.pool);
+  kv_pool_arenas_destroy(&t.pool, t.arenas, t.bes);
   for (int32_t r = 0; r < N; r++) {
     if (N > 1) model_weights_destroy(&t.shards[r]);
     k_backend_free(t.bes[r]);
