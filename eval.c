@@ -7,6 +7,8 @@
  *    "max_tokens": N (generate: greedy tokens),
  *    "teacher_forced": true (generate: also the argmax at each position
  *      after the first config's tokens, "forced_tokens"),
+ *    "reference_tokens": [max_tokens ids] (teacher_forced: after these
+ *      instead, e.g. another run's, to compare numerics),
  *    "configs": [{kv_compression object as in a request}, ...]}
  * The context (the prompt, less the scored tokens) is prefilled once; each
  * config restores it, compresses it as the server would after a prefill,
@@ -151,6 +153,11 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
   jb.forced = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "teacher_forced"));
   if (jb.ppl ? jb.eval_tokens < 1 : jb.max_tokens < 1)
     return job_error(id, jb.ppl ? "eval_tokens must be at least 1" : "max_tokens must be at least 1");
+  const cJSON *rt = cJSON_GetObjectItemCaseSensitive(j, "reference_tokens");
+  if (rt && (!jb.forced || jb.ppl || !cJSON_IsArray(rt) ||
+             cJSON_GetArraySize(rt) != jb.max_tokens))
+    return job_error(id, "reference_tokens must be an array of max_tokens ids, with "
+                         "teacher_forced");
   int rc = job_tokens(m, o, j, &jb, err, sizeof err);
   if (rc) {
     free(jb.ids);
@@ -203,6 +210,20 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
   int32_t *out = malloc((size_t)(jb.max_tokens > 0 ? jb.max_tokens : 1) * 2 * sizeof *out);
   int32_t *ref = out ? out + (jb.max_tokens > 0 ? jb.max_tokens : 1) : NULL;
   bool have_ref = false;
+  if (rt && ref) {
+    int32_t i = 0;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, rt) {
+      if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= m->w.cfg.n_vocab) break;
+      ref[i++] = (int32_t)t->valuedouble;
+    }
+    if (i < jb.max_tokens) {
+      free(out);
+      free(jb.ids);
+      return job_error(id, "reference_tokens holds an id outside the vocabulary");
+    }
+    have_ref = true;
+  }
   const cJSON *cfg;
   cJSON_ArrayForEach(cfg, configs) {
     double t1 = cli_now_s();
@@ -247,10 +268,15 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
       }
       cJSON *arr = cJSON_CreateIntArray(out, jb.max_tokens);
       cJSON_AddItemToObject(extra, "tokens", arr);
-      size_t tl = model_tok_decode(m->tok, out, (size_t)jb.max_tokens, false, NULL, 0);
-      char *text = malloc(tl + 1);
+      /* through the incremental detokeniser: valid UTF-8 (U+FFFD for stray bytes) */
+      char *text = malloc((size_t)jb.max_tokens * 256 + 256);
       if (text) {
-        model_tok_decode(m->tok, out, (size_t)jb.max_tokens, false, text, tl + 1);
+        model_detok_t dt;
+        model_detok_init(&dt);
+        size_t tl = 0;
+        for (int32_t i = 0; i < jb.max_tokens; i++)
+          tl += model_detok_push(&dt, m->tok, out[i], text + tl, 256);
+        model_detok_flush(&dt, text + tl, 256);
         cJSON_AddStringToObject(extra, "text", text);
         free(text);
       }

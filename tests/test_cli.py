@@ -592,6 +592,17 @@ def run_eval_kv_cases():
         {"id": "two-windows", "prompt": "hello there " * 20, "mode": "ppl", "eval_tokens": 4,
          "configs": [{"ratio": 2, "observation_window": 8},
                      {"ratio": 2, "observation_window": 16}]},
+        # teacher-forced on given tokens: the argmax after P + [500, 600] is what a plain
+        # generation from that prompt gives
+        {"id": "ref", "prompt_tokens": list(range(100, 140)), "mode": "generate", "max_tokens": 3,
+         "teacher_forced": True, "reference_tokens": [500, 600, 700],
+         "configs": [{"method": "none"}]},
+        {"id": "ref-check", "prompt_tokens": list(range(100, 140)) + [500, 600],
+         "mode": "generate", "max_tokens": 1, "configs": [{"method": "none"}]},
+        {"id": "ref-short", "prompt_tokens": [5, 6, 7], "mode": "generate", "max_tokens": 3,
+         "teacher_forced": True, "reference_tokens": [500, 600], "configs": [{}]},
+        {"id": "ref-vocab", "prompt_tokens": [5, 6, 7], "mode": "generate", "max_tokens": 2,
+         "teacher_forced": True, "reference_tokens": [500, 10 ** 7], "configs": [{}]},
     ]
     stdin = "\n".join(json.dumps(j) for j in jobs) + "\nnot json\n"
     try:
@@ -625,8 +636,13 @@ def run_eval_kv_cases():
               or by["chunked"][0]["kv_tokens_kept"] + by["chunked"][0]["kv_tokens_evicted"]
               != by["chunked"][0]["n_context"]):
             problem = "chunked prefill job: %r" % by.get("chunked")
+        elif (len(by.get("ref", [])) != 1 or len(by.get("ref-check", [])) != 1
+              or by["ref"][0]["forced_tokens"][2] != by["ref-check"][0]["tokens"][0]
+              or by["ref"][0]["forced_tokens"][0] != by["ref"][0]["tokens"][0]):
+            problem = "reference_tokens job: %r vs %r" % (by.get("ref"), by.get("ref-check"))
         elif not all("error" in by.get(k, [{}])[0] for k in ("bad-mode", "bad-config", "too-long",
-                                                              "two-windows")):
+                                                              "two-windows", "ref-short",
+                                                              "ref-vocab")):
             problem = "bad jobs not reported as errors: %r" % rows
         elif not any(r.get("id") is None and "error" in r for r in rows):
             problem = "a line that is not JSON was not reported"
