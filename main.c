@@ -767,6 +767,10 @@ static int cmd_generate(cfg_options_t *o) {
     goto fail;
   }
   sched_sampler_prompt(&smp, ids, n_prompt);
+  /* decode steps replay CUDA graphs as the server's do (captured the
+   * second time a step's size comes, here at the second token) */
+  model_group_set_graphs(&run.model, !o->enforce_eager && cli_run_be(&m)->ops->replay &&
+                                         m.tp <= 1);
   double t_load = cli_now_s() - t0;
 
   double t1 = cli_now_s();
