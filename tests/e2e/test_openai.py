@@ -569,6 +569,8 @@ def main():
                           f"{out[i] and out[i].usage} vs tp1 {alone[i]!r}")
                 check(srv.metric("vllm:kv_cache_usage_perc") == 0,
                       f"{name}: KV blocks not all returned")
+                check(srv.metric("pressd:kv_blocks_stranded") == 0,
+                      f"{name}: free blocks stranded in an empty pool")
         finally:
             one.stop()
             three.stop()
