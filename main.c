@@ -473,6 +473,7 @@ static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, 
   k->interval = (int32_t)o->kv_compression_interval;
   k->prefill_chunk = (int32_t)o->kv_prefill_chunk;
   k->plan.per_query = !strcmp(o->kv_score, "mean");
+  k->plan.dbudget_mass = !strcmp(o->kv_dbudget_criterion, "mass");
   kv_policy_t p = k->plan.policy;
   if ((p == KV_POLICY_KVCOMPRESS || p == KV_POLICY_STREAMING || p == KV_POLICY_RANDOM) &&
       k->plan.ratio == 0 && k->plan.max_cache_tokens == 0) {

@@ -78,7 +78,7 @@ static const opt_t opts[] = {
      "newest tokens never evicted"},
     {"observation-window", OPT_INT, O(observation_window), "-1", -1, 1 << 24, NULL,
      "last prompt tokens whose attention scores the prompt's KV (0: the whole prompt; -1: 32, "
-     "or the whole prompt for dbudget)"},
+     "or the whole prompt for dbudget's norm criterion)"},
     {"kv-compression-interval", OPT_INT, O(kv_compression_interval), "32", 0, 1 << 24, NULL,
      "decode steps between compressions of a sequence (0: after the prefill and under "
      "memory pressure only)"},
@@ -94,6 +94,10 @@ static const opt_t opts[] = {
      "perplexity on running text, worse long-range retrieval)"},
     {"kv-dbudget-threshold", OPT_FLOAT, O(kv_dbudget_threshold), "0.01", 1e-6, 0.999999, NULL,
      "dbudget: largest relative change of the last prompt token's attention allowed"},
+    {"kv-dbudget-criterion", OPT_STR, O(kv_dbudget_criterion), "mass", 0, 0, "norm|mass",
+     "dbudget: what of the last prompt token's attention over the kept KVs may change by the "
+     "threshold: its norm (sqrt of the summed squares, DBudgetKV's) or its mass (the sum, "
+     "stricter where many small weights go)"},
     {"host", OPT_STR, O(host), "127.0.0.1", 0, 0, NULL, "serve: address to listen on (IPv4 or IPv6)"},
     {"port", OPT_INT, O(port), "8000", 0, 65535, NULL, "serve: TCP port"},
     {"api-key", OPT_STR, O(api_key), NULL, 0, 0, NULL,

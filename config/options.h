@@ -58,6 +58,7 @@ typedef struct cfg_options {
   int64_t kv_sinks;
   double kv_dbudget_threshold;
   char *kv_score;             /* sum | mean */
+  char *kv_dbudget_criterion; /* norm | mass */
   /* generate */
   char *prompt;
   char *prompt_file;

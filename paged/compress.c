@@ -58,6 +58,7 @@ void kv_compress_params_default(kv_compress_params_t *p) {
   p->protected_window = 32;
   p->sinks = 4;
   p->dbudget_threshold = 0.01f;
+  p->dbudget_mass = true;
   p->zigzag_tau = 0.9f;
   p->zigzag_bound = 0.2f;
   p->seed = 0;
@@ -342,13 +343,15 @@ static void take_by_layer(plan_ctx_t *c, const int32_t *cap) {
 }
 
 /* DBudgetKV (§4): per layer, the blocks in cost order while the mean
- * sqrt(kept a^2) of the layer's query heads drops by at most the threshold.
+ * sqrt(kept a^2) of the layer's query heads drops by at most the threshold;
+ * with dbudget_mass, the mean kept attention mass (the sum of a = sqrt(a^2)).
  * Leaves each head's limit in cap[]. */
 static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
                          const kv_compress_input_t *in) {
   int32_t H = c->H, G = c->G, B = c->B, HG = H * G;
   size_t span = (size_t)c->seq->max_blocks * (size_t)B;
   double thr = prm->dbudget_threshold;
+  const bool mass = prm->dbudget_mass;
   for (int32_t l = 0; l < c->L; l++) {
     double sum_sqrt = 0.0;
     for (int32_t h = 0; h < H; h++) {
@@ -360,10 +363,10 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
         double s = 0.0;
         for (int32_t e = 0; e < c->nev[i]; e++) {
           float v = a2[(uint32_t)k[e]];
-          s += v > 0.0f ? v : 0.0f;
+          s += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
         }
         c->s[h * G + g] = s;
-        sum_sqrt += sqrt(s);
+        sum_sqrt += mass ? s : sqrt(s);
       }
     }
     double base = sum_sqrt / HG;
@@ -383,11 +386,11 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
         double d = 0.0;
         for (int32_t e = lo; e < hi; e++) {
           float v = a2[(uint32_t)k[e]];
-          d += v > 0.0f ? v : 0.0f;
+          d += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
         }
         double s = c->s[h * G + g] - d;
         c->s_new[g] = s > 0.0 ? s : 0.0;
-        next += sqrt(c->s_new[g]) - sqrt(c->s[h * G + g]);
+        next += mass ? c->s_new[g] - c->s[h * G + g] : sqrt(c->s_new[g]) - sqrt(c->s[h * G + g]);
       }
       if (1.0 - next / HG / base > thr) break; /* this block would break the bound */
       memcpy(c->s + h * G, c->s_new, (size_t)G * sizeof *c->s_new);

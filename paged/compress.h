@@ -56,6 +56,11 @@ typedef struct kv_compress_params {
   int32_t protected_window;  /* newest positions kept */
   int32_t sinks;             /* first positions kept */
   float dbudget_threshold;   /* T of DBudgetKV (0.01) */
+  /* DBudgetKV's measure of the last prompt query's attention over the kept
+   * KVs: false, the paper's norm sqrt(sum a^2); true, the mass sum a. The
+   * norm hardly moves when many small weights go (a^2 of 1e-3 is 1e-6),
+   * though their mass, and so the attention's output, may move a lot. */
+  bool dbudget_mass;
   float zigzag_tau;          /* mass fraction for MBA (0.9) */
   float zigzag_bound;        /* B_bound = zigzag_bound * B_avg (0.2) */
   uint64_t seed;             /* KV_POLICY_RANDOM */
@@ -67,7 +72,7 @@ typedef struct kv_compress_params {
 } kv_compress_params_t;
 
 /* Defaults: kvcompress, global, ratio 0, min_tokens 128, protected 32,
- * sinks 4, threshold 0.01, tau 0.9, bound 0.2, seed 0, raw sums. */
+ * sinks 4, threshold 0.01 of the mass, tau 0.9, bound 0.2, seed 0, raw sums. */
 void kv_compress_params_default(kv_compress_params_t *p);
 
 /* What one sequence needs for a plan. score/pos are the arena's per-slot

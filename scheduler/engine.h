@@ -44,8 +44,8 @@ typedef struct sched_kv_compression {
  * interval 32, prefill chunk 0. */
 void sched_kv_compression_default(sched_kv_compression_t *k);
 /* The observation window k asks for: observation_window, or where that is
- * -1, 32 (0 for DBudgetKV, whose stop is better served by the whole
- * prompt's scores). */
+ * -1, 32 (0 for DBudgetKV's norm criterion, which is better served by the
+ * whole prompt's scores). */
 int32_t sched_kv_window(const sched_kv_compression_t *k);
 
 typedef struct sched_request {

@@ -92,10 +92,11 @@ static bool can_compress(const sched__kvc_t *k) {
 
 int32_t sched_kv_window(const sched_kv_compression_t *k) {
   if (k->observation_window >= 0) return k->observation_window;
-  /* DBudgetKV's stop reads the last query; ranked by the window's scores it
-   * prunes far more (73.6% against 28.3%) and keeps perplexity worse
-   * (1.056x against 1.002x, bench/results eval-compression) */
-  return k->plan.policy == KV_POLICY_DBUDGET ? 0 : 32;
+  /* DBudgetKV's norm stop, ranked by the window's scores, prunes far more
+   * than ranked by the whole prompt's (73.6% against 28.3%) and keeps
+   * perplexity worse (1.056x against 1.002x, bench/results
+   * eval-compression); its mass stop is served best by the window's */
+  return k->plan.policy == KV_POLICY_DBUDGET && !k->plan.dbudget_mass ? 0 : 32;
 }
 
 bool sched__kvc_enabled(const sched__seq_t *s) {

@@ -457,7 +457,7 @@ static int kvc_enum(const cJSON *o, const char *key, const char *const *names, i
 
 /* The request's "kv_compression" object over the server's defaults:
  * {"method", "ratio", "max_cache_tokens", "layer_budget", "protected_window",
- *  "observation_window", "interval", "sinks", "threshold", "score",
+ *  "observation_window", "interval", "sinks", "threshold", "criterion", "score",
  *  "prefill_chunk"}. */
 static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t ctx_len,
                      sched_kv_compression_t *k, srv_error_t *e) {
@@ -467,7 +467,8 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
     return srv__error(e, 400, "kv_compression", "'kv_compression' must be an object");
   static const char *const known[] = {"method", "ratio", "max_cache_tokens", "layer_budget",
                                       "protected_window", "observation_window", "interval",
-                                      "sinks", "threshold", "score", "prefill_chunk"};
+                                      "sinks", "threshold", "criterion", "score",
+                                      "prefill_chunk"};
   for (const cJSON *f = o->child; f; f = f->next) {
     size_t i = 0;
     while (i < sizeof known / sizeof *known && strcmp(f->string, known[i])) i++;
@@ -478,7 +479,8 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
   static const char *const methods[] = {"none", "kvcompress", "dbudget", "streaming", "random"};
   static const char *const layers[] = {"global", "uniform", "zigzag"};
   static const char *const scores[] = {"sum", "mean"};
-  int m = -1, lb = -1, sc = -1, rc;
+  static const char *const criteria[] = {"norm", "mass"};
+  int m = -1, lb = -1, sc = -1, cr = -1, rc;
   int64_t v = 0;
   double d = 0;
   if (kvc_enum(o, "method", methods, 5, &m, e) < 0) return kvc_fail(e);
@@ -487,6 +489,8 @@ static int kvc_parse(const cJSON *o, const sched_kv_compression_t *def, int64_t 
   if (lb >= 0) k->plan.layer_budget = (kv_layer_budget_t)lb;
   if (kvc_enum(o, "score", scores, 2, &sc, e) < 0) return kvc_fail(e);
   if (sc >= 0) k->plan.per_query = sc == 1;
+  if (kvc_enum(o, "criterion", criteria, 2, &cr, e) < 0) return kvc_fail(e);
+  if (cr >= 0) k->plan.dbudget_mass = cr == 1;
   if ((rc = opt_number(o, "ratio", &d, e)) < 0) return kvc_fail(e);
   if (rc) {
     if (!(d >= 1.0 && d <= 1e6))

@@ -209,6 +209,7 @@ static void test_params_default(void) {
   CHECK_INT_EQ(p.protected_window, 32);
   CHECK_INT_EQ(p.sinks, 4);
   CHECK_NEAR(p.dbudget_threshold, 0.01, 1e-7);
+  CHECK(p.dbudget_mass);
   CHECK_NEAR(p.zigzag_tau, 0.9, 1e-7);
   CHECK_NEAR(p.zigzag_bound, 0.2, 1e-7);
   CHECK_INT_EQ(p.seed, 0);
@@ -722,6 +723,7 @@ static void dfx_params(kv_compress_params_t *p, kv_compress_input_t *in, dfx_t *
   p->protected_window = 4;
   p->sinks = 0;
   p->dbudget_threshold = 0.05f;
+  p->dbudget_mass = false; /* the norm, unless a case says otherwise */
   *in = fx_input(&d->f, 16, 15);
   in->group = 2;
   in->obs_last = d->a2;
@@ -826,6 +828,28 @@ static void test_dbudget(void) {
   p.dbudget_threshold = 0.18f;
   CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
   CHECK_INT_EQ(pl.evict[1], 0);
+  dfx_destroy(&d);
+
+  /* the mass criterion: layer 1's a = 0.25 each over 12 evictable KVs, so a
+   * block costs 1 - 8/12 = 0.33 of the mass (0.18 of the norm); layer 0's
+   * first two blocks hold 0.008 of 2.008, the third the rest */
+  dfx_init(&d);
+  dfx_params(&p, &in, &d);
+  p.dbudget_mass = true;
+  p.dbudget_threshold = 0.2f; /* the norm lets a block of layer 1 go (above), the mass not */
+  CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+  CHECK_INT_EQ(pl.evict[0], 8);
+  CHECK_INT_EQ(pl.evict[1], 0);
+  p.dbudget_threshold = 0.34f;
+  CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+  CHECK_INT_EQ(pl.evict[1], 4);
+  p.dbudget_threshold = 0.33f;
+  CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+  CHECK_INT_EQ(pl.evict[1], 0);
+  p.dbudget_threshold = 0.003f; /* below layer 0's 0.004 */
+  CHECK_INT_EQ(kv_compress_plan(&pl, &p, &in), 0);
+  CHECK_INT_EQ(pl.evict[0], 4); /* one block: 0.002 */
+  fx_run(&d.f, &pl);
   dfx_destroy(&d);
 
   /* obs_last is required */

@@ -339,7 +339,8 @@ static void check_same_options(const cfg_options_t *a, const cfg_options_t *b) {
   SAME(kv_compression_ratio); SAME(kv_max_cache_tokens); SAME_STR(kv_layer_budget);
   SAME(protected_window); SAME(observation_window); SAME(kv_compression_interval);
   SAME(kv_prefill_chunk);
-  SAME(kv_sinks); SAME(kv_dbudget_threshold); SAME_STR(kv_score); SAME_STR(prompt);
+  SAME(kv_sinks); SAME(kv_dbudget_threshold); SAME_STR(kv_score);
+  SAME_STR(kv_dbudget_criterion); SAME_STR(prompt);
   SAME_STR(prompt_file); SAME(chat); SAME(max_tokens); SAME(temperature); SAME(top_k);
   SAME(top_p); SAME(min_p); SAME(repetition_penalty); SAME(presence_penalty);
   SAME(frequency_penalty); SAME(seed); SAME(ignore_eos); SAME(stats);
@@ -380,6 +381,7 @@ static const char *const all_options[] = {
     "--kv-sinks", "2",
     "--kv-score", "mean",
     "--kv-dbudget-threshold", "1e-6",
+    "--kv-dbudget-criterion", "norm",
     "--host", "::1",
     "--port", "0",
     "--api-key", "k\tey",

@@ -632,6 +632,8 @@ static void test_validation_errors(void) {
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"retio\":4}}", 400, "kv_compression"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"score\":\"max\"}}", 400,
        "kv_compression.score"},
+      {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"criterion\":1}}", 400,
+       "kv_compression.criterion"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"prefill_chunk\":10}}", 400,
        "kv_compression.prefill_chunk"},
       {C, "{\"prompt\":\"hi\",\"kv_compression\":{\"ratio\":4,\"prefill_chunk\":-1}}", 400,
@@ -775,8 +777,15 @@ static void test_validation_ok(void) {
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\"}}", &gp);
-  CHECK_INT_EQ(sched_kv_window(&r->kvc), 0); /* DBudgetKV: the whole prompt's scores */
+  CHECK_INT_EQ(sched_kv_window(&r->kvc), 32); /* DBudgetKV's mass: the window's scores */
   CHECK_INT_EQ(r->kvc.prefill_chunk, 0);
+  CHECK(r->kvc.plan.dbudget_mass); /* the default criterion */
+  sched_request_free(r);
+  srv__gen_params_destroy(&gp);
+  r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\","
+                   "\"criterion\":\"norm\"}}", &gp);
+  CHECK(!r->kvc.plan.dbudget_mass);
+  CHECK_INT_EQ(sched_kv_window(&r->kvc), 0); /* the norm: the whole prompt's scores */
   sched_request_free(r);
   srv__gen_params_destroy(&gp);
   r = expect_ok(C, "{\"prompt\":\"hi\",\"kv_compression\":{\"method\":\"dbudget\",\"ratio\":8,"

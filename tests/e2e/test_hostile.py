@@ -506,6 +506,9 @@ for label, fields, status, par in [
      400, "kv_compression.layer_budget"),
     ("kv_compression.score bool", {"kv_compression": {"ratio": 2, "score": True}}, 400,
      "kv_compression.score"),
+    ("kv_compression.criterion unknown", {"kv_compression": {"method": "dbudget",
+                                                              "criterion": "entropy"}}, 400,
+     "kv_compression.criterion"),
 ]:
     case(T, label, cmpl(fields), status, check=param(par))
 case(T, "kv_compression.ratio 1e400", cmpl(raw=b'"kv_compression": {"ratio": 1e400}'), 400,
