@@ -353,7 +353,7 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
   double thr = prm->dbudget_threshold;
   const bool mass = prm->dbudget_mass;
   for (int32_t l = 0; l < c->L; l++) {
-    double sum_sqrt = 0.0;
+    double kept_sum = 0.0; /* over the layer's query heads: sqrt(sum a^2), or sum a */
     for (int32_t h = 0; h < H; h++) {
       int32_t i = l * H + h;
       const uint64_t *k = c->keys + c->off[i];
@@ -366,10 +366,10 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
           s += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
         }
         c->s[h * G + g] = s;
-        sum_sqrt += mass ? s : sqrt(s);
+        kept_sum += mass ? s : sqrt(s);
       }
     }
-    double base = sum_sqrt / HG;
+    double base = kept_sum / HG;
     if (!(base > 0.0)) { /* no attention on evictable KVs: all may go */
       for (int32_t i = l * H; i < (l + 1) * H; i++) c->cap[i] = c->nmax[i];
       continue;
@@ -380,7 +380,7 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
       int32_t h = i - l * H, n = c->cap[i] + 1;
       int32_t lo = n == 1 ? 0 : (n - 2) * B + c->hang[i], hi = (n - 1) * B + c->hang[i];
       const uint64_t *k = c->keys + c->off[i];
-      double next = sum_sqrt;
+      double next = kept_sum;
       for (int32_t g = 0; g < G; g++) {
         const float *a2 = in->obs_last + ((size_t)i * G + g) * span;
         double d = 0.0;
@@ -394,7 +394,7 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
       }
       if (1.0 - next / HG / base > thr) break; /* this block would break the bound */
       memcpy(c->s + h * G, c->s_new, (size_t)G * sizeof *c->s_new);
-      sum_sqrt = next;
+      kept_sum = next;
       merge_accept(c, c->cap, c->nmax);
     }
   }
