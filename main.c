@@ -450,6 +450,12 @@ static char *model_name_of(const cfg_options_t *o) {
 }
 
 /* The server's KV compression from the options. -EINVAL with a message. */
+/* Steps replay CUDA graphs where the backend can and --enforce-eager is off
+ * (one rank: a sharded rank's all-reduces stay eager). */
+static bool use_graphs(const cfg_options_t *o, const loaded_t *m) {
+  return !o->enforce_eager && cli_run_be(m)->ops->replay && m->tp <= 1;
+}
+
 static int kv_compression_of(const cfg_options_t *o, sched_kv_compression_t *k, char *err,
                              size_t errlen) {
   static const char *const methods[] = {"none", "kvcompress", "dbudget", "streaming", "random"};
@@ -564,7 +570,7 @@ static int cmd_serve(cfg_options_t *o) {
       .tp_comm = m.tp_comm,
       .kv_below_max_len = kv_compression_bounded(&kvc) && run_be->host_memory,
       .kv_per_rank = o->kv_arena_per_rank,
-      .graphs = !o->enforce_eager && run_be->ops->replay && m.tp <= 1,
+      .graphs = use_graphs(o, &m),
   };
   notify_status(ec.graphs ? "allocating the KV cache, capturing CUDA graphs"
                           : "allocating the KV cache");
@@ -770,8 +776,7 @@ static int cmd_generate(cfg_options_t *o) {
   sched_sampler_prompt(&smp, ids, n_prompt);
   /* decode steps replay CUDA graphs as the server's do (captured the
    * second time a step's size comes, here at the second token) */
-  model_group_set_graphs(&run.model, !o->enforce_eager && cli_run_be(&m)->ops->replay &&
-                                         m.tp <= 1);
+  model_group_set_graphs(&run.model, use_graphs(o, &m));
   double t_load = cli_now_s() - t0;
 
   double t1 = cli_now_s();

@@ -342,6 +342,20 @@ static void take_by_layer(plan_ctx_t *c, const int32_t *cap) {
   }
 }
 
+/* DBudgetKV's weight of entries [lo, hi) of a head's ranked keys k in one
+ * query head's a^2 row: the sum of a^2, or with mass the sum of a. */
+static double dbudget_sum(const float *a2, const uint64_t *k, int32_t lo, int32_t hi, bool mass) {
+  double s = 0.0;
+  for (int32_t e = lo; e < hi; e++) {
+    float v = a2[(uint32_t)k[e]];
+    s += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
+  }
+  return s;
+}
+
+/* A query head's measure of the kept weight s: the norm sqrt(s), or the mass s. */
+static double dbudget_measure(double s, bool mass) { return mass ? s : sqrt(s); }
+
 /* DBudgetKV (§4): per layer, the blocks in cost order while the mean
  * sqrt(kept a^2) of the layer's query heads drops by at most the threshold;
  * with dbudget_mass, the mean kept attention mass (the sum of a = sqrt(a^2)).
@@ -360,13 +374,8 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
       c->cap[i] = 0;
       for (int32_t g = 0; g < G; g++) {
         const float *a2 = in->obs_last + ((size_t)i * G + g) * span;
-        double s = 0.0;
-        for (int32_t e = 0; e < c->nev[i]; e++) {
-          float v = a2[(uint32_t)k[e]];
-          s += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
-        }
-        c->s[h * G + g] = s;
-        kept_sum += mass ? s : sqrt(s);
+        c->s[h * G + g] = dbudget_sum(a2, k, 0, c->nev[i], mass);
+        kept_sum += dbudget_measure(c->s[h * G + g], mass);
       }
     }
     double base = kept_sum / HG;
@@ -383,14 +392,9 @@ static void dbudget_caps(plan_ctx_t *c, const kv_compress_params_t *prm,
       double next = kept_sum;
       for (int32_t g = 0; g < G; g++) {
         const float *a2 = in->obs_last + ((size_t)i * G + g) * span;
-        double d = 0.0;
-        for (int32_t e = lo; e < hi; e++) {
-          float v = a2[(uint32_t)k[e]];
-          d += v > 0.0f ? (mass ? sqrtf(v) : v) : 0.0f;
-        }
-        double s = c->s[h * G + g] - d;
+        double s = c->s[h * G + g] - dbudget_sum(a2, k, lo, hi, mass);
         c->s_new[g] = s > 0.0 ? s : 0.0;
-        next += mass ? c->s_new[g] - c->s[h * G + g] : sqrt(c->s_new[g]) - sqrt(c->s[h * G + g]);
+        next += dbudget_measure(c->s_new[g], mass) - dbudget_measure(c->s[h * G + g], mass);
       }
       if (1.0 - next / HG / base > thr) break; /* this block would break the bound */
       memcpy(c->s + h * G, c->s_new, (size_t)G * sizeof *c->s_new);
