@@ -1016,6 +1016,19 @@ static void test_attention_shapes(void) {
   memset(&st, 0, sizeof st);
   run_attention(&c5, &st);
 
+  /* blocks of 16 (the vector kernel's) at head_dim 128 (the 8B shape: P·V
+   * eight vectors at a time), 48 (one at a time) and 256 (two passes) */
+  static const seq_spec_t b16[] = {{75, 11, {60, 7}, 9}, {130, 1, {-1, 100}, -1}, {3, 20, {2, 0}, 0}};
+  attn_case_t c6 = {"b16-d128", 8, 2, 128, 16, 3, b16, 2.0f, 600, false, 7};
+  memset(&st, 0, sizeof st);
+  run_attention(&c6, &st);
+  attn_case_t c7 = {"b16-d48", 6, 2, 48, 16, 3, b16, 1.0f, 700, true, 1};
+  memset(&st, 0, sizeof st);
+  run_attention(&c7, &st);
+  attn_case_t c8 = {"b16-d256", 2, 2, 256, 16, 3, b16, 1.0f, 800, false, 3};
+  memset(&st, 0, sizeof st);
+  run_attention(&c8, &st);
+
   /* block size 1: every slot its own block */
   static const seq_spec_t tiny[] = {{10, 3, {4, 10}, 3}, {2, 2, {1, 0}, -1}};
   attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false, 7};

@@ -7,8 +7,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__)
 #define GG_EMU 1 /* GGML CPU arithmetic available for the int8 mode */
 #endif
 
@@ -426,34 +428,60 @@ static inline float exp_nonpos(float x) {
   return x == -INFINITY ? 0.0f : p * two_n;
 }
 
-/* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h. Where lg
+/* A tile's query vectors (scaled) and their online-softmax state. */
+typedef struct att_state {
+  int32_t nq; /* query vectors: rows × G */
+  float m[ATT_QT * ATT_MAX_G], l[ATT_QT * ATT_MAX_G];
+  int32_t qpos[ATT_QT * ATT_MAX_G];
+  float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
+  float qs[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64))); /* scaled queries */
+} att_state_t;
+
+static void att_begin(att_state_t *st, const k_attn_args_t *a, int32_t h, int32_t r0,
+                      int32_t r1) {
+  const int32_t G = a->n_q_heads / a->n_kv_heads, D = a->head_dim;
+  st->nq = (r1 - r0) * G;
+  for (int32_t i = 0; i < st->nq; i++) {
+    int32_t r = r0 + i / G, g = i % G;
+    const float *q = a->q + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
+    for (int32_t d = 0; d < D; d++) st->qs[i][d] = q[d] * a->scale;
+    st->qpos[i] = a->q_pos[r];
+    st->m[i] = -INFINITY;
+    st->l[i] = 0.0f;
+    memset(st->acc[i], 0, (size_t)D * sizeof(float));
+  }
+}
+
+static void att_end(const att_state_t *st, const k_attn_args_t *a, int32_t h, int32_t r0,
+                    float *m_out, float *l_out) {
+  const int32_t G = a->n_q_heads / a->n_kv_heads, D = a->head_dim;
+  for (int32_t i = 0; i < st->nq; i++) {
+    int32_t r = r0 + i / G, g = i % G;
+    float *o = a->out + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
+    float inv = st->l[i] > 0 ? 1.0f / st->l[i] : 0.0f;
+    for (int32_t d = 0; d < D; d++) o[d] = st->acc[i][d] * inv;
+    if (m_out) {
+      m_out[i] = st->m[i];
+      l_out[i] = st->l[i];
+    }
+  }
+}
+
+/* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h, any block
+ * size and head dimension. Where lg
  * is given, it receives every query vector's exponentials over the head's
  * logical slots as the online softmax computed them ([nq][ld]: exp(x - m_b)
  * with m_b the running maximum at block b, 0 where masked), bm the m_b
  * ([nq][ldb]), and m, l the final maximum and denominator: the probability
  * of slot k in block b is lg[k] * exp(m_b - m) / l, with no second pass over
  * K and one exponential per block. */
-static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
-                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb,
-                     float *m_out, float *l_out) {
-  const int32_t G = a->n_q_heads / a->n_kv_heads, D = a->head_dim, B = kv->block_size;
-  int32_t nq = (r1 - r0) * G; /* query vectors in this tile */
+static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a,
+                         int32_t s, int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb) {
+  const int32_t D = a->head_dim, B = kv->block_size, nq = st->nq;
   const int32_t *table = k_attn_table(a, &a->seqs[s], h);
   int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
-
-  float m[ATT_QT * ATT_MAX_G], l[ATT_QT * ATT_MAX_G];
-  float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
-  float qs[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64))); /* scaled queries */
-  int32_t qpos[ATT_QT * ATT_MAX_G];
-  for (int32_t i = 0; i < nq; i++) {
-    int32_t r = r0 + i / G, g = i % G;
-    const float *q = a->q + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
-    for (int32_t d = 0; d < D; d++) qs[i][d] = q[d] * a->scale;
-    qpos[i] = a->q_pos[r];
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-    memset(acc[i], 0, (size_t)D * sizeof(float));
-  }
+  float *m = st->m, *l = st->l;
+  const int32_t *qpos = st->qpos;
 
   float kt[ATT_MAX_D][ATT_MAX_B] __attribute__((aligned(64)));
   float sc[ATT_MAX_B] __attribute__((aligned(64)));
@@ -477,7 +505,7 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
       }
       for (int32_t t = 0; t < B; t++) sc[t] = 0.0f;
       for (int32_t d = 0; d < D; d++) {
-        float qd = qs[i][d];
+        float qd = st->qs[i][d];
         for (int32_t t = 0; t < B; t++) sc[t] += qd * kt[d][t];
       }
       float bmax = -INFINITY;
@@ -497,7 +525,7 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
         memcpy(lg + i * ld + b0, sc, (size_t)n * sizeof(float));
         bm[i * ldb + b0 / B] = mnew;
       }
-      float *ac = acc[i];
+      float *ac = st->acc[i];
       if (corr != 1.0f)
         for (int32_t d = 0; d < D; d++) ac[d] *= corr;
       for (int32_t t = 0; t < n; t++) {
@@ -509,16 +537,180 @@ static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, 
       m[i] = mnew;
     }
   }
-  for (int32_t i = 0; i < nq; i++) {
-    int32_t r = r0 + i / G, g = i % G;
-    float *o = a->out + ((int64_t)r * a->n_q_heads + (int64_t)h * G + g) * D;
-    float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
-    for (int32_t d = 0; d < D; d++) o[d] = acc[i][d] * inv;
-    if (m_out) {
-      m_out[i] = m[i];
-      l_out[i] = l[i];
+}
+
+#ifdef __AVX512F__
+/* ---- blocks of 16 slots with AVX-512 ----------------------------------------
+ * The same online softmax as att_tile_any, a block of 16 slots per step with
+ * the slots in the 16 lanes: K's block is transposed in registers, each
+ * query's 16 scores are one fused multiply-add chain over the head
+ * dimension (eight queries' chains interleaved), the exponentials one
+ * vector, and P·V two accumulators per 16 dimensions (even and odd slots).
+ * A query's arithmetic depends only on its own row and the cache, never on
+ * how many queries share its tile: batch invariance and chunked prefill
+ * equal to whole prefill hold as before. */
+#define ATT_QG 8 /* query vectors whose score chains are interleaved */
+
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; i++) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+/* exp(x) for x <= 0, lane by lane: exp_nonpos's polynomial, rounding n to
+ * nearest even; exactly 0 at -inf, NaN stays NaN. */
+static inline __m512 exp_nonpos16(__m512 x) {
+  __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f)); /* NaN lanes fixed below */
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), y,
+                           _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+
+/* Scores of query vectors [i0, i0 + ni) against the transposed block. */
+static inline __attribute__((always_inline)) void scores16(const att_state_t *st,
+                                                           float kt[][16], int32_t D, int32_t i0,
+                                                           int ni, float sc[][16]) {
+  __m512 acc[ATT_QG];
+  _Pragma("GCC unroll 8") for (int j = 0; j < ATT_QG; j++) acc[j] = _mm512_setzero_ps();
+  for (int32_t d = 0; d < D; d++) {
+    __m512 k = _mm512_load_ps(kt[d]);
+    _Pragma("GCC unroll 8") for (int j = 0; j < ni; j++)
+        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(st->qs[i0 + j][d]), k, acc[j]);
+  }
+  _Pragma("GCC unroll 8") for (int j = 0; j < ni; j++) _mm512_store_ps(sc[i0 + j], acc[j]);
+}
+
+/* ac[0, 16·nd) = ac·corr + Σ p[t]·V[t] over the slots of nz, ascending, the
+ * even slots in one accumulator and the odd ones in another. */
+static inline __attribute__((always_inline)) void pv16(float *ac, const float *p, const float *vb,
+                                                       __mmask16 nz, float corr, int32_t D,
+                                                       int nd) {
+  for (int32_t c = 0; c < D; c += 16 * nd) {
+    __m512 x0[8], x1[8];
+    _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) x0[u] = x1[u] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++) {
+      x0[u] = _mm512_load_ps(ac + c + 16 * u);
+      if (corr != 1.0f) x0[u] = _mm512_mul_ps(x0[u], _mm512_set1_ps(corr));
+      x1[u] = _mm512_setzero_ps();
+    }
+    for (int t = 0; t < 16; t += 2) {
+      if (nz >> t & 1) {
+        __m512 pt = _mm512_set1_ps(p[t]);
+        const float *vv = vb + (int64_t)t * D + c;
+        _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
+            x0[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vv + 16 * u), x0[u]);
+      }
+      if (nz >> (t + 1) & 1) {
+        __m512 pt = _mm512_set1_ps(p[t + 1]);
+        const float *vv = vb + (int64_t)(t + 1) * D + c;
+        _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
+            x1[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vv + 16 * u), x1[u]);
+      }
+    }
+    _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
+        _mm512_store_ps(ac + c + 16 * u, _mm512_add_ps(x0[u], x1[u]));
+  }
+}
+
+static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a,
+                       int32_t s, int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb) {
+  const int32_t D = a->head_dim, nq = st->nq;
+  const int32_t *table = k_attn_table(a, &a->seqs[s], h);
+  const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
+  float kt[ATT_MAX_D][16] __attribute__((aligned(64)));
+  float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
+  for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
+    int64_t blk = arena_block(kv, table[b0 / 16]);
+    int32_t n = ctx - b0 < 16 ? ctx - b0 : 16;
+    const float *kb = kv->k + blk * 16 * D, *vb = kv->v + blk * 16 * D;
+    const __mmask16 live = (__mmask16)((1u << n) - 1);
+    const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
+    for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
+      __m512 r[16];
+      for (int t = 0; t < 16; t++)
+        r[t] = t < n ? _mm512_loadu_ps(kb + (int64_t)t * D + c) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
+    }
+    int32_t i0 = 0;
+    for (; i0 + ATT_QG <= nq; i0 += ATT_QG) scores16(st, kt, D, i0, ATT_QG, sc);
+    if (i0 < nq) scores16(st, kt, D, i0, nq - i0, sc);
+    for (int32_t i = 0; i < nq; i++) {
+      __mmask16 vis = live & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(st->qpos[i]));
+      if (!vis) { /* nothing visible in this block */
+        if (lg) {
+          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
+          bm[i * ldb + b0 / 16] = -INFINITY;
+        }
+        continue;
+      }
+      __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_load_ps(sc[i]));
+      float bmax = _mm512_reduce_max_ps(x);
+      float mnew = bmax > st->m[i] ? bmax : st->m[i];
+      float corr = exp_nonpos(st->m[i] - mnew); /* 0 when m was -inf */
+      __m512 e = exp_nonpos16(_mm512_sub_ps(x, _mm512_set1_ps(mnew)));
+      st->l[i] = st->l[i] * corr + _mm512_reduce_add_ps(e);
+      _mm512_store_ps(sc[i], e);
+      if (lg) {
+        _mm512_mask_storeu_ps(lg + i * ld + b0, live, e);
+        bm[i * ldb + b0 / 16] = mnew;
+      }
+      __mmask16 nz = live & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      if (D % 128 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 8);
+      else if (D % 64 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 4);
+      else pv16(st->acc[i], sc[i], vb, nz, corr, D, 1);
+      st->m[i] = mnew;
     }
   }
+}
+#endif
+
+/* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h; lg, bm,
+ * m_out and l_out as att_tile_any describes. */
+static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
+                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb,
+                     float *m_out, float *l_out) {
+  att_state_t st;
+  att_begin(&st, a, h, r0, r1);
+#ifdef __AVX512F__
+  if (kv->block_size == 16 && a->head_dim % 16 == 0)
+    att_tile16(&st, kv, a, s, h, lg, ld, bm, ldb);
+  else
+#endif
+    att_tile_any(&st, kv, a, s, h, lg, ld, bm, ldb);
+  att_end(&st, a, h, r0, m_out, l_out);
 }
 
 /* y[j] = max of x over [j - w/2, j + w/2] within [0, n). */
