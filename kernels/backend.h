@@ -42,6 +42,8 @@ typedef struct k_weight {
   int64_t rows, cols;
   void *data;    /* backend memory, owned by whoever allocated it */
   bool borrowed; /* data is a view of memory the backend does not own (a mapped file) */
+  void *packed;  /* NULL, or the backend's copy in its own faster layout (weight_pack),
+                    owned with the weight and freed with the backend's free */
 } k_weight_t;
 
 /* The paged KV arena: block b, slot s of the pool holds
@@ -192,6 +194,11 @@ typedef struct k_ops {
    * device once per step instead of once per layer. The tables do not
    * change until the step's last attention call returns. */
   int (*attn_prepare)(k_backend_t *be, const k_attn_args_t *a);
+  /* Optional (NULL: nothing to do): give a loaded matrix w->packed, a copy
+   * in a layout the backend's matmul is faster on, where it has one for w's
+   * type and shape and its arithmetic (0 and no copy otherwise). A borrowed
+   * w->data stays valid; the backend may drop its pages from memory. */
+  int (*weight_pack)(k_backend_t *be, k_weight_t *w);
   /* Optional (NULL: the caller generates on the host): fill n elements of
    * type t (F32, BF16 or F16) at dst with offset + model_dummy_value(seed,
    * tensor, i, scale) for i in [first, first + n), computed on the device. */

@@ -289,6 +289,13 @@ static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char 
   return alloc_fill(w, src, name, rows, cols, optional, kw->type, &kw->data, host, err, errlen);
 }
 
+/* The backend's faster copy of a matrix the matmuls read, where it has one. */
+static int pack_matrix(model_weights_t *w, const char *name, k_weight_t *kw, char *err,
+                       size_t errlen) {
+  int rc = w->be->ops->weight_pack ? w->be->ops->weight_pack(w->be, kw) : 0;
+  return rc ? model__errf(err, errlen, rc, "cannot pack %s for the backend", name) : 0;
+}
+
 int model__weights_load(model_weights_t *w, const model_config_t *c, const model__wsrc_t *src,
                         k_backend_t *be, char *err, size_t errlen) {
   memset(w, 0, sizeof *w);
@@ -325,9 +332,9 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
                           : load_matrix(w, src, "output", &w->output, c->n_vocab, E, true, host,
                                         err, errlen);
   if (rc == -ENOENT) {
-    w->output = w->tok_embd; /* tied */
+    w->output = w->tok_embd; /* tied: embed reads it row by row, so it stays unpacked */
     w->cfg.tied_embeddings = true;
-  } else if (rc) {
+  } else if (rc || (rc = pack_matrix(w, "output", &w->output, err, errlen))) {
     goto fail;
   }
   for (int32_t l = 0; l < c->n_layers; l++) {
@@ -335,7 +342,9 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
     char nm[64];
 #define MAT(field, tname, r, cc)                                                         \
   snprintf(nm, sizeof nm, "blk.%d." tname, l);                                           \
-  if ((rc = load_matrix(w, src, nm, &L->field, r, cc, false, host, err, errlen))) goto fail;
+  if ((rc = load_matrix(w, src, nm, &L->field, r, cc, false, host, err, errlen)) ||          \
+      (rc = pack_matrix(w, nm, &L->field, err, errlen)))                                  \
+    goto fail;
 #define VEC(field, tname)                                                                \
   snprintf(nm, sizeof nm, "blk.%d." tname, l);                                           \
   if ((rc = alloc_fill(w, src, nm, 1, E, false, K_F32, (void **)&L->field, host, err, errlen))) goto fail;
@@ -365,6 +374,7 @@ static void free_mem(k_backend_t *be, void *p) {
 
 static void free_weight(k_backend_t *be, k_weight_t *kw) {
   if (!kw->borrowed) free_mem(be, kw->data);
+  free_mem(be, kw->packed);
 }
 
 void model_weights_destroy(model_weights_t *w) {

@@ -136,20 +136,9 @@ static bool backend_takes(k_dtype_t t) { return (g_be->weight_types >> t) & 1u; 
 
 /* ---- element-wise and dense ops ------------------------------------------ */
 
-static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, uint64_t seed) {
-  uint64_t rng = seed;
-  float *x = test_rand_floats(&rng, (size_t)(m * cols), 1.0f);
-  double *ref = test_xmalloc((size_t)(rows * cols) * sizeof *ref);
-  void *w = rand_weights(&rng, type, rows, cols, ref);
-  float *y = test_xmalloc((size_t)(m * rows + 1) * sizeof *y);
-  fill_nan(y, (size_t)(m * rows));
-  y[m * rows] = 777.0f;
-  k_weight_t wt = {.type = type, .rows = rows, .cols = cols, .data = w};
-  CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, m), 0);
-  CHECK_INT_EQ(y[m * rows], 777.0f);
-  char what[64];
-  snprintf(what, sizeof what, "matmul %s %lldx%lldx%lld", dtype_name(type), (long long)m,
-           (long long)rows, (long long)cols);
+/* y (m rows) against the double reference of the weights ref. */
+static void check_matmul(const char *what, k_dtype_t type, int64_t m, int64_t rows, int64_t cols,
+                         const float *x, const double *ref, const float *y) {
   /* Quantised weight types run on int8 activations (per 32-block scale
    * d = amax/127 kept at fp16 precision, round to nearest even): the exact
    * reference uses those activations; a looser check against the float
@@ -178,6 +167,52 @@ static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, u
                 (long long)(i * rows + r), y[i * rows + r], acc_f);
     }
   free(xq);
+}
+
+/* The backend's packed copy of wt (weight_pack), where it makes one: the
+ * same results within the reference's tolerance, the same bits one row at a
+ * time as in the batch (batch invariance) and on one thread as on two. */
+static void matmul_packed(k_weight_t *wt, int64_t m, const float *x, const double *ref,
+                          const char *what) {
+  if (!g_be->ops->weight_pack) return;
+  const int64_t rows = wt->rows, cols = wt->cols;
+  CHECK_INT_EQ(g_be->ops->weight_pack(g_be, wt), 0);
+  if (!wt->packed) return; /* no packed layout for this type, shape or build */
+  char pw[80];
+  snprintf(pw, sizeof pw, "packed %s", what);
+  float *y = test_xmalloc((size_t)(m * rows + 1) * sizeof *y), *y1 = test_xmalloc((size_t)rows * sizeof *y1);
+  fill_nan(y, (size_t)(m * rows));
+  y[m * rows] = 777.0f;
+  CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, wt, m), 0);
+  CHECK_INT_EQ(y[m * rows], 777.0f);
+  check_matmul(pw, wt->type, m, rows, cols, x, ref, y);
+  for (int64_t i = 0; i < m; i++) {
+    CHECK_INT_EQ(g_be1->ops->matmul(g_be1, y1, x + i * cols, wt, 1), 0);
+    if (memcmp(y1, y + i * rows, (size_t)rows * sizeof *y1))
+      FAIL_AT("%s: row %lld alone on one thread differs from the batch", pw, (long long)i);
+  }
+  g_be->ops->free(g_be, wt->packed);
+  wt->packed = NULL;
+  free(y);
+  free(y1);
+}
+
+static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, uint64_t seed) {
+  uint64_t rng = seed;
+  float *x = test_rand_floats(&rng, (size_t)(m * cols), 1.0f);
+  double *ref = test_xmalloc((size_t)(rows * cols) * sizeof *ref);
+  void *w = rand_weights(&rng, type, rows, cols, ref);
+  float *y = test_xmalloc((size_t)(m * rows + 1) * sizeof *y);
+  fill_nan(y, (size_t)(m * rows));
+  y[m * rows] = 777.0f;
+  k_weight_t wt = {.type = type, .rows = rows, .cols = cols, .data = w};
+  CHECK_INT_EQ(g_be->ops->matmul(g_be, y, x, &wt, m), 0);
+  CHECK_INT_EQ(y[m * rows], 777.0f);
+  char what[64];
+  snprintf(what, sizeof what, "matmul %s %lldx%lldx%lld", dtype_name(type), (long long)m,
+           (long long)rows, (long long)cols);
+  check_matmul(what, type, m, rows, cols, x, ref, y);
+  matmul_packed(&wt, m, x, ref, what);
   free(x);
   free(w);
   free(ref);
@@ -199,6 +234,20 @@ static void test_matmul(void) {
     matmul_case(t, 64, 192, 576, seed + 4);  /* q/k/v-sized */
     matmul_case(t, 3, 1536, 576, seed + 5);  /* MLP up */
     matmul_case(t, 9, 576, 1536, seed + 6);  /* MLP down */
+    matmul_case(t, 7, 16, 64, seed + 7);     /* one group of 16 rows, ragged tiles */
+  }
+  /* The packed copy is for the int8 arithmetic: none in the others. */
+  if (g_be->ops->weight_pack) {
+    uint64_t rng = 77;
+    double *ref = test_xmalloc(32 * 64 * sizeof *ref);
+    void *w = rand_weights(&rng, K_Q4_1, 32, 64, ref);
+    k_weight_t wt = {.type = K_Q4_1, .rows = 32, .cols = 64, .data = w};
+    g_be->numerics = K_NUMERICS_EXACT;
+    CHECK_INT_EQ(g_be->ops->weight_pack(g_be, &wt), 0);
+    CHECK(wt.packed == NULL);
+    g_be->numerics = K_NUMERICS_INT8;
+    free(w);
+    free(ref);
   }
   /* m = 0 does nothing */
   float x[32] = {0}, w[64] = {0}, y[2] = {5, 6};

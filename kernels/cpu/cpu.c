@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #ifdef __AVX512F__
@@ -81,7 +82,33 @@ static int cpu_sync(k_backend_t *be) { return 0; }
 
 static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m) {
   cpu_t *c = be->impl;
-  return k__cpu_matmul(c->pool, &c->mm_scratch, be->numerics == K_NUMERICS_EXACT, y, x, w, m);
+  return k__cpu_matmul(c->pool, &c->mm_scratch, be->numerics == K_NUMERICS_EXACT,
+                       be->numerics == K_NUMERICS_INT8, y, x, w, m);
+}
+
+/* The packed copy serves the int8 arithmetic only (its float order is not
+ * llama.cpp's). Once it exists, a borrowed matrix's pages are paged out:
+ * the matmuls no longer read them, so the copy costs no resident memory.
+ * MADV_PAGEOUT never changes contents (a mapped file's pages come back from
+ * the file, anonymous ones from swap, or simply stay), so it is safe whatever
+ * the borrowed memory is. */
+static int cpu_weight_pack(k_backend_t *be, k_weight_t *w) {
+  size_t bytes = k__cpu_packed_bytes(w);
+  if (be->numerics != K_NUMERICS_INT8 || w->packed || !bytes) return 0;
+  void *p = cpu_alloc(be, bytes);
+  if (!p) return -ENOMEM;
+  k__cpu_pack(w, p);
+  w->packed = p;
+#ifdef MADV_PAGEOUT
+  if (w->borrowed) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)w->data + page - 1) / page * page;
+    uintptr_t hi = ((uintptr_t)w->data + (uintptr_t)w->rows * k_row_bytes(w->type, w->cols)) /
+                   page * page;
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_PAGEOUT); /* advice only */
+  }
+#endif
+  return 0;
 }
 
 typedef struct rms_job {
@@ -1067,6 +1094,7 @@ static const k_ops_t cpu_ops = {
     .download = cpu_copy,
     .sync = cpu_sync,
     .matmul = cpu_matmul,
+    .weight_pack = cpu_weight_pack,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .silu_mul = cpu_silu_mul,

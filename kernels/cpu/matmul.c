@@ -24,6 +24,9 @@
 #if defined(__AVX512F__) && defined(__F16C__)
 #define MM_AVX512 1
 #endif
+#if defined(MM_AVX512) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MM_PACK 1 /* the packed 4-bit kernel */
+#endif
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -115,6 +118,7 @@ typedef struct mm_job {
   const int8_t *xq; /* quantised activations [m][cols] (Q weight types) */
   const float *xd;  /* [m][nb] their scales */
   const float *xs;  /* [m][nb] their scaled sums */
+  const int32_t *xsum; /* [m][nb] their integer sums */
 } mm_job_t;
 
 #define MM_FLY_M 4 /* up to this many activation rows: dequantise on the fly */
@@ -285,8 +289,9 @@ static inline bool nonfinite_block(float amax, int8_t *qb, float *d, float *s) {
 
 /* One activation row: q[cols] int8, d[nb] scales, s[nb] = d·Σq (both
  * fp16-rounded). Rounding is to nearest even, as GGML's SIMD code does. */
-static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s) {
+static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, int32_t *isum) {
   for (int64_t b = 0; b < nb; b++) {
+    isum[b] = 0;
     const float *xb = x + b * K_QBLOCK;
     int8_t *qb = q + b * K_QBLOCK;
 #ifdef MM_AVX512
@@ -318,6 +323,7 @@ static void quant_row(const float *x, int64_t nb, int8_t *q, float *d, float *s)
 #endif
     d[b] = fp16_round(dd);
     s[b] = fp16_round(dd * (float)sum);
+    isum[b] = sum;
   }
 }
 
@@ -442,8 +448,110 @@ static void quant_task(void *arg, int64_t i, int32_t thread) {
   const qrow_job_t *q = arg;
   mm_job_t *j = q->j;
   quant_row(q->x + i * j->w->cols, j->nb, (int8_t *)j->xq + i * j->w->cols,
-            (float *)j->xd + i * j->nb, (float *)j->xs + i * j->nb);
+            (float *)j->xd + i * j->nb, (float *)j->xs + i * j->nb,
+            (int32_t *)j->xsum + i * j->nb);
 }
+
+/* ---- packed 4-bit weights: sixteen rows per vector ------------------------
+ * k__cpu_pack lays a Q4_0/Q4_1 matrix out in groups of 16 rows: per group
+ * and 32-column block, the 16 rows' fp16 scales, their fp16 minimums (Q4_1;
+ * zero for Q4_0) and their 16-byte nibble arrays interleaved four bytes at a
+ * time, so that one 64-byte vector holds the same four bytes of all 16 rows
+ * (320 bytes, as many as the 16 blocks had). A lane is a weight row: one
+ * VNNI dot product multiplies four activation bytes (broadcast) by four
+ * weight nibbles of every row, eight of them give each row's exact integer
+ * block sum, and each output accumulates
+ *   acc = fma(d_w·d_x, Σq·x, acc)   (Q4_0: Σq·x − 8·Σx)
+ *   off = fma(min_w, s_x, off)      (Q4_1)
+ * block by block in order, y = acc + off. Every output is computed the same
+ * way whatever the batch, so batch invariance holds as on the row-major
+ * path; the float order differs from it (and from llama.cpp's), so the
+ * packed copy is used only in the int8 arithmetic (K_NUMERICS_INT8). */
+#define PK_ROWS 16
+#define PK_BLOCK 320 /* bytes of one group's block */
+#define PK_TI 4      /* activation rows per tile */
+
+size_t k__cpu_packed_bytes(const k_weight_t *w) {
+#ifdef MM_PACK
+  if ((w->type == K_Q4_0 || w->type == K_Q4_1) && w->rows % PK_ROWS == 0 && w->cols % K_QBLOCK == 0 &&
+      w->rows > 0)
+    return (size_t)(w->rows / PK_ROWS) * (size_t)(w->cols / K_QBLOCK) * PK_BLOCK;
+#endif
+  return 0;
+}
+
+void k__cpu_pack(const k_weight_t *w, void *dst) {
+  const int64_t nb = w->cols / K_QBLOCK;
+  const size_t rb = k_row_bytes(w->type, w->cols), bb = block_bytes(w->type);
+  const size_t qoff = w->type == K_Q4_1 ? 4 : 2;
+  uint8_t *out = dst;
+  for (int64_t g = 0; g < w->rows / PK_ROWS; g++)
+    for (int64_t b = 0; b < nb; b++, out += PK_BLOCK)
+      for (int r = 0; r < PK_ROWS; r++) {
+        const uint8_t *blk = (const uint8_t *)w->data + (size_t)(g * PK_ROWS + r) * rb + (size_t)b * bb;
+        memcpy(out + 2 * r, blk, 2);
+        if (w->type == K_Q4_1) memcpy(out + 32 + 2 * r, blk + 2, 2);
+        else memset(out + 32 + 2 * r, 0, 2);
+        for (int v = 0; v < 4; v++) memcpy(out + 64 + 64 * v + 4 * r, blk + qoff + 4 * v, 4);
+      }
+}
+
+#ifdef MM_PACK
+static inline int32_t load_i32(const int8_t *p) {
+  int32_t v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* Activation rows [i0, i0 + ni) × the 16 rows of group g. */
+ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, int64_t i0,
+                           int ni, int64_t g) {
+  const int64_t cols = j->w->cols, nb = j->nb;
+  const __m512i m15 = _mm512_set1_epi8(15);
+  __m512 acc[PK_TI], off[PK_TI];
+  _Pragma("GCC unroll 4") for (int i = 0; i < PK_TI; i++) acc[i] = off[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t *p = base + b * PK_BLOCK;
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    __m512i w[8]; /* w[k]: values 4k .. 4k + 3 of every row */
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+      __m512i raw = _mm512_loadu_si512(p + 64 + 64 * v);
+      w[v] = _mm512_and_si512(raw, m15);
+      w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++) {
+      const int8_t *xb = j->xq + (i0 + i) * cols + b * K_QBLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      _Pragma("GCC unroll 4") for (int k = 0; k < 8; k += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(load_i32(xb + 4 * k)));
+        s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32(load_i32(xb + 4 * k + 4)));
+      }
+      __m512i isum = _mm512_add_epi32(s0, s1);
+      int64_t xi = (i0 + i) * nb + b;
+      if (t == K_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * j->xsum[xi]));
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(j->xd[xi])),
+                               _mm512_cvtepi32_ps(isum), acc[i]);
+      if (t == K_Q4_1) off[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(j->xs[xi]), off[i]);
+    }
+  }
+  _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++)
+      _mm512_storeu_ps(j->y + (i0 + i) * j->w->rows + g * PK_ROWS, _mm512_add_ps(acc[i], off[i]));
+}
+
+ALWAYS_INLINE_Q void ptiles(const mm_job_t *j, const k_dtype_t t, int64_t g) {
+  const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * PK_BLOCK;
+  int64_t i0 = 0;
+  for (; i0 + PK_TI <= j->m; i0 += PK_TI) ptile(j, t, base, i0, PK_TI, g);
+  if (i0 < j->m) ptile(j, t, base, i0, (int)(j->m - i0), g);
+}
+
+static void packed_task(void *arg, int64_t g, int32_t thread) {
+  const mm_job_t *j = arg;
+  if (j->w->type == K_Q4_1) ptiles(j, K_Q4_1, g);
+  else ptiles(j, K_Q4_0, g);
+}
+#endif
 
 static void band_task(void *arg, int64_t band_i, int32_t thread) {
   const mm_job_t *j = arg;
@@ -478,8 +586,8 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   }
 }
 
-int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, float *y, const float *x,
-                  const k_weight_t *w, int64_t m) {
+int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed, float *y,
+                  const float *x, const k_weight_t *w, int64_t m) {
   if (m <= 0) return 0;
   if (w->cols % K_QBLOCK) return -EINVAL;
   mm_job_t j = {.y = y, .x = x, .w = w, .m = m, .nb = w->cols / K_QBLOCK,
@@ -487,11 +595,12 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, float *y,
   if (is_quant(w->type) && !f32_act) {
     /* int8 activations [m][cols], scales and sums [m][nb] */
     size_t qbytes = (size_t)m * (size_t)w->cols, fbytes = (size_t)m * (size_t)j.nb * sizeof(float);
-    int rc = k__scratch_reserve(scratch, (qbytes + 63) / 64 * 64 + 2 * fbytes);
+    int rc = k__scratch_reserve(scratch, (qbytes + 63) / 64 * 64 + 3 * fbytes);
     if (rc) return rc;
     j.xq = scratch->p;
     j.xd = (float *)((char *)scratch->p + (qbytes + 63) / 64 * 64);
     j.xs = j.xd + m * j.nb;
+    j.xsum = (const int32_t *)(j.xs + m * j.nb);
     qrow_job_t q = {x, &j};
     if (m == 1) quant_task(&q, 0, 0);
     else k_pool_run(pool, m, quant_task, &q);
@@ -501,6 +610,12 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, float *y,
     if (rc) return rc;
     j.scratch = scratch->p;
   }
+#ifdef MM_PACK
+  if (j.xq && use_packed && w->packed) {
+    k_pool_run(pool, w->rows / PK_ROWS, packed_task, &j);
+    return 0;
+  }
+#endif
   k_pool_run(pool, (w->rows + MM_BAND - 1) / MM_BAND, band_task, &j);
   return 0;
 }
