@@ -678,12 +678,21 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
   const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
   float kt[ATT_MAX_D][16] __attribute__((aligned(64)));
   float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
+  int32_t qmax = INT32_MIN;
+  for (int32_t i = 0; i < nq; i++) qmax = st->qpos[i] > qmax ? st->qpos[i] : qmax;
   for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
     int64_t blk = arena_block(kv, table[b0 / 16]);
     int32_t n = ctx - b0 < 16 ? ctx - b0 : 16;
     const float *kb = kv->k + blk * 16 * D, *vb = kv->v + blk * 16 * D;
     const __mmask16 live = (__mmask16)((1u << n) - 1);
     const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
+    if (_mm512_mask_reduce_min_epi32(live, pv) > qmax) { /* the causal future of every row */
+      for (int32_t i = 0; lg && i < nq; i++) {
+        for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
+        bm[i * ldb + b0 / 16] = -INFINITY;
+      }
+      continue;
+    }
     for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
       __m512 r[16];
       for (int t = 0; t < 16; t++)
@@ -706,7 +715,7 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
       __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_load_ps(sc[i]));
       float bmax = _mm512_reduce_max_ps(x);
       float mnew = bmax > st->m[i] ? bmax : st->m[i];
-      float corr = exp_nonpos(st->m[i] - mnew); /* 0 when m was -inf */
+      float corr = mnew == st->m[i] ? 1.0f : exp_nonpos(st->m[i] - mnew); /* 0 when m was -inf */
       __m512 e = exp_nonpos16(_mm512_sub_ps(x, _mm512_set1_ps(mnew)));
       st->l[i] = st->l[i] * corr + _mm512_reduce_add_ps(e);
       _mm512_store_ps(sc[i], e);
