@@ -197,8 +197,10 @@ typedef struct k_ops {
   /* Optional (NULL: nothing to do): give a loaded matrix w->packed, a copy
    * in a layout the backend's matmul is faster on, where it has one for w's
    * type and shape and its arithmetic (0 and no copy otherwise). A borrowed
-   * w->data stays valid; the backend may drop its pages from memory. */
-  int (*weight_pack)(k_backend_t *be, k_weight_t *w);
+   * w->data stays valid; unless data_read (other ops still read it, as
+   * embed reads a tied embedding table), the backend may drop its pages
+   * from memory. */
+  int (*weight_pack)(k_backend_t *be, k_weight_t *w, bool data_read);
   /* Optional (NULL: the caller generates on the host): fill n elements of
    * type t (F32, BF16 or F16) at dst with offset + model_dummy_value(seed,
    * tensor, i, scale) for i in [first, first + n), computed on the device. */

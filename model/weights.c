@@ -290,9 +290,9 @@ static int load_matrix(model_weights_t *w, const model__wsrc_t *src, const char 
 }
 
 /* The backend's faster copy of a matrix the matmuls read, where it has one. */
-static int pack_matrix(model_weights_t *w, const char *name, k_weight_t *kw, char *err,
-                       size_t errlen) {
-  int rc = w->be->ops->weight_pack ? w->be->ops->weight_pack(w->be, kw) : 0;
+static int pack_matrix(model_weights_t *w, const char *name, k_weight_t *kw, bool data_read,
+                       char *err, size_t errlen) {
+  int rc = w->be->ops->weight_pack ? w->be->ops->weight_pack(w->be, kw, data_read) : 0;
   return rc ? model__errf(err, errlen, rc, "cannot pack %s for the backend", name) : 0;
 }
 
@@ -331,10 +331,11 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
   rc = c->tied_embeddings ? -ENOENT
                           : load_matrix(w, src, "output", &w->output, c->n_vocab, E, true, host,
                                         err, errlen);
-  if (rc == -ENOENT) {
-    w->output = w->tok_embd; /* tied: embed reads it row by row, so it stays unpacked */
+  if (rc == -ENOENT) { /* tied: the LM head's matmuls read it packed, embed row by row */
+    if ((rc = pack_matrix(w, "token_embd", &w->tok_embd, true, err, errlen))) goto fail;
+    w->output = w->tok_embd;
     w->cfg.tied_embeddings = true;
-  } else if (rc || (rc = pack_matrix(w, "output", &w->output, err, errlen))) {
+  } else if (rc || (rc = pack_matrix(w, "output", &w->output, false, err, errlen))) {
     goto fail;
   }
   for (int32_t l = 0; l < c->n_layers; l++) {
@@ -343,7 +344,7 @@ int model__weights_load(model_weights_t *w, const model_config_t *c, const model
 #define MAT(field, tname, r, cc)                                                         \
   snprintf(nm, sizeof nm, "blk.%d." tname, l);                                           \
   if ((rc = load_matrix(w, src, nm, &L->field, r, cc, false, host, err, errlen)) ||          \
-      (rc = pack_matrix(w, nm, &L->field, err, errlen)))                                  \
+      (rc = pack_matrix(w, nm, &L->field, false, err, errlen)))                                  \
     goto fail;
 #define VEC(field, tname)                                                                \
   snprintf(nm, sizeof nm, "blk.%d." tname, l);                                           \

@@ -176,7 +176,7 @@ static void matmul_packed(k_weight_t *wt, int64_t m, const float *x, const doubl
                           const char *what) {
   if (!g_be->ops->weight_pack) return;
   const int64_t rows = wt->rows, cols = wt->cols;
-  CHECK_INT_EQ(g_be->ops->weight_pack(g_be, wt), 0);
+  CHECK_INT_EQ(g_be->ops->weight_pack(g_be, wt, false), 0);
   if (!wt->packed) return; /* no packed layout for this type, shape or build */
   char pw[80];
   snprintf(pw, sizeof pw, "packed %s", what);
@@ -243,7 +243,7 @@ static void test_matmul(void) {
     void *w = rand_weights(&rng, K_Q4_1, 32, 64, ref);
     k_weight_t wt = {.type = K_Q4_1, .rows = 32, .cols = 64, .data = w};
     g_be->numerics = K_NUMERICS_EXACT;
-    CHECK_INT_EQ(g_be->ops->weight_pack(g_be, &wt), 0);
+    CHECK_INT_EQ(g_be->ops->weight_pack(g_be, &wt, false), 0);
     CHECK(wt.packed == NULL);
     g_be->numerics = K_NUMERICS_INT8;
     free(w);

@@ -21,8 +21,8 @@ void k__scratch_destroy(k__scratch_t *s);
  * w->packed where use_packed and there is one. */
 int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed, float *y,
                   const float *x, const k_weight_t *w, int64_t m);
-/* Bytes of w's packed copy (k__cpu_pack), 0 where it has none: Q4_0 and
- * Q4_1 with rows a multiple of 16, in builds with AVX-512 VNNI. */
+/* Bytes of w's packed copy (k__cpu_pack), 0 where it has none: Q4_0,
+ * Q4_1 and Q8_0 with rows a multiple of 16, in builds with AVX-512 VNNI. */
 size_t k__cpu_packed_bytes(const k_weight_t *w);
 void k__cpu_pack(const k_weight_t *w, void *dst);
 /* One row of cols elements of type t to fp32. */

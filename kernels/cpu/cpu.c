@@ -87,12 +87,13 @@ static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_
 }
 
 /* The packed copy serves the int8 arithmetic only (its float order is not
- * llama.cpp's). Once it exists, a borrowed matrix's pages are paged out:
- * the matmuls no longer read them, so the copy costs no resident memory.
+ * llama.cpp's). Once it exists, a borrowed matrix's pages are paged out
+ * unless other ops read them: the matmuls no longer do, so the copy costs
+ * no resident memory.
  * MADV_PAGEOUT never changes contents (a mapped file's pages come back from
  * the file, anonymous ones from swap, or simply stay), so it is safe whatever
  * the borrowed memory is. */
-static int cpu_weight_pack(k_backend_t *be, k_weight_t *w) {
+static int cpu_weight_pack(k_backend_t *be, k_weight_t *w, bool data_read) {
   size_t bytes = k__cpu_packed_bytes(w);
   if (be->numerics != K_NUMERICS_INT8 || w->packed || !bytes) return 0;
   void *p = cpu_alloc(be, bytes);
@@ -100,7 +101,7 @@ static int cpu_weight_pack(k_backend_t *be, k_weight_t *w) {
   k__cpu_pack(w, p);
   w->packed = p;
 #ifdef MADV_PAGEOUT
-  if (w->borrowed) {
+  if (w->borrowed && !data_read) {
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t lo = ((uintptr_t)w->data + page - 1) / page * page;
     uintptr_t hi = ((uintptr_t)w->data + (uintptr_t)w->rows * k_row_bytes(w->type, w->cols)) /

@@ -452,47 +452,55 @@ static void quant_task(void *arg, int64_t i, int32_t thread) {
             (int32_t *)j->xsum + i * j->nb);
 }
 
-/* ---- packed 4-bit weights: sixteen rows per vector ------------------------
- * k__cpu_pack lays a Q4_0/Q4_1 matrix out in groups of 16 rows: per group
- * and 32-column block, the 16 rows' fp16 scales, their fp16 minimums (Q4_1;
- * zero for Q4_0) and their 16-byte nibble arrays interleaved four bytes at a
- * time, so that one 64-byte vector holds the same four bytes of all 16 rows
- * (320 bytes, as many as the 16 blocks had). A lane is a weight row: one
- * VNNI dot product multiplies four activation bytes (broadcast) by four
- * weight nibbles of every row, eight of them give each row's exact integer
- * block sum, and each output accumulates
- *   acc = fma(d_w·d_x, Σq·x, acc)   (Q4_0: Σq·x − 8·Σx)
+/* ---- packed weights: sixteen rows per vector ------------------------------
+ * k__cpu_pack lays a Q4_0, Q4_1 or Q8_0 matrix out in groups of 16 rows:
+ * per group and 32-column block, the 16 rows' fp16 scales, then their fp16
+ * minimums (Q4_1; zero for Q4_0) or int16 value sums (Q8_0), then their
+ * values interleaved four bytes at a time, so that one 64-byte vector holds
+ * the same four bytes of all 16 rows (Q4: the 16 nibble bytes, 320 bytes in
+ * all as the 16 blocks had; Q8_0: the 32 value bytes, 576). A lane is a
+ * weight row: one VNNI dot product multiplies four activation bytes
+ * (broadcast) by four weights of every row, eight of them give each row's
+ * exact integer block sum, and each output accumulates
+ *   acc = fma(d_w·d_x, Σq·x, acc)   (Q4_0: Σq·x − 8·Σx; Q8_0: the unsigned
+ *                                   (x + 128)·q, less 128·Σq)
  *   off = fma(min_w, s_x, off)      (Q4_1)
  * block by block in order, y = acc + off. Every output is computed the same
  * way whatever the batch, so batch invariance holds as on the row-major
  * path; the float order differs from it (and from llama.cpp's), so the
  * packed copy is used only in the int8 arithmetic (K_NUMERICS_INT8). */
 #define PK_ROWS 16
-#define PK_BLOCK 320 /* bytes of one group's block */
-#define PK_TI 4      /* activation rows per tile */
+#define PK_TI 4 /* activation rows per tile */
+
+/* Bytes of one group's block. */
+static size_t pk_block(k_dtype_t t) { return t == K_Q8_0 ? 64 + 16 * K_QBLOCK : 64 + 8 * K_QBLOCK; }
 
 size_t k__cpu_packed_bytes(const k_weight_t *w) {
 #ifdef MM_PACK
-  if ((w->type == K_Q4_0 || w->type == K_Q4_1) && w->rows % PK_ROWS == 0 && w->cols % K_QBLOCK == 0 &&
-      w->rows > 0)
-    return (size_t)(w->rows / PK_ROWS) * (size_t)(w->cols / K_QBLOCK) * PK_BLOCK;
+  if ((w->type == K_Q4_0 || w->type == K_Q4_1 || w->type == K_Q8_0) && w->rows % PK_ROWS == 0 &&
+      w->cols % K_QBLOCK == 0 && w->rows > 0)
+    return (size_t)(w->rows / PK_ROWS) * (size_t)(w->cols / K_QBLOCK) * pk_block(w->type);
 #endif
   return 0;
 }
 
 void k__cpu_pack(const k_weight_t *w, void *dst) {
+  const k_dtype_t t = w->type;
   const int64_t nb = w->cols / K_QBLOCK;
-  const size_t rb = k_row_bytes(w->type, w->cols), bb = block_bytes(w->type);
-  const size_t qoff = w->type == K_Q4_1 ? 4 : 2;
+  const size_t rb = k_row_bytes(t, w->cols), bb = block_bytes(t), pb = pk_block(t);
+  const size_t qoff = t == K_Q4_1 ? 4 : 2;
   uint8_t *out = dst;
   for (int64_t g = 0; g < w->rows / PK_ROWS; g++)
-    for (int64_t b = 0; b < nb; b++, out += PK_BLOCK)
+    for (int64_t b = 0; b < nb; b++, out += pb)
       for (int r = 0; r < PK_ROWS; r++) {
         const uint8_t *blk = (const uint8_t *)w->data + (size_t)(g * PK_ROWS + r) * rb + (size_t)b * bb;
         memcpy(out + 2 * r, blk, 2);
-        if (w->type == K_Q4_1) memcpy(out + 32 + 2 * r, blk + 2, 2);
-        else memset(out + 32 + 2 * r, 0, 2);
-        for (int v = 0; v < 4; v++) memcpy(out + 64 + 64 * v + 4 * r, blk + qoff + 4 * v, 4);
+        int16_t second = 0; /* Q4_0: unused */
+        if (t == K_Q4_1) memcpy(&second, blk + 2, 2);
+        for (int k = 0; t == K_Q8_0 && k < K_QBLOCK; k++) second = (int16_t)(second + (int8_t)blk[2 + k]);
+        memcpy(out + 32 + 2 * r, &second, 2);
+        for (int v = 0; v < (t == K_Q8_0 ? 8 : 4); v++)
+          memcpy(out + 64 + 64 * v + 4 * r, blk + qoff + 4 * v, 4);
       }
 }
 
@@ -507,32 +515,49 @@ static inline int32_t load_i32(const int8_t *p) {
 ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, int64_t i0,
                            int ni, int64_t g) {
   const int64_t cols = j->w->cols, nb = j->nb;
+  const size_t pb = pk_block(t);
   const __m512i m15 = _mm512_set1_epi8(15);
   __m512 acc[PK_TI], off[PK_TI];
   _Pragma("GCC unroll 4") for (int i = 0; i < PK_TI; i++) acc[i] = off[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t *p = base + b * PK_BLOCK;
+    const uint8_t *p = base + b * pb;
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    __m256i second = _mm256_loadu_si256((const __m256i *)(p + 32));
     __m512i w[8]; /* w[k]: values 4k .. 4k + 3 of every row */
-    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
-      __m512i raw = _mm512_loadu_si512(p + 64 + 64 * v);
-      w[v] = _mm512_and_si512(raw, m15);
-      w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+    if (t == K_Q8_0) {
+      _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512(p + 64 + 64 * v);
+    } else {
+      _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+        __m512i raw = _mm512_loadu_si512(p + 64 + 64 * v);
+        w[v] = _mm512_and_si512(raw, m15);
+        w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+      }
     }
     _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++) {
       const int8_t *xb = j->xq + (i0 + i) * cols + b * K_QBLOCK;
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-      _Pragma("GCC unroll 4") for (int k = 0; k < 8; k += 2) {
-        s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(load_i32(xb + 4 * k)));
-        s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32(load_i32(xb + 4 * k + 4)));
+      if (t == K_Q8_0) { /* signed weights: the activations go unsigned */
+        const int32_t flip = (int32_t)0x80808080u;
+        _Pragma("GCC unroll 4") for (int k = 0; k < 8; k += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(load_i32(xb + 4 * k) ^ flip), w[k]);
+          s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(load_i32(xb + 4 * k + 4) ^ flip),
+                                   w[k + 1]);
+        }
+      } else {
+        _Pragma("GCC unroll 4") for (int k = 0; k < 8; k += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(load_i32(xb + 4 * k)));
+          s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32(load_i32(xb + 4 * k + 4)));
+        }
       }
       __m512i isum = _mm512_add_epi32(s0, s1);
       int64_t xi = (i0 + i) * nb + b;
       if (t == K_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * j->xsum[xi]));
+      if (t == K_Q8_0)
+        isum = _mm512_sub_epi32(isum, _mm512_slli_epi32(_mm512_cvtepi16_epi32(second), 7));
       acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(j->xd[xi])),
                                _mm512_cvtepi32_ps(isum), acc[i]);
-      if (t == K_Q4_1) off[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(j->xs[xi]), off[i]);
+      if (t == K_Q4_1)
+        off[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(second), _mm512_set1_ps(j->xs[xi]), off[i]);
     }
   }
   _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++)
@@ -540,7 +565,7 @@ ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *
 }
 
 ALWAYS_INLINE_Q void ptiles(const mm_job_t *j, const k_dtype_t t, int64_t g) {
-  const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * PK_BLOCK;
+  const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * pk_block(t);
   int64_t i0 = 0;
   for (; i0 + PK_TI <= j->m; i0 += PK_TI) ptile(j, t, base, i0, PK_TI, g);
   if (i0 < j->m) ptile(j, t, base, i0, (int)(j->m - i0), g);
@@ -548,8 +573,11 @@ ALWAYS_INLINE_Q void ptiles(const mm_job_t *j, const k_dtype_t t, int64_t g) {
 
 static void packed_task(void *arg, int64_t g, int32_t thread) {
   const mm_job_t *j = arg;
-  if (j->w->type == K_Q4_1) ptiles(j, K_Q4_1, g);
-  else ptiles(j, K_Q4_0, g);
+  switch (j->w->type) {
+  case K_Q4_1: ptiles(j, K_Q4_1, g); break;
+  case K_Q4_0: ptiles(j, K_Q4_0, g); break;
+  default: ptiles(j, K_Q8_0, g); break;
+  }
 }
 #endif
 
