@@ -1,6 +1,7 @@
-/* The CPU backend: fp32 reference implementation of every op. GEMMs go
- * through OpenBLAS (the decode batch is one GEMM); attention and the
- * element-wise ops run on a small thread pool. */
+/* The CPU backend: the reference implementation of every op. Matmuls are
+ * matmul.c's (int8 activations on quantised weights, from a packed copy on
+ * CPUs with AVX-512 VNNI); attention and the element-wise ops run here, on
+ * a small thread pool. */
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>

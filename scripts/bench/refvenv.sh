@@ -21,13 +21,37 @@ import sys, llama_cpp, numpy, jinja2, gguf
 sys.exit(0 if llama_cpp.__version__ == sys.argv[1] else 1)
 PY
   then
-    return 0
+    ref_smoke "$root" && return 0
   fi
   echo "refvenv: installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION into $REF_VENV (compiles llama.cpp; slow)" >&2
   [ -x "$REF_PY" ] || python3 -m venv "$REF_VENV"
   "$REF_PY" -m pip install --quiet --upgrade pip
   "$REF_PY" -m pip install "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" jinja2 numpy gguf
+  if ! ref_smoke "$root"; then
+    # A virtual machine may list AMX among the CPU's flags without enabling
+    # its tile registers: -march=native then builds AMX kernels that die on
+    # an illegal instruction. Rebuild without them.
+    echo "refvenv: llama.cpp fails on this CPU as built; rebuilding without AMX" >&2
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+      -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
+      "$REF_PY" -m pip install --force-reinstall --no-deps --no-cache-dir \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    ref_smoke "$root" || { echo "refvenv: llama.cpp still fails" >&2; return 1; }
+  fi
   "$REF_PY" -c 'import llama_cpp; print("refvenv: llama-cpp-python", llama_cpp.__version__)' >&2
+}
+
+# Whether the built llama.cpp evaluates a few tokens of the default model
+# (in a child process: an illegal instruction kills only it). No model: yes.
+ref_smoke() {
+  local model=$1/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f "$model" ] || return 0
+  "$REF_PY" - "$model" <<'PY' >/dev/null 2>&1
+import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"The quick brown fox"))
+PY
 }
 
 # ensure_ref_server_extras (opt-in, after ensure_ref_venv): the dependencies of
