@@ -496,6 +496,16 @@ static void att_end(const att_state_t *st, const k_attn_args_t *a, int32_t h, in
   }
 }
 
+/* Query vector i sees nothing of the block of B slots at b0 (n of them
+ * filled): where the exponentials are kept, it records zeros and a -inf
+ * block maximum. */
+static inline void att_unseen(float *lg, int64_t ld, float *bm, int64_t ldb, int32_t i,
+                              int32_t b0, int32_t n, int32_t B) {
+  if (!lg) return;
+  for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
+  bm[i * ldb + b0 / B] = -INFINITY;
+}
+
 /* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h, any block
  * size and head dimension. Where lg
  * is given, it receives every query vector's exponentials over the head's
@@ -526,10 +536,7 @@ static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_a
       for (int32_t d = 0; d < D; d++) kt[d][t] = t < n ? kb[(int64_t)t * D + d] : 0.0f;
     for (int32_t i = 0; i < nq; i++) {
       if (pmin > qpos[i]) { /* nothing visible in this block */
-        if (lg) {
-          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
-          bm[i * ldb + b0 / B] = -INFINITY;
-        }
+        att_unseen(lg, ld, bm, ldb, i, b0, n, B);
         continue;
       }
       for (int32_t t = 0; t < B; t++) sc[t] = 0.0f;
@@ -689,10 +696,7 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
     const __mmask16 live = (__mmask16)((1u << n) - 1);
     const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
     if (_mm512_mask_reduce_min_epi32(live, pv) > qmax) { /* the causal future of every row */
-      for (int32_t i = 0; lg && i < nq; i++) {
-        for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
-        bm[i * ldb + b0 / 16] = -INFINITY;
-      }
+      for (int32_t i = 0; i < nq; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
       continue;
     }
     for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
@@ -708,10 +712,7 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
     for (int32_t i = 0; i < nq; i++) {
       __mmask16 vis = live & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(st->qpos[i]));
       if (!vis) { /* nothing visible in this block */
-        if (lg) {
-          for (int32_t t = 0; t < n; t++) lg[i * ld + b0 + t] = 0.0f;
-          bm[i * ldb + b0 / 16] = -INFINITY;
-        }
+        att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
         continue;
       }
       __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_load_ps(sc[i]));

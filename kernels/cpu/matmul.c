@@ -25,7 +25,7 @@
 #define MM_AVX512 1
 #endif
 #if defined(MM_AVX512) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define MM_PACK 1 /* the packed 4-bit kernel */
+#define MM_PACK 1 /* the packed Q4_0/Q4_1/Q8_0 kernel */
 #endif
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
