@@ -33,6 +33,12 @@ typedef struct loaded {
  * tensor parallelism tp_be[0] (be then only read the model). */
 static inline k_backend_t *cli_run_be(const loaded_t *m) { return m->tp > 1 ? m->tp_be[0] : m->be; }
 
+/* --max-num-batched-tokens, 0 resolved for the backend the engine steps
+ * through: 512 on the CPU, where prefill is compute-bound and a shorter chunk
+ * is as fast (its activations stay in cache) and keeps the decodes batched
+ * beside it waiting less; 2048 on a GPU; never fewer than --max-num-seqs. */
+int32_t cli_step_tokens(const loaded_t *m, const cfg_options_t *o);
+
 double cli_now_s(void);
 /* Prints "pressd: msg" and returns 1 (the exit status). */
 int cli_die(const char *msg);

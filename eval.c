@@ -176,7 +176,7 @@ static int run_job(const loaded_t *m, const cfg_options_t *o, sched_kveval_t **e
     sched_kveval_free(*ev);
     *ev = NULL;
     int32_t len = (int32_t)need + 64 < max_len ? (int32_t)need + 64 : max_len;
-    if ((rc = sched_kveval_new(ev, &m->w, m->be, len, (int32_t)o->max_num_batched_tokens, err,
+    if ((rc = sched_kveval_new(ev, &m->w, m->be, len, cli_step_tokens(m, o), err,
                                sizeof err))) {
       free(jb.ids);
       return job_error(id, err);

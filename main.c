@@ -317,6 +317,12 @@ static void on_engine_alive(void *ctx) {
   notify_send("WATCHDOG=1");
 }
 
+int32_t cli_step_tokens(const loaded_t *m, const cfg_options_t *o) {
+  if (o->max_num_batched_tokens > 0) return (int32_t)o->max_num_batched_tokens;
+  int64_t t = cli_run_be(m)->host_memory ? 512 : 2048;
+  return (int32_t)(t > o->max_num_seqs ? t : o->max_num_seqs);
+}
+
 /* --gpu-memory-utilization: on a device backend with --kv-cache-memory 0,
  * the KV cache gets what the fraction of the device's memory leaves after
  * the weights (already loaded), the activations and a margin for the
@@ -329,7 +335,7 @@ static int kv_bytes_for_device(const loaded_t *m, const cfg_options_t *o, int32_
   k_backend_t *be = cli_run_be(m);
   if (!be->ops->mem_info || be->ops->mem_info(be, &free_b, &total_b)) return 0;
   const int64_t margin = 512ll << 20;
-  int64_t act = (int64_t)model_activation_bytes(&m->w.cfg, (int32_t)o->max_num_batched_tokens,
+  int64_t act = (int64_t)model_activation_bytes(&m->w.cfg, cli_step_tokens(m, o),
                                                 (int32_t)o->max_num_seqs);
   int64_t budget = (int64_t)(o->gpu_memory_utilization * (double)total_b);
   int64_t used = (int64_t)(total_b - free_b); /* the weights and whatever else holds memory */
@@ -339,7 +345,7 @@ static int kv_bytes_for_device(const loaded_t *m, const cfg_options_t *o, int32_
              "of %.2f GiB in use, %.2f GiB of activations for --max-num-batched-tokens %lld and "
              "--max-num-seqs %lld", o->gpu_memory_utilization, (double)used / (1 << 30),
              (double)total_b / (1 << 30), (double)act / (1 << 30),
-             (long long)o->max_num_batched_tokens, (long long)o->max_num_seqs);
+             (long long)cli_step_tokens(m, o), (long long)o->max_num_seqs);
     return -ENOMEM;
   }
   log_info("KV cache: %.2f GiB for --gpu-memory-utilization %.2f of %.2f GiB (weights and others "
@@ -552,7 +558,7 @@ static int cmd_serve(cfg_options_t *o) {
   loop_age_limit_s = (double)wd_us / 2e6 > 2 ? (double)wd_us / 2e6 : 2;
   sched_engine_config_t ec = {
       .max_num_seqs = (int32_t)o->max_num_seqs,
-      .max_num_batched_tokens = (int32_t)o->max_num_batched_tokens,
+      .max_num_batched_tokens = cli_step_tokens(&m, o),
       .max_model_len = max_len,
       .max_waiting = (int32_t)o->max_waiting,
       .kv_cache_memory = kv_bytes,
@@ -581,9 +587,9 @@ static int cmd_serve(cfg_options_t *o) {
            o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
            cli_now_s() - t0);
   log_info("KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
-           "max-model-len %d: %.2f",
+           "max-model-len %d: %.2f; steps of up to %d tokens and %d sequences",
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
-           cap.max_concurrency);
+           cap.max_concurrency, ec.max_num_batched_tokens, ec.max_num_seqs);
   if (ec.graphs)
     log_info("steps of up to 512 tokens replay CUDA graphs, captured at start-up for 1, 2, 4 "
              "and multiples of 8 tokens (--enforce-eager: op by op)");
@@ -761,7 +767,7 @@ static int cmd_generate(cfg_options_t *o) {
 
   sched_single_t run;
   sched_sampler_t smp;
-  int32_t chunk = (int32_t)o->max_num_batched_tokens;
+  int32_t chunk = cli_step_tokens(&m, o);
   float *logits = malloc((size_t)c->n_vocab * sizeof(float));
   rc = logits ? sched_single_init_tp(&run, &m.w, m.be, m.tp > 1 ? m.tp : 1, m.tp_w, m.tp_be,
                                      m.tp_comm, seq_len, chunk, 0, err, sizeof err)

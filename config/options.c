@@ -54,8 +54,9 @@ static const opt_t opts[] = {
      "CPU arithmetic: int8 activations for quantised weights (fast, batch-invariant), exact "
      "(fp32 activations), or llama (llama.cpp's CPU results bit for bit; not batch-invariant, "
      "for comparisons)"},
-    {"max-num-batched-tokens", OPT_INT, O(max_num_batched_tokens), "2048", 1, 1 << 20, NULL,
-     "tokens per forward step (prefill chunk size)"},
+    {"max-num-batched-tokens", OPT_INT, O(max_num_batched_tokens), "0", 0, 1 << 20, NULL,
+     "tokens per forward step (prefill chunk size); 0: 512 on the CPU, 2048 on a GPU, and "
+     "never fewer than --max-num-seqs"},
     {"kv-cache-memory", OPT_SIZE, O(kv_cache_memory), "0", 0, 1e15, NULL,
      "bytes of KV cache, K/M/G suffixes (0: generate sizes it for its one sequence, serve for four of max-model-len)"},
     {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error|warn|info|debug",

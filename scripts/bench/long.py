@@ -66,6 +66,8 @@ def serve(args, ratio, port, log, interval=None):
                 "--kv-layer-budget", args.layer_budget]
         if interval is not None:
             cmd += ["--kv-compression-interval", str(interval)]
+    for a in args.serve_arg:
+        cmd += a.split(None, 1)
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -169,6 +171,9 @@ def main():
                          "(comma list; with --interval-prompts prompts)")
     ap.add_argument("--interval-ratio", type=float, default=8)
     ap.add_argument("--interval-prompts", type=int, default=16)
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="'--FLAG VALUE'",
+                    help="one more option for every pressd serve (repeatable), for example "
+                         "--serve-arg '--max-num-batched-tokens 512'")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per ratio [3600]")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--replot", metavar="JSON",

@@ -323,6 +323,28 @@ def max_tokens_limit():
             srv.proc.kill()
 
 
+def step_budget():
+    """--max-num-batched-tokens 0 (the default) resolves per backend: 512 on
+    the CPU, raised to --max-num-seqs; a value given stands. A long prompt
+    is served in chunks of it."""
+    for extra, want in (((), "steps of up to 512 tokens and 256 sequences"),
+                        (("--max-num-seqs", "600"), "steps of up to 600 tokens and 600 sequences"),
+                        (("--max-num-batched-tokens", "96", "--max-num-seqs", "4"),
+                         "steps of up to 96 tokens and 4 sequences")):
+        srv = Server(*extra)
+        try:
+            status, data = srv.raw("POST", "/v1/completions", {
+                "model": "m", "prompt": "The quick brown fox jumps over the lazy dog. " * 60,
+                "max_tokens": 4})
+            check(status == 200 and json.loads(data)["usage"]["prompt_tokens"] > 512,
+                  f"{status} {data[:300]}")
+            check(srv.stop() == 0, "exit")
+            check(want in srv.text(), f"{extra}: no '{want}' in {srv.text()[-1500:]}")
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+
+
 def startup_faults():
     """Start-up failures: a clear message on stderr and a non-zero exit, no
     crash: missing or corrupt model, port taken, KV pool too large for the
@@ -489,7 +511,7 @@ def main():
         print("model missing: skipping")
         return 77
     for fn in (notify_protocol, graceful_drain, shutdown_timeout_aborts, request_log_and_sighup,
-               api_keys_and_metrics, max_tokens_limit, startup_faults, device_error_recovery,
+               api_keys_and_metrics, max_tokens_limit, step_budget, startup_faults, device_error_recovery,
                device_error_sticky, install_layout):
         case(fn)
     print(f"{len(failures)} failed" if failures else "all passed")
