@@ -160,6 +160,29 @@ static int load_shards(loaded_t *m, const cfg_options_t *o, bool on_gpus, char *
   return rc;
 }
 
+/* --kv-cache-dtype on every backend that holds KV arenas (the ranks' under
+ * tensor parallelism). auto keeps a GPU's bf16, and on the CPU is f16 (as
+ * llama.cpp's cache; half the memory and bandwidth of f32), or f32 with
+ * --cpu-numerics exact, which computes the model in fp32 throughout. */
+static int set_kv_type(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
+  const char *name = o->kv_cache_dtype;
+  k_backend_t *run = cli_run_be(m);
+  k_dtype_t t = !strcmp(name, "f32") ? K_F32 : !strcmp(name, "f16") ? K_F16 : K_BF16;
+  if (!strcmp(name, "auto")) {
+    if (!run->host_memory) return 0;
+    t = run->numerics == K_NUMERICS_EXACT ? K_F32 : K_F16;
+  }
+  for (int32_t r = 0; r < (m->tp > 1 ? m->tp : 1); r++) {
+    k_backend_t *be = m->tp > 1 ? m->tp_be[r] : m->be;
+    if (k_backend_set_kv_type(be, t)) {
+      snprintf(err, errlen, "--kv-cache-dtype %s: the %s backend holds K and V as %s", name,
+               be->ops->name, be->host_memory ? "f32 or f16" : "bf16 or f16");
+      return -EINVAL;
+    }
+  }
+  return 0;
+}
+
 /* --model is a GGUF file or a Hugging Face directory (config.json,
  * *.safetensors, tokenizer.json, tokenizer_config.json). With --load-format
  * dummy the weights come from load_dummy and --model supplies only the
@@ -233,6 +256,7 @@ int cli_load_model(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen
   }
   if (dummy && (rc = load_dummy(m, o, err, errlen))) return rc;
   if (o->tensor_parallel_size > 1 && (rc = load_shards(m, o, tp_gpus, err, errlen))) return rc;
+  if ((rc = set_kv_type(m, o, err, errlen))) return rc;
   /* every id the tokenizer can produce must have an embedding row */
   if (model_tok_n_vocab(m->tok) > m->w.cfg.n_vocab) {
     snprintf(err, errlen, "the tokenizer has %d tokens but the model's vocabulary only %d%s",
@@ -586,9 +610,11 @@ static int cmd_serve(cfg_options_t *o) {
   log_info("model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s",
            o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
            cli_now_s() - t0);
-  log_info("KV cache: %d blocks of %d slots = %lld tokens per head; max concurrency at "
-           "max-model-len %d: %.2f; steps of up to %d tokens and %d sequences",
-           cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens, cap.max_model_len,
+  const k_dtype_t kvt = run_be->kv_type;
+  log_info("KV cache: %d blocks of %d slots = %lld tokens per head, K and V in %s; max "
+           "concurrency at max-model-len %d: %.2f; steps of up to %d tokens and %d sequences",
+           cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens,
+           kvt == K_F32 ? "f32" : kvt == K_F16 ? "f16" : "bf16", cap.max_model_len,
            cap.max_concurrency, ec.max_num_batched_tokens, ec.max_num_seqs);
   if (ec.graphs)
     log_info("steps of up to 512 tokens replay CUDA graphs, captured at start-up for 1, 2, 4 "

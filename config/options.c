@@ -59,6 +59,9 @@ static const opt_t opts[] = {
      "never fewer than --max-num-seqs"},
     {"kv-cache-memory", OPT_SIZE, O(kv_cache_memory), "0", 0, 1e15, NULL,
      "bytes of KV cache, K/M/G suffixes (0: generate sizes it for its one sequence, serve for four of max-model-len)"},
+    {"kv-cache-dtype", OPT_STR, O(kv_cache_dtype), "auto", 0, 0, "auto|f32|f16|bf16",
+     "element type of the cached K and V: f32 or f16 on the CPU, bf16 or f16 on a GPU; auto: "
+     "bf16 on a GPU, f16 on the CPU (f32 with --cpu-numerics exact)"},
     {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error|warn|info|debug",
      "log verbosity; info logs one line per request"},
     {"log-file", OPT_STR, O(log_file), NULL, 0, 0, NULL,

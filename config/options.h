@@ -27,6 +27,7 @@ typedef struct cfg_options {
   char *cpu_numerics; /* int8 | exact | llama */
   int64_t max_num_batched_tokens;
   int64_t kv_cache_memory; /* bytes; 0 = size for one max_model_len sequence */
+  const char *kv_cache_dtype;
   /* logging */
   char *log_level;      /* error | warn | info | debug */
   char *log_file;       /* NULL: stderr */

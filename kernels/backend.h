@@ -277,8 +277,11 @@ struct k_backend {
    *                   use different attention reductions): for reference
    *                   comparisons, not for serving. */
   k_numerics_t numerics;
-  /* Element type of the KV arena's K and V (K_F32 on the CPU). */
+  /* Element type of the KV arena's K and V (K_F32 on the CPU, K_BF16 on
+   * CUDA, as created), and the types it may be set to before an arena is
+   * made (k_backend_set_kv_type): a bit 1u << type each. */
   k_dtype_t kv_type;
+  uint32_t kv_types;
   /* Type the loaders store unquantised and dequantised matrices in when the
    * backend does not compute on the file's type (K_F32 on the CPU, K_BF16
    * on CUDA); norms and RoPE tables stay fp32. */
@@ -296,6 +299,13 @@ typedef enum k_device { K_DEVICE_AUTO = 0, K_DEVICE_CPU, K_DEVICE_CUDA } k_devic
  * when CUDA is asked for and unavailable. err gets a one-line message. */
 int k_backend_new(k_backend_t **out, k_device_t dev, int32_t threads, char *err, size_t errlen);
 void k_backend_free(k_backend_t *be); /* NULL-safe */
+/* IEEE half to float and back (rounded to nearest even; overflow gives inf,
+ * NaN stays NaN). */
+float k_f16_to_f32(uint16_t h);
+uint16_t k_f32_to_f16(float f);
+/* The type later KV arenas hold K and V in: -ENOTSUP where be cannot hold
+ * them in t (its kv_types lack it). Arenas made before keep theirs. */
+int k_backend_set_kv_type(k_backend_t *be, k_dtype_t t);
 
 int k_cpu_backend_new(k_backend_t **out, int32_t threads);
 

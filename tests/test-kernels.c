@@ -567,27 +567,44 @@ static void test_embed(void) {
   }
 }
 
-/* An arena on the backend, every slot filled with garbage: huge V, position
- * 0 (visible to every query), so reading a slot not in use shows. */
-static void arena_new(k_kv_arena_t *a, int32_t n_blocks, int32_t bs, int32_t d) {
+/* Element i of an arena array (K or V) of a's type, as a float and back. */
+static void set_el(const k_kv_arena_t *a, float *arr, int64_t i, float x) {
+  if (a->type == K_F16) ((uint16_t *)(void *)arr)[i] = k_f32_to_f16(x);
+  else arr[i] = x;
+}
+static float get_el(const k_kv_arena_t *a, const float *arr, int64_t i) {
+  return a->type == K_F16 ? k_f16_to_f32(((const uint16_t *)(const void *)arr)[i]) : arr[i];
+}
+/* x as an f16 arena holds it, or an f32 one */
+static float f16_round(float x) { return k_f16_to_f32(k_f32_to_f16(x)); }
+static float same_float(float x) { return x; }
+
+/* An arena on the backend holding K and V as t, every slot filled with
+ * garbage: huge V, position 0 (visible to every query), so reading a slot
+ * not in use shows. */
+static void arena_new_of(k_kv_arena_t *a, int32_t n_blocks, int32_t bs, int32_t d, k_dtype_t t) {
   *a = (k_kv_arena_t){0};
   a->n_blocks = n_blocks;
   a->block_size = bs;
   a->head_dim = d;
+  a->type = t;
   size_t slots = (size_t)n_blocks * (size_t)bs;
-  a->k = g_be->ops->alloc(g_be, slots * (size_t)d * sizeof(float));
-  a->v = g_be->ops->alloc(g_be, slots * (size_t)d * sizeof(float));
+  a->k = g_be->ops->alloc(g_be, slots * (size_t)d * k_dtype_bytes(t));
+  a->v = g_be->ops->alloc(g_be, slots * (size_t)d * k_dtype_bytes(t));
   a->score = g_be->ops->alloc(g_be, slots * sizeof(float));
   a->pos = g_be->ops->alloc(g_be, slots * sizeof(int32_t));
   CHECK(a->k && a->v && a->score && a->pos);
   for (size_t i = 0; i < slots * (size_t)d; i++) {
-    a->k[i] = 3.0f;
-    a->v[i] = 1000.0f;
+    set_el(a, a->k, (int64_t)i, 3.0f);
+    set_el(a, a->v, (int64_t)i, 1000.0f);
   }
   for (size_t i = 0; i < slots; i++) {
     a->score[i] = 9.0f;
     a->pos[i] = 0;
   }
+}
+static void arena_new(k_kv_arena_t *a, int32_t n_blocks, int32_t bs, int32_t d) {
+  arena_new_of(a, n_blocks, bs, d, K_F32);
 }
 static void arena_free(k_kv_arena_t *a) {
   g_be->ops->free(g_be, a->k);
@@ -599,17 +616,20 @@ static void arena_free(k_kv_arena_t *a) {
 /* Write K, V and a position straight into a slot (the CPU arena is host
  * memory), to lay out a cache without going through kv_write. */
 static void put_slot(k_kv_arena_t *a, int32_t slot, const float *k, const float *v, int32_t pos) {
-  memcpy(a->k + (int64_t)slot * a->head_dim, k, (size_t)a->head_dim * sizeof(float));
-  memcpy(a->v + (int64_t)slot * a->head_dim, v, (size_t)a->head_dim * sizeof(float));
+  for (int32_t d = 0; d < a->head_dim; d++) {
+    set_el(a, a->k, (int64_t)slot * a->head_dim + d, k[d]);
+    set_el(a, a->v, (int64_t)slot * a->head_dim + d, v[d]);
+  }
   a->pos[slot] = pos;
 }
 
 /* Two sequences, two layers, two KV heads: each row's K/V land in the last
  * slots of its sequence's heads at the call's layer, whatever the blocks. */
-static void test_kv_write(void) {
+static void kv_write_of(k_dtype_t type) {
   enum { NB = 12, BS = 4, D = 8, H = 2, L = 2, STRIDE = 3 };
   k_kv_arena_t a;
-  arena_new(&a, NB, BS, D);
+  arena_new_of(&a, NB, BS, D, type);
+  float (*as)(float) = type == K_F16 ? f16_round : same_float; /* what the arena holds */
   uint64_t rng = 40;
   const int32_t M = 5; /* seq 0: 2 rows, seq 1: 3 rows */
   float *k = test_rand_floats(&rng, M * H * D, 1.0f), *v = test_rand_floats(&rng, M * H * D, 1.0f);
@@ -635,8 +655,8 @@ static void test_kv_write(void) {
         CHECK_INT_EQ(a.pos[sl], q_pos[t]);
         CHECK_NEAR(a.score[sl], 0, 0);
         for (int d = 0; d < D; d++) {
-          CHECK_NEAR(a.k[sl * D + d], k[(t * H + h) * D + d], 0);
-          CHECK_NEAR(a.v[sl * D + d], v[(t * H + h) * D + d], 0);
+          CHECK_NEAR(get_el(&a, a.k, sl * D + d), as(k[(t * H + h) * D + d]), 0);
+          CHECK_NEAR(get_el(&a, a.v, sl * D + d), as(v[(t * H + h) * D + d]), 0);
         }
       }
   int n_written = 0;
@@ -647,7 +667,7 @@ static void test_kv_write(void) {
     }
     CHECK_INT_EQ(a.pos[sl], 0);
     CHECK_NEAR(a.score[sl], 9.0, 0);
-    for (int d = 0; d < D; d++) CHECK_NEAR(a.k[sl * D + d], 3.0, 0);
+    for (int d = 0; d < D; d++) CHECK_NEAR(get_el(&a, a.k, sl * D + d), 3.0, 0);
   }
   CHECK_INT_EQ(n_written, M * H);
   /* a table pointing outside the arena, or fewer slots than rows, is refused */
@@ -665,11 +685,17 @@ static void test_kv_write(void) {
   arena_free(&a);
 }
 
+static void test_kv_write(void) {
+  kv_write_of(K_F32);
+  kv_write_of(K_F16); /* rounded to the nearest half */
+}
+
 /* Compaction moves carry K, V, score and position; other slots stay. */
-static void test_kv_move(void) {
+static void kv_move_of(k_dtype_t type) {
   enum { NB = 4, BS = 4, D = 8 };
   k_kv_arena_t a;
-  arena_new(&a, NB, BS, D);
+  arena_new_of(&a, NB, BS, D, type);
+  float (*as)(float) = type == K_F16 ? f16_round : same_float;
   uint64_t rng = 41;
   float *k = test_rand_floats(&rng, NB * BS * D, 1.0f), *v = test_rand_floats(&rng, NB * BS * D, 1.0f);
   for (int sl = 0; sl < NB * BS; sl++) {
@@ -685,8 +711,8 @@ static void test_kv_move(void) {
     CHECK_INT_EQ(a.pos[sl], 100 + from);
     CHECK_NEAR(a.score[sl], from * 0.5, 0);
     for (int d = 0; d < D; d++) {
-      CHECK_NEAR(a.k[sl * D + d], k[from * D + d], 0);
-      CHECK_NEAR(a.v[sl * D + d], v[from * D + d], 0);
+      CHECK_NEAR(get_el(&a, a.k, sl * D + d), as(k[from * D + d]), 0);
+      CHECK_NEAR(get_el(&a, a.v, sl * D + d), as(v[from * D + d]), 0);
     }
   }
   const int32_t bad[1] = {NB * BS};
@@ -696,6 +722,11 @@ static void test_kv_move(void) {
   free(k);
   free(v);
   arena_free(&a);
+}
+
+static void test_kv_move(void) {
+  kv_move_of(K_F32);
+  kv_move_of(K_F16);
 }
 
 /* ---- attention ------------------------------------------------------------ */
@@ -718,6 +749,7 @@ typedef struct attn_case {
   uint64_t seed;
   bool sorted_slots; /* slots in position order (else shuffled) */
   int32_t obs_pool;  /* max-pool width of prefill scores; 0 = 1 */
+  k_dtype_t kv_type; /* of the arena's K and V (0: f32) */
 } attn_case_t;
 
 typedef struct attn_stats {
@@ -771,6 +803,10 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
       }
       hk[i] = test_rand_floats(&rng, (size_t)n * D, 1.0f);
       hv[i] = test_rand_floats(&rng, (size_t)n * D, 1.0f);
+      for (int64_t e = 0; c->kv_type == K_F16 && e < (int64_t)n * D; e++) {
+        hk[i][e] = f16_round(hk[i][e]); /* the reference sees what the arena holds */
+        hv[i][e] = f16_round(hv[i][e]);
+      }
       int32_t nb = (n + B - 1) / B;
       total_blocks += nb;
       if (nb > max_blocks) max_blocks = nb;
@@ -789,7 +825,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     ids[j] = t;
   }
   k_kv_arena_t a;
-  arena_new(&a, n_arena, B, D);
+  arena_new_of(&a, n_arena, B, D, c->kv_type);
   int32_t *tables = test_xmalloc((size_t)S * H * max_blocks * sizeof *tables);
   int32_t next = 0;
   for (int32_t i = 0; i < S * H; i++) {
@@ -870,6 +906,40 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     free(mass2[s]);
   }
   free(mass2);
+  if (c->kv_type == K_F16) { /* halves read as floats: an f32 arena of the same values */
+    k_kv_arena_t a32;
+    arena_new_of(&a32, n_arena, B, D, K_F32);
+    for (int64_t e = 0; e < (int64_t)n_slots * D; e++) {
+      a32.k[e] = get_el(&a, a.k, e);
+      a32.v[e] = get_el(&a, a.v, e);
+    }
+    memcpy(a32.pos, a.pos, (size_t)n_slots * sizeof(int32_t));
+    memcpy(a32.score, score0, (size_t)n_slots * sizeof(float));
+    float *out2 = test_xmalloc((size_t)n_tok * QH * D * sizeof *out2);
+    float **mass16 = test_xmalloc((size_t)S * sizeof *mass16);
+    for (int32_t s = 0; s < S; s++) { /* the f16 run's sums, kept for the checks below */
+      mass16[s] = NULL;
+      if (!views[s].obs_mass) continue;
+      mass16[s] = test_xmalloc((size_t)H * cap * sizeof(float));
+      memcpy(mass16[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
+      for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f;
+    }
+    args.out = out2;
+    CHECK_INT_EQ(g_be->ops->attention(g_be, &a32, &args), 0);
+    bool same = !memcmp(out2, out, (size_t)n_tok * QH * D * sizeof *out2) &&
+                !memcmp(a32.score, score2, (size_t)n_slots * sizeof(float));
+    for (int32_t s = 0; s < S; s++) {
+      if (!mass16[s]) continue;
+      same = same && !memcmp(mass16[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
+      memcpy(views[s].obs_mass, mass16[s], (size_t)H * cap * sizeof(float));
+      free(mass16[s]);
+    }
+    free(mass16);
+    if (!same) FAIL_AT("%s: an f16 arena and an f32 arena of the same values differ", c->name);
+    free(out2);
+    arena_free(&a32);
+    args.out = out1;
+  }
 
   /* dense reference over the visible keys of the same head */
   double *sc = test_xmalloc((size_t)(ctx[0] + 1) * sizeof *sc);
@@ -1026,7 +1096,7 @@ static void test_attention_gqa(void) {
   };
   for (int v = 0; v < 5; v++) {
     attn_case_t c = {"gqa", 6, 2, 64, 16, 3, v < 3 ? seqs : scored, v == 2 ? 4.0f : 1.0f,
-                     100 + (uint64_t)v, v == 1, v == 3 ? 7 : 1};
+                     100 + (uint64_t)v, v == 1, v == 3 ? 7 : 1, K_F32};
     attn_stats_t st = {0};
     run_attention(&c, &st);
     fprintf(stderr, "   gqa variant %d: %lld rows, max |diff| %.3g\n", v, (long long)st.rows,
@@ -1039,7 +1109,7 @@ static void test_attention_gqa(void) {
 static void test_attention_shapes(void) {
   /* multi-head (G = 1), small blocks, head_dim 32 */
   static const seq_spec_t mha[] = {{0, 9, {0, 0, 0, 0}, 5}, {5, 3, {5, 2, 0, 4}, 0}, {33, 1, {1, 33, 8, 20}, -1}};
-  attn_case_t c1 = {"mha", 4, 4, 32, 8, 3, mha, 2.0f, 200, false, 3};
+  attn_case_t c1 = {"mha", 4, 4, 32, 8, 3, mha, 2.0f, 200, false, 3, K_F32};
   attn_stats_t st = {0};
   run_attention(&c1, &st);
   CHECK(st.rows_one_key >= 1); /* seq 0 row 0 sees only itself */
@@ -1047,13 +1117,13 @@ static void test_attention_shapes(void) {
   /* G = 16 (the most the CPU kernel takes), head_dim 128, blocks of 32,
    * a long context */
   static const seq_spec_t big[] = {{300, 2, {260}, -1}, {64, 17, {-1}, 12}};
-  attn_case_t c2 = {"g16", 16, 1, 128, 32, 2, big, 1.5f, 300, false, 7};
+  attn_case_t c2 = {"g16", 16, 1, 128, 32, 2, big, 1.5f, 300, false, 7, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c2, &st);
 
   /* blocks of 64 (the largest), head_dim 256 */
   static const seq_spec_t wide[] = {{130, 5, {100, 3}, 0}};
-  attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false, 1};
+  attn_case_t c3 = {"d256", 4, 2, 256, 64, 1, wide, 1.0f, 400, false, 1, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c3, &st);
 
@@ -1061,26 +1131,35 @@ static void test_attention_shapes(void) {
    * (prefix 0) and a window inside a chunk after cached keys */
   static const seq_spec_t longw[] = {{0, 300, {0, 0}, 300}, {40, 300, {-1, 25}, 260},
                                      {12, 1, {5, 12}, -1}};
-  attn_case_t c5 = {"long", 6, 2, 64, 16, 3, longw, 1.5f, 450, false, 7};
+  attn_case_t c5 = {"long", 6, 2, 64, 16, 3, longw, 1.5f, 450, false, 7, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c5, &st);
 
   /* blocks of 16 (the vector kernel's) at head_dim 128 (the 8B shape: P·V
    * eight vectors at a time), 48 (one at a time) and 256 (two passes) */
   static const seq_spec_t b16[] = {{75, 11, {60, 7}, 9}, {130, 1, {-1, 100}, -1}, {3, 20, {2, 0}, 0}};
-  attn_case_t c6 = {"b16-d128", 8, 2, 128, 16, 3, b16, 2.0f, 600, false, 7};
+  attn_case_t c6 = {"b16-d128", 8, 2, 128, 16, 3, b16, 2.0f, 600, false, 7, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c6, &st);
-  attn_case_t c7 = {"b16-d48", 6, 2, 48, 16, 3, b16, 1.0f, 700, true, 1};
+  attn_case_t c7 = {"b16-d48", 6, 2, 48, 16, 3, b16, 1.0f, 700, true, 1, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c7, &st);
-  attn_case_t c8 = {"b16-d256", 2, 2, 256, 16, 3, b16, 1.0f, 800, false, 3};
+  attn_case_t c8 = {"b16-d256", 2, 2, 256, 16, 3, b16, 1.0f, 800, false, 3, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c8, &st);
 
+  /* K and V in f16 (the CPU's default cache): the vector kernel, prefill and
+   * decode with scores, and the generic loop (blocks of 8) */
+  attn_case_t c9 = {"b16-d64-f16", 6, 2, 64, 16, 3, b16, 2.0f, 900, false, 7, K_F16};
+  memset(&st, 0, sizeof st);
+  run_attention(&c9, &st);
+  attn_case_t c10 = {"mha-f16", 4, 4, 32, 8, 3, mha, 2.0f, 910, false, 3, K_F16};
+  memset(&st, 0, sizeof st);
+  run_attention(&c10, &st);
+
   /* block size 1: every slot its own block */
   static const seq_spec_t tiny[] = {{10, 3, {4, 10}, 3}, {2, 2, {1, 0}, -1}};
-  attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false, 7};
+  attn_case_t c4 = {"bs1", 2, 2, 16, 1, 2, tiny, 1.0f, 500, false, 7, K_F32};
   memset(&st, 0, sizeof st);
   run_attention(&c4, &st);
 }
@@ -1098,7 +1177,7 @@ static void test_attention_many_seqs(void) {
     for (int h = 0; h < 3; h++) seqs[s].keep[h] = rng_int(&rng, seqs[s].prefix + 1);
     seqs[s].n_obs = s % 10 == 0 ? (s % 20 ? 4 : 0) : (s % 3 == 0 ? -1 : 0);
   }
-  attn_case_t c = {"many", 9, 3, 64, 16, S, seqs, 1.0f, 601, false, 7};
+  attn_case_t c = {"many", 9, 3, 64, 16, S, seqs, 1.0f, 601, false, 7, K_F32};
   attn_stats_t st = {0};
   run_attention(&c, &st);
   fprintf(stderr, "   %lld rows, max |diff| %.3g\n", (long long)st.rows, st.max_diff);

@@ -105,6 +105,9 @@ static int greedy_check(sched_single_t *s, float *logits, const cJSON *prompt_id
 static void against_references(k_numerics_t mode) {
   bool f32 = mode == K_NUMERICS_EXACT, llama = mode == K_NUMERICS_LLAMA;
   be->numerics = mode;
+  /* K and V as pressd serves them (--kv-cache-dtype auto): f32 for exact
+   * numerics, else f16, which llama.cpp's cache holds too */
+  CHECK_INT_EQ(k_backend_set_kv_type(be, f32 ? K_F32 : K_F16), 0);
   cJSON *fx = load_fixture("model-smollm2.json");
   cJSON *ex = load_fixture("model-smollm2-exact.json");
   const cJSON *cases = cJSON_GetObjectItem(fx, "cases");
@@ -178,6 +181,7 @@ static void against_references(k_numerics_t mode) {
   CHECK_INT_EQ(greedy_bad, 0);
   free(logits);
   sched_single_destroy(&s);
+  CHECK_INT_EQ(k_backend_set_kv_type(be, K_F32), 0);
   cJSON_Delete(fx);
   cJSON_Delete(ex);
 }

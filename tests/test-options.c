@@ -332,6 +332,7 @@ static void check_same_options(const cfg_options_t *a, const cfg_options_t *b) {
   SAME_STR(chat_template); SAME(max_model_len); SAME_STR(device); SAME(threads);
   SAME(enforce_eager); SAME(kv_arena_per_rank);
   SAME_STR(cpu_numerics); SAME(max_num_batched_tokens); SAME(kv_cache_memory);
+  SAME_STR(kv_cache_dtype);
   SAME_STR(log_level); SAME_STR(host); SAME(port); SAME_STR(api_key); SAME_STR(api_key_file);
   SAME(metrics_require_key); SAME_STR(served_model_name); SAME(max_num_seqs); SAME(max_waiting);
   SAME(max_request_bytes); SAME(max_tokens_limit); SAME(max_connections); SAME(request_timeout);
@@ -367,6 +368,7 @@ static const char *const all_options[] = {
     "--cpu-numerics", "exact",
     "--max-num-batched-tokens", "1000",
     "--kv-cache-memory", "1.5G",
+    "--kv-cache-dtype", "f16",
     "--log-level", "warn",
     "--log-file", "/var/log/pressd/pressd.log",
     "--debug-checks",

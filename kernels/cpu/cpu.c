@@ -359,6 +359,32 @@ static inline int64_t arena_block(const k_kv_arena_t *kv, int32_t id) {
   return (int64_t)id - kv->first_block;
 }
 
+/* n floats to halves (n = the head dimension). */
+static void to_f16(uint16_t *dst, const float *src, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i *)(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; i++) dst[i] = k_f32_to_f16(src[i]);
+}
+
+/* Bytes of one slot's K (or V) row in kv. */
+static inline size_t kv_row_bytes(const k_kv_arena_t *kv) {
+  return (size_t)kv->head_dim * k_dtype_bytes(kv->type);
+}
+
+/* Slot sl's row of an arena array (K or V) as fp32: in place where the
+ * arena holds fp32, else converted into buf[head_dim]. */
+static inline const float *kv_row(const k_kv_arena_t *kv, const float *arr, int64_t sl,
+                                  float *buf) {
+  const int64_t d = kv->head_dim;
+  if (kv->type == K_F32) return arr + sl * d;
+  k__cpu_dequant_row(K_F16, (const uint16_t *)(const void *)arr + sl * d, buf, d);
+  return buf;
+}
+
 static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k, const float *v,
                         const k_attn_args_t *a) {
   const int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
@@ -375,6 +401,13 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
         int64_t sl = arena_block(kv, table[i / B]) * B + i % B;
         if (sl < 0 || sl >= n_slots) return -EINVAL;
         int64_t src = ((int64_t)(r0 + t) * H + h) * d;
+        if (kv->type == K_F16) {
+          to_f16((uint16_t *)(void *)kv->k + sl * d, k + src, d);
+          to_f16((uint16_t *)(void *)kv->v + sl * d, v + src, d);
+          kv->pos[sl] = a->q_pos[r0 + t];
+          kv->score[sl] = 0.0f;
+          continue;
+        }
         memcpy(kv->k + sl * d, k + src, (size_t)d * sizeof(float));
         memcpy(kv->v + sl * d, v + src, (size_t)d * sizeof(float));
 #ifdef GG_EMU
@@ -394,13 +427,15 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
 
 static int cpu_kv_move(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *src,
                        const int32_t *dst, int64_t n) {
-  const int64_t d = kv->head_dim, n_slots = (int64_t)kv->n_blocks * kv->block_size;
+  const int64_t n_slots = (int64_t)kv->n_blocks * kv->block_size;
   for (int64_t i = 0; i < n; i++)
     if (src[i] < 0 || src[i] >= n_slots || dst[i] < 0 || dst[i] >= n_slots) return -EINVAL;
+  const size_t rb = kv_row_bytes(kv);
+  char *k = (char *)kv->k, *v = (char *)kv->v;
   for (int64_t i = 0; i < n; i++) {
     int64_t f = src[i], t = dst[i];
-    memcpy(kv->k + t * d, kv->k + f * d, (size_t)d * sizeof(float));
-    memcpy(kv->v + t * d, kv->v + f * d, (size_t)d * sizeof(float));
+    memcpy(k + t * rb, k + f * rb, rb);
+    memcpy(v + t * rb, v + f * rb, rb);
     kv->score[t] = kv->score[f];
     kv->pos[t] = kv->pos[f];
   }
@@ -524,16 +559,19 @@ static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_a
 
   float kt[ATT_MAX_D][ATT_MAX_B] __attribute__((aligned(64)));
   float sc[ATT_MAX_B] __attribute__((aligned(64)));
+  float vbuf[ATT_MAX_B][ATT_MAX_D], kr[ATT_MAX_D];
   for (int32_t b0 = 0; b0 < ctx; b0 += B) {
     int64_t blk = arena_block(kv, table[b0 / B]);
     int32_t n = ctx - b0 < B ? ctx - b0 : B;
-    const float *kb = kv->k + (int64_t)blk * B * D;
-    const float *vb = kv->v + (int64_t)blk * B * D;
     const int32_t *pb = kv->pos + (int64_t)blk * B;
     int32_t pmin = INT32_MAX;
     for (int32_t t = 0; t < n; t++) pmin = pb[t] < pmin ? pb[t] : pmin;
-    for (int32_t t = 0; t < B; t++)
-      for (int32_t d = 0; d < D; d++) kt[d][t] = t < n ? kb[(int64_t)t * D + d] : 0.0f;
+    const float *vrow[ATT_MAX_B];
+    for (int32_t t = 0; t < B; t++) {
+      const float *k = t < n ? kv_row(kv, kv->k, (int64_t)blk * B + t, kr) : NULL;
+      for (int32_t d = 0; d < D; d++) kt[d][t] = k ? k[d] : 0.0f;
+      if (t < n) vrow[t] = kv_row(kv, kv->v, (int64_t)blk * B + t, vbuf[t]);
+    }
     for (int32_t i = 0; i < nq; i++) {
       if (pmin > qpos[i]) { /* nothing visible in this block */
         att_unseen(lg, ld, bm, ldb, i, b0, n, B);
@@ -567,7 +605,7 @@ static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_a
       for (int32_t t = 0; t < n; t++) {
         float p = sc[t];
         if (p == 0.0f) continue;
-        const float *vv = vb + (int64_t)t * D;
+        const float *vv = vrow[t];
         for (int32_t d = 0; d < D; d++) ac[d] += p * vv[d];
       }
       m[i] = mnew;
@@ -648,11 +686,20 @@ static inline __attribute__((always_inline)) void scores16(const att_state_t *st
   _Pragma("GCC unroll 8") for (int j = 0; j < ni; j++) _mm512_store_ps(sc[i0 + j], acc[j]);
 }
 
+/* 16 elements at element offset i of an arena array, halves (h) or fp32. */
+static inline __attribute__((always_inline)) __m512 kv_load16(const float *arr, int64_t i,
+                                                              bool h) {
+  if (!h) return _mm512_loadu_ps(arr + i);
+  const uint16_t *p = (const uint16_t *)(const void *)arr + i;
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
 /* ac[0, 16·nd) = ac·corr + Σ p[t]·V[t] over the slots of nz, ascending, the
- * even slots in one accumulator and the odd ones in another. */
+ * even slots in one accumulator and the odd ones in another; V's block at
+ * element offset vo of the arena's V, halves where h. */
 static inline __attribute__((always_inline)) void pv16(float *ac, const float *p, const float *vb,
-                                                       __mmask16 nz, float corr, int32_t D,
-                                                       int nd) {
+                                                       int64_t vo, bool h, __mmask16 nz,
+                                                       float corr, int32_t D, int nd) {
   for (int32_t c = 0; c < D; c += 16 * nd) {
     __m512 x0[8], x1[8];
     _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) x0[u] = x1[u] = _mm512_setzero_ps();
@@ -664,15 +711,15 @@ static inline __attribute__((always_inline)) void pv16(float *ac, const float *p
     for (int t = 0; t < 16; t += 2) {
       if (nz >> t & 1) {
         __m512 pt = _mm512_set1_ps(p[t]);
-        const float *vv = vb + (int64_t)t * D + c;
+        const int64_t o = vo + (int64_t)t * D + c;
         _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
-            x0[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vv + 16 * u), x0[u]);
+            x0[u] = _mm512_fmadd_ps(pt, kv_load16(vb, o + 16 * u, h), x0[u]);
       }
       if (nz >> (t + 1) & 1) {
         __m512 pt = _mm512_set1_ps(p[t + 1]);
-        const float *vv = vb + (int64_t)(t + 1) * D + c;
+        const int64_t o = vo + (int64_t)(t + 1) * D + c;
         _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
-            x1[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vv + 16 * u), x1[u]);
+            x1[u] = _mm512_fmadd_ps(pt, kv_load16(vb, o + 16 * u, h), x1[u]);
       }
     }
     _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
@@ -680,8 +727,9 @@ static inline __attribute__((always_inline)) void pv16(float *ac, const float *p
   }
 }
 
-static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a,
-                       int32_t s, int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb) {
+static inline __attribute__((always_inline)) void
+att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s,
+              int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb, const bool f16) {
   const int32_t D = a->head_dim, nq = st->nq;
   const int32_t *table = k_attn_table(a, &a->seqs[s], h);
   const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
@@ -692,7 +740,7 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
   for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
     int64_t blk = arena_block(kv, table[b0 / 16]);
     int32_t n = ctx - b0 < 16 ? ctx - b0 : 16;
-    const float *kb = kv->k + blk * 16 * D, *vb = kv->v + blk * 16 * D;
+    const int64_t ko = blk * 16 * D; /* the block's first element in K and V */
     const __mmask16 live = (__mmask16)((1u << n) - 1);
     const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
     if (_mm512_mask_reduce_min_epi32(live, pv) > qmax) { /* the causal future of every row */
@@ -702,7 +750,7 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
     for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
       __m512 r[16];
       for (int t = 0; t < 16; t++)
-        r[t] = t < n ? _mm512_loadu_ps(kb + (int64_t)t * D + c) : _mm512_setzero_ps();
+        r[t] = t < n ? kv_load16(kv->k, ko + (int64_t)t * D + c, f16) : _mm512_setzero_ps();
       transpose16(r);
       for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
     }
@@ -727,12 +775,18 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
         bm[i * ldb + b0 / 16] = mnew;
       }
       __mmask16 nz = live & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-      if (D % 128 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 8);
-      else if (D % 64 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 4);
-      else pv16(st->acc[i], sc[i], vb, nz, corr, D, 1);
+      if (D % 128 == 0) pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 8);
+      else if (D % 64 == 0) pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 4);
+      else pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 1);
       st->m[i] = mnew;
     }
   }
+}
+
+static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a,
+                       int32_t s, int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb) {
+  if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true);
+  else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false);
 }
 #endif
 
@@ -943,7 +997,8 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
         int64_t blk = arena_block(kv, table[t / B]);
         int32_t off = t % B;
         if (kv->pos[(int64_t)blk * B + off] > qp) { w[t] = -INFINITY; continue; }
-        const float *kr = kv->k + ((int64_t)blk * B + off) * D;
+        float kbuf[ATT_MAX_D] __attribute__((aligned(64)));
+        const float *kr = kv_row(kv, kv->k, (int64_t)blk * B + off, kbuf);
         float sc;
         if (gemm) {
           __m512 acc = _mm512_setzero_ps();
@@ -982,7 +1037,8 @@ static void att_task_gg(void *arg, int64_t ti, int32_t thread) {
         float p = pr[t];
         int64_t blk = arena_block(kv, table[t / B]);
         int32_t off = t % B;
-        const float *vr = kv->v + ((int64_t)blk * B + off) * D;
+        float vbuf[ATT_MAX_D];
+        const float *vr = kv_row(kv, kv->v, (int64_t)blk * B + off, vbuf);
         float *ac = acc[gemm ? 0 : (t / 16) % 4][t % 16];
         for (int32_t d = 0; d < D; d++) ac[d] = fmaf(vr[d], p, ac[d]);
       }
@@ -1149,6 +1205,7 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
                      1u << K_Q4_1;
   be->host_memory = true;
   be->kv_type = K_F32;
+  be->kv_types = 1u << K_F32 | 1u << K_F16;
   be->dense_type = K_F32;
   /* The pool runs bands of rows in parallel; each band's sgemm is serial. */
   openblas_set_num_threads(1);

@@ -47,16 +47,9 @@ static inline float f16(const uint8_t *p) {
   uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
 #ifdef __F16C__
   return _cvtsh_ss(h);
+#else
+  return k_f16_to_f32(h);
 #endif
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-  if (exp == 0) {
-    float f = (float)mant * (1.0f / 16777216.0f); /* 2^-24 */
-    return sign ? -f : f;
-  }
-  bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
 }
 
 static inline float bf16(const uint8_t *p) {

@@ -1494,6 +1494,7 @@ extern "C" int k_cuda_backend_new_opts(k_backend_t **out, int32_t device, k_dtyp
   be->weight_types = 1u << K_F32 | 1u << K_BF16 | 1u << K_F16;
   be->numerics = K_NUMERICS_EXACT;
   be->kv_type = kv_type;
+  be->kv_types = 1u << K_BF16 | 1u << K_F16;
   be->dense_type = K_BF16;
   be->host_memory = false;
   be->threads = 1;

@@ -51,16 +51,17 @@ def metrics(base):
     return out
 
 
-def kv_bytes_for(seqs, tokens, layers=30, kv_heads=3, head_dim=64):
-    """Bytes of pressd's KV pool for `seqs` sequences of `tokens` tokens."""
+def kv_bytes_for(seqs, tokens, el_bytes, layers=30, kv_heads=3, head_dim=64):
+    """Bytes of pressd's KV pool for `seqs` sequences of `tokens` tokens, K
+    and V of el_bytes each (plus a score and a position per slot)."""
     blocks = seqs * layers * kv_heads * -(-tokens // BLOCK)
-    return blocks * BLOCK * (2 * head_dim * 4 + 4 + 4)
+    return blocks * BLOCK * (2 * head_dim * el_bytes + 4 + 4)
 
 
 def serve(args, ratio, port, log, interval=None):
     cmd = [args.pressd, "serve", "--model", args.model, "--port", str(port),
            "--threads", str(args.threads), "--max-model-len", str(args.max_model_len),
-           "--kv-cache-memory", str(args.kv_bytes)]
+           "--kv-cache-memory", str(args.kv_bytes), "--kv-cache-dtype", args.kv_dtype]
     if ratio > 1:
         cmd += ["--kv-compression", "kvcompress", "--kv-compression-ratio", str(ratio),
                 "--kv-layer-budget", args.layer_budget]
@@ -164,6 +165,8 @@ def main():
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--full-seqs", type=int, default=4,
                     help="the pool holds this many full sequences uncompressed [4]")
+    ap.add_argument("--kv-dtype", default="f16", choices=("f16", "f32"),
+                    help="--kv-cache-dtype of every run; the pool is sized for it [f16]")
     ap.add_argument("--layer-budget", default="global", choices=("global", "uniform", "zigzag"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--interval-sweep", default="",
@@ -188,7 +191,7 @@ def main():
         return 1 if why else 0
     seq_tokens = args.input_len + args.output_len + 10  # the prompt's BOS and rounding slack
     args.max_model_len = seq_tokens + 64
-    args.kv_bytes = kv_bytes_for(args.full_seqs, seq_tokens)
+    args.kv_bytes = kv_bytes_for(args.full_seqs, seq_tokens, 2 if args.kv_dtype == "f16" else 4)
     ratios = [float(x) if "." in x else int(x) for x in args.ratios.split(",")]
     tmp = tempfile.mkdtemp(prefix="pressd-long-")
     runs = []

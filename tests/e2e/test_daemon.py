@@ -323,14 +323,20 @@ def max_tokens_limit():
             srv.proc.kill()
 
 
-def step_budget():
+def step_and_kv_defaults():
     """--max-num-batched-tokens 0 (the default) resolves per backend: 512 on
     the CPU, raised to --max-num-seqs; a value given stands. A long prompt
-    is served in chunks of it."""
-    for extra, want in (((), "steps of up to 512 tokens and 256 sequences"),
+    is served in chunks of it. --kv-cache-dtype auto is f16 on the CPU, f32
+    with exact numerics; f32 and f16 can be asked for."""
+    for extra, want in (((), "K and V in f16; max concurrency"),
+                        ((), "steps of up to 512 tokens and 256 sequences"),
                         (("--max-num-seqs", "600"), "steps of up to 600 tokens and 600 sequences"),
                         (("--max-num-batched-tokens", "96", "--max-num-seqs", "4"),
-                         "steps of up to 96 tokens and 4 sequences")):
+                         "steps of up to 96 tokens and 4 sequences"),
+                        (("--cpu-numerics", "exact"), "K and V in f32;"),
+                        (("--kv-cache-dtype", "f32"), "K and V in f32;"),
+                        (("--cpu-numerics", "exact", "--kv-cache-dtype", "f16"),
+                         "K and V in f16;")):
         srv = Server(*extra)
         try:
             status, data = srv.raw("POST", "/v1/completions", {
@@ -381,6 +387,10 @@ def startup_faults():
                ["kv cache", "cannot allocate", "memory"])
         expect("unwritable log file", serve("--model", MODEL, "--log-file", "/proc/pressd.log"),
                ["log-file"])
+        expect("KV type the CPU lacks", serve("--model", MODEL, "--kv-cache-dtype", "bf16"),
+               ["--kv-cache-dtype bf16: the cpu backend holds k and v as f32 or f16"])
+        expect("unknown KV type", serve("--model", MODEL, "--kv-cache-dtype", "q4"),
+               ["kv-cache-dtype"])
 
 
 def fault_server(d, name):
@@ -511,7 +521,7 @@ def main():
         print("model missing: skipping")
         return 77
     for fn in (notify_protocol, graceful_drain, shutdown_timeout_aborts, request_log_and_sighup,
-               api_keys_and_metrics, max_tokens_limit, step_budget, startup_faults, device_error_recovery,
+               api_keys_and_metrics, max_tokens_limit, step_and_kv_defaults, startup_faults, device_error_recovery,
                device_error_sticky, install_layout):
         case(fn)
     print(f"{len(failures)} failed" if failures else "all passed")

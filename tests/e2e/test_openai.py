@@ -29,6 +29,12 @@ failures = []
 ran = []
 
 
+def kv_memory(blocks):
+    """--kv-cache-memory for a pool of this many blocks: 16 slots of K and V
+    in f16 (the CPU's default) at head_dim 64, a score and a position each."""
+    return str(blocks * 16 * (2 * 64 * 2 + 4 + 4))
+
+
 class Server(Daemon):
     def __init__(self, *extra):
         super().__init__([BIN, "serve", "--model", MODEL, "--port", "0", "--served-model-name",
@@ -261,16 +267,20 @@ def main():
             try:
                 stream = c.completions.create(model=NAME, prompt=f"Story number {i}:", max_tokens=24,
                                               temperature=0, stream=True,
+                                              stream_options={"include_usage": True},
                                               extra_body={"ignore_eos": True})
-                n = 0
+                n, done = 0, None
                 for ch in stream:
                     if ch.choices and ch.choices[0].text:
                         n += 1
+                    if ch.usage:
+                        done = ch.usage.completion_tokens
                     if i % 3 == 0 and n >= 3:
                         stream.close()  # disconnect mid-stream
                         results[i] = "dropped"
                         return
-                results[i] = n
+                # tokens, not chunks with text: an ignored EOS adds no text
+                results[i] = done if n > 0 else f"no text in {done} tokens"
             except Exception as e:  # noqa: BLE001
                 results[i] = f"error {e}"
 
@@ -399,7 +409,7 @@ def main():
     # force preemption by recompute; outputs stay those of an unpreempted run.
 
     small = Server("--max-num-seqs", "12")
-    tiny = Server("--kv-cache-memory", "48M", "--max-model-len", "512")
+    tiny = Server("--kv-cache-memory", kv_memory(6049), "--max-model-len", "512")
 
     def preemption_keeps_outputs():
         def run(s, p):
@@ -428,7 +438,7 @@ def main():
     # A pool that holds two of these sequences uncompressed: compressed 4x on
     # admission, eight run at once; every request completes and every block
     # comes back.
-    packed = Server("--kv-cache-memory", "60M", "--max-model-len", "1024", "--kv-compression",
+    packed = Server("--kv-cache-memory", kv_memory(7561), "--max-model-len", "1024", "--kv-compression",
                     "kvcompress", "--kv-compression-ratio", "4", "--kv-compression-interval", "16")
 
     def kv_compression_packs_more():
@@ -467,7 +477,7 @@ def main():
 
     # A KV cache of 1,072 tokens per sequence under a max_model_len of 4,096:
     # prompts longer than the cache run compressed between prefill chunks.
-    cramped = Server("--kv-cache-memory", "48M", "--max-model-len", "4096", "--kv-compression",
+    cramped = Server("--kv-cache-memory", kv_memory(6049), "--max-model-len", "4096", "--kv-compression",
                      "kvcompress", "--kv-compression-ratio", "8", "--debug-checks")
 
     def kv_compression_between_prefill_chunks():
