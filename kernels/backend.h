@@ -50,8 +50,9 @@ typedef struct k_weight {
  *   k[(b * block_size + s) * head_dim ...], v[...] likewise,
  *   score[b * block_size + s], pos[b * block_size + s].
  * One block is block_size slots of ONE KV head of ONE layer. K and V hold
- * elements of `type` (the backend's kv_type: fp32 on the CPU, bf16 or fp16
- * on CUDA, where the float pointers are reinterpreted); scores are fp32.
+ * elements of `type` (the backend's kv_type: fp32 or fp16 on the CPU, bf16
+ * or fp16 on CUDA; the float pointers are reinterpreted for 16-bit types);
+ * scores are fp32.
  *
  * A tensor-parallel rank's arena holds only its own KV heads' blocks: the
  * pool's ids [first_block, first_block + n_blocks), block b at index
