@@ -758,6 +758,34 @@ typedef struct attn_stats {
   int64_t rows;
 } attn_stats_t;
 
+/* Copies of the sequences' obs_mass (n floats each, NULL where none), which
+ * are then reset to 0.5 for another run to add to. */
+static float **take_mass(k_seq_kv_t *views, int32_t S, size_t n) {
+  float **m = test_xmalloc((size_t)S * sizeof *m);
+  for (int32_t s = 0; s < S; s++) {
+    m[s] = NULL;
+    if (!views[s].obs_mass) continue;
+    m[s] = test_xmalloc(n * sizeof(float));
+    memcpy(m[s], views[s].obs_mass, n * sizeof(float));
+    for (size_t t = 0; t < n; t++) views[s].obs_mass[t] = 0.5f;
+  }
+  return m;
+}
+
+/* Whether the other run's obs_mass equal the copies; the copies are put
+ * back where restore, and freed. */
+static bool same_mass(float **m, k_seq_kv_t *views, int32_t S, size_t n, bool restore) {
+  bool same = true;
+  for (int32_t s = 0; s < S; s++) {
+    if (!m[s]) continue;
+    same = same && !memcmp(m[s], views[s].obs_mass, n * sizeof(float));
+    if (restore) memcpy(views[s].obs_mass, m[s], n * sizeof(float));
+    free(m[s]);
+  }
+  free(m);
+  return same;
+}
+
 static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   const int32_t S = c->n_seqs, H = c->n_kv_heads, QH = c->n_q_heads, D = c->head_dim,
                 B = c->block_size, G = QH / H;
@@ -888,24 +916,14 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   CHECK_INT_EQ(g_be->ops->attention(g_be, &a, &args), 0);
   memcpy(score2, a.score, (size_t)n_slots * sizeof *score2);
   memcpy(a.score, score0, (size_t)n_slots * sizeof *score0);
-  float **mass2 = test_xmalloc((size_t)S * sizeof *mass2);
-  for (int32_t s = 0; s < S; s++) { /* obs_mass is added to: start the second run afresh */
-    mass2[s] = NULL;
-    if (!views[s].obs_mass) continue;
-    mass2[s] = test_xmalloc((size_t)H * cap * sizeof(float));
-    memcpy(mass2[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
-    for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f;
-  }
+  const size_t mass_n = (size_t)H * cap;
+  float **mass2 = take_mass(views, S, mass_n); /* obs_mass is added to: run afresh */
   args.out = out1;
   CHECK_INT_EQ(g_be1->ops->attention(g_be1, &a, &args), 0);
   if (memcmp(score2, a.score, (size_t)n_slots * sizeof *score2) != 0)
     FAIL_AT("%s: scores differ between 1 and 2 threads", c->name);
-  for (int32_t s = 0; s < S; s++) {
-    if (mass2[s] && memcmp(mass2[s], views[s].obs_mass, (size_t)H * cap * sizeof(float)))
-      FAIL_AT("%s: attention mass differs between 1 and 2 threads", c->name);
-    free(mass2[s]);
-  }
-  free(mass2);
+  if (!same_mass(mass2, views, S, mass_n, false))
+    FAIL_AT("%s: attention mass differs between 1 and 2 threads", c->name);
   if (c->kv_type == K_F16) { /* halves read as floats: an f32 arena of the same values */
     k_kv_arena_t a32;
     arena_new_of(&a32, n_arena, B, D, K_F32);
@@ -916,25 +934,12 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     memcpy(a32.pos, a.pos, (size_t)n_slots * sizeof(int32_t));
     memcpy(a32.score, score0, (size_t)n_slots * sizeof(float));
     float *out2 = test_xmalloc((size_t)n_tok * QH * D * sizeof *out2);
-    float **mass16 = test_xmalloc((size_t)S * sizeof *mass16);
-    for (int32_t s = 0; s < S; s++) { /* the f16 run's sums, kept for the checks below */
-      mass16[s] = NULL;
-      if (!views[s].obs_mass) continue;
-      mass16[s] = test_xmalloc((size_t)H * cap * sizeof(float));
-      memcpy(mass16[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
-      for (int32_t t = 0; t < H * cap; t++) views[s].obs_mass[t] = 0.5f;
-    }
+    float **mass16 = take_mass(views, S, mass_n); /* the f16 run's, kept for the checks below */
     args.out = out2;
     CHECK_INT_EQ(g_be->ops->attention(g_be, &a32, &args), 0);
     bool same = !memcmp(out2, out, (size_t)n_tok * QH * D * sizeof *out2) &&
                 !memcmp(a32.score, score2, (size_t)n_slots * sizeof(float));
-    for (int32_t s = 0; s < S; s++) {
-      if (!mass16[s]) continue;
-      same = same && !memcmp(mass16[s], views[s].obs_mass, (size_t)H * cap * sizeof(float));
-      memcpy(views[s].obs_mass, mass16[s], (size_t)H * cap * sizeof(float));
-      free(mass16[s]);
-    }
-    free(mass16);
+    same = same_mass(mass16, views, S, mass_n, true) && same;
     if (!same) FAIL_AT("%s: an f16 arena and an f32 arena of the same values differ", c->name);
     free(out2);
     arena_free(&a32);
