@@ -562,18 +562,23 @@ def main():
                     model=NAME, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=5,
                     extra_body={"ignore_eos": True}).choices[0].text
                 check(got == sampled, f"sampled tp1 {sampled!r} vs {name} {got!r}")
-                out = [None] * 4
+                out, errs = [None] * 4, [None] * 4
                 def worker(i):
-                    out[i] = srv.client().completions.create(
-                        model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16,
-                        temperature=0, extra_body={"ignore_eos": True, "kv_compression": kvc[i]})
+                    try:  # 4 long prompts at once through 3 ranks: minutes under ASan
+                        out[i] = srv.client(timeout=600).completions.create(
+                            model=NAME, prompt=passkey_prompt(500 + i, n=24), max_tokens=16,
+                            temperature=0,
+                            extra_body={"ignore_eos": True, "kv_compression": kvc[i]})
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errs[i] = repr(e)
                 threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
                 for t in threads:
                     t.start()
                 for t in threads:
-                    t.join(timeout=300)
+                    t.join(timeout=900)
                 for i in range(4):
-                    check(out[i] is not None and out[i].choices[0].text == alone[i]
+                    check(out[i] is not None, f"compressed {kvc[i]}: {name}: {errs[i]}")
+                    check(out[i].choices[0].text == alone[i]
                           and (i == 2 or out[i].usage.model_dump().get("kv_tokens_evicted", 0) > 0),
                           f"compressed {kvc[i]}: {name} {out[i] and out[i].choices[0].text!r} "
                           f"{out[i] and out[i].usage} vs tp1 {alone[i]!r}")
