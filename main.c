@@ -160,6 +160,10 @@ static int load_shards(loaded_t *m, const cfg_options_t *o, bool on_gpus, char *
   return rc;
 }
 
+/* --kv-cache-dtype's names of the types a KV arena can hold. */
+static const char *const kv_type_names[] = {[K_F32] = "f32", [K_BF16] = "bf16", [K_F16] = "f16"};
+#define N_KV_TYPE_NAMES ((int)(sizeof kv_type_names / sizeof *kv_type_names))
+
 /* --kv-cache-dtype on every backend that holds KV arenas (the ranks' under
  * tensor parallelism). auto keeps a GPU's bf16, and on the CPU is f16 (as
  * llama.cpp's cache; half the memory and bandwidth of f32), or f32 with
@@ -167,18 +171,27 @@ static int load_shards(loaded_t *m, const cfg_options_t *o, bool on_gpus, char *
 static int set_kv_type(loaded_t *m, const cfg_options_t *o, char *err, size_t errlen) {
   const char *name = o->kv_cache_dtype;
   k_backend_t *run = cli_run_be(m);
-  k_dtype_t t = !strcmp(name, "f32") ? K_F32 : !strcmp(name, "f16") ? K_F16 : K_BF16;
+  k_dtype_t t = K_F32;
   if (!strcmp(name, "auto")) {
     if (!run->host_memory) return 0;
     t = run->numerics == K_NUMERICS_EXACT ? K_F32 : K_F16;
+  } else {
+    for (int i = 0; i < N_KV_TYPE_NAMES; i++)
+      if (kv_type_names[i] && !strcmp(name, kv_type_names[i])) t = (k_dtype_t)i;
   }
   for (int32_t r = 0; r < (m->tp > 1 ? m->tp : 1); r++) {
     k_backend_t *be = m->tp > 1 ? m->tp_be[r] : m->be;
-    if (k_backend_set_kv_type(be, t)) {
-      snprintf(err, errlen, "--kv-cache-dtype %s: the %s backend holds K and V as %s", name,
-               be->ops->name, be->host_memory ? "f32 or f16" : "bf16 or f16");
-      return -EINVAL;
+    if (!k_backend_set_kv_type(be, t)) continue;
+    int n = snprintf(err, errlen, "--kv-cache-dtype %s: the %s backend holds K and V as", name,
+                     be->ops->name);
+    const char *sep = " ";
+    for (int i = 0; i < N_KV_TYPE_NAMES; i++) {
+      if (!kv_type_names[i] || !(be->kv_types >> i & 1u)) continue;
+      if (n >= 0 && (size_t)n < errlen)
+        n += snprintf(err + n, errlen - (size_t)n, "%s%s", sep, kv_type_names[i]);
+      sep = " or ";
     }
+    return -EINVAL;
   }
   return 0;
 }
@@ -610,11 +623,10 @@ static int cmd_serve(cfg_options_t *o) {
   log_info("model %s: %d layers, %d KV heads of dim %d, vocab %d; loaded in %.2f s",
            o->model ? o->model : "(dummy)", c->n_layers, c->n_kv_heads, c->head_dim, c->n_vocab,
            cli_now_s() - t0);
-  const k_dtype_t kvt = run_be->kv_type;
   log_info("KV cache: %d blocks of %d slots = %lld tokens per head, K and V in %s; max "
            "concurrency at max-model-len %d: %.2f; steps of up to %d tokens and %d sequences",
            cap.kv_blocks, cap.block_size, (long long)cap.kv_tokens,
-           kvt == K_F32 ? "f32" : kvt == K_F16 ? "f16" : "bf16", cap.max_model_len,
+           kv_type_names[run_be->kv_type], cap.max_model_len,
            cap.max_concurrency, ec.max_num_batched_tokens, ec.max_num_seqs);
   if (ec.graphs)
     log_info("steps of up to 512 tokens replay CUDA graphs, captured at start-up for 1, 2, 4 "

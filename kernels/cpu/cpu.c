@@ -404,19 +404,17 @@ static int cpu_kv_write(k_backend_t *be, const k_kv_arena_t *kv, const float *k,
         if (kv->type == K_F16) {
           to_f16((uint16_t *)(void *)kv->k + sl * d, k + src, d);
           to_f16((uint16_t *)(void *)kv->v + sl * d, v + src, d);
-          kv->pos[sl] = a->q_pos[r0 + t];
-          kv->score[sl] = 0.0f;
-          continue;
-        }
-        memcpy(kv->k + sl * d, k + src, (size_t)d * sizeof(float));
-        memcpy(kv->v + sl * d, v + src, (size_t)d * sizeof(float));
+        } else {
+          memcpy(kv->k + sl * d, k + src, (size_t)d * sizeof(float));
+          memcpy(kv->v + sl * d, v + src, (size_t)d * sizeof(float));
 #ifdef GG_EMU
-        if (be->numerics == K_NUMERICS_LLAMA) /* GGML's default fp16 KV cache */
-          for (int64_t e = 0; e < d; e++) {
-            kv->k[sl * d + e] = f16r(kv->k[sl * d + e]);
-            kv->v[sl * d + e] = f16r(kv->v[sl * d + e]);
-          }
+          if (be->numerics == K_NUMERICS_LLAMA) /* GGML's fp16 cache, held in fp32 */
+            for (int64_t e = 0; e < d; e++) {
+              kv->k[sl * d + e] = f16r(kv->k[sl * d + e]);
+              kv->v[sl * d + e] = f16r(kv->v[sl * d + e]);
+            }
 #endif
+        }
         kv->pos[sl] = a->q_pos[r0 + t];
         kv->score[sl] = 0.0f;
       }
