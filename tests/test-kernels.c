@@ -786,6 +786,38 @@ static bool same_mass(float **m, k_seq_kv_t *views, int32_t S, size_t n, bool re
   return same;
 }
 
+/* Batch invariance: every query row of an unscored sequence, alone in a
+ * call, gets the bits it got in the batch (out), though tiles of many rows
+ * take other code paths than one row does. The arena's scores are kept. */
+static void check_rows_alone(const char *name, k_kv_arena_t *a, const k_attn_args_t *args,
+                             const float *out, int32_t n_slots) {
+  const int64_t row = (int64_t)args->n_q_heads * args->head_dim;
+  float *o1 = test_xmalloc((size_t)row * sizeof *o1);
+  float *score = test_xmalloc((size_t)n_slots * sizeof *score);
+  memcpy(score, a->score, (size_t)n_slots * sizeof *score);
+  int32_t checked = 0;
+  for (int32_t s = 0; s < args->n_seqs; s++) {
+    if (args->seqs[s].n_obs != 0) continue;
+    for (int32_t r = args->q_start[s]; r < args->q_start[s + 1]; r++, checked++) {
+      const int32_t q_start[2] = {0, 1};
+      k_attn_args_t one = *args;
+      one.n_seqs = 1;
+      one.q = args->q + r * row;
+      one.out = o1;
+      one.q_start = q_start;
+      one.q_pos = args->q_pos + r;
+      one.seqs = args->seqs + s;
+      CHECK_INT_EQ(g_be->ops->attention(g_be, a, &one), 0);
+      if (memcmp(o1, out + r * row, (size_t)row * sizeof *o1))
+        FAIL_AT("%s: seq %d row %d alone differs from the batch", name, s, r);
+    }
+  }
+  memcpy(a->score, score, (size_t)n_slots * sizeof *score);
+  if (!checked) fprintf(stderr, "   %s: no unscored rows to check alone\n", name);
+  free(score);
+  free(o1);
+}
+
 static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   const int32_t S = c->n_seqs, H = c->n_kv_heads, QH = c->n_q_heads, D = c->head_dim,
                 B = c->block_size, G = QH / H;
@@ -924,6 +956,7 @@ static void run_attention(const attn_case_t *c, attn_stats_t *st) {
     FAIL_AT("%s: scores differ between 1 and 2 threads", c->name);
   if (!same_mass(mass2, views, S, mass_n, false))
     FAIL_AT("%s: attention mass differs between 1 and 2 threads", c->name);
+  check_rows_alone(c->name, &a, &args, out, n_slots);
   if (c->kv_type == K_F16) { /* halves read as floats: an f32 arena of the same values */
     k_kv_arena_t a32;
     arena_new_of(&a32, n_arena, B, D, K_F32);

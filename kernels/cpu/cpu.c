@@ -495,6 +495,8 @@ typedef struct att_state {
   int32_t nq; /* query vectors: rows × G */
   float m[ATT_QT * ATT_MAX_G], l[ATT_QT * ATT_MAX_G];
   int32_t qpos[ATT_QT * ATT_MAX_G];
+  float corr[ATT_QT * ATT_MAX_G]; /* the block's rescale of acc */
+  uint8_t seen[ATT_QT * ATT_MAX_G]; /* whether the block has a slot visible to it */
   float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
   float qs[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64))); /* scaled queries */
 } att_state_t;
@@ -622,6 +624,7 @@ static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_a
  * how many queries share its tile: batch invariance and chunked prefill
  * equal to whole prefill hold as before. */
 #define ATT_QG 8 /* query vectors whose score chains are interleaved */
+#define ATT_SM_MIN 8 /* fewer query vectors left: softmax_row for each */
 
 static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -725,6 +728,109 @@ static inline __attribute__((always_inline)) void pv16(float *ac, const float *p
   }
 }
 
+/* Sum of the 16 vectors x[t], lane by lane, in the order of
+ * _mm512_reduce_add_ps over one vector's lanes. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 x[16]) {
+  __m512 a[8];
+  for (int t = 0; t < 8; t++) a[t] = _mm512_add_ps(x[t], x[t + 8]);
+  for (int t = 0; t < 4; t++) a[t] = _mm512_add_ps(a[t], a[t + 4]);
+  for (int t = 0; t < 2; t++) a[t] = _mm512_add_ps(a[t], a[t + 2]);
+  return _mm512_add_ps(a[0], a[1]);
+}
+
+/* Sum of x's lanes in sum16's order. */
+static inline float hsum16(__m512 x) {
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(x),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+/* softmax16's step for the one query vector i, in its own lanes: the same
+ * arithmetic as its lane there (for a few queries, where the transposes
+ * would cost more than they save). */
+static inline __attribute__((always_inline)) void
+softmax_row(att_state_t *st, int32_t i, float sc[][16], __m512i pv, __mmask16 live, float *lg,
+            int64_t ld, float *bm, int64_t ldb, int32_t b0) {
+  const __mmask16 vis = live & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(st->qpos[i]));
+  st->seen[i] = vis != 0;
+  if (!vis) {
+    att_unseen(lg, ld, bm, ldb, i, b0, _mm_popcnt_u32(live), 16);
+    return;
+  }
+  const __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_load_ps(sc[i]));
+  const float bmax = _mm512_reduce_max_ps(x), m = st->m[i];
+  const float mnew = bmax > m ? bmax : m;
+  const __m512 vmnew = _mm512_set1_ps(mnew);
+  const float corr =
+      mnew == m ? 1.0f : _mm512_cvtss_f32(exp_nonpos16(_mm512_sub_ps(_mm512_set1_ps(m), vmnew)));
+  const __m512 e = exp_nonpos16(_mm512_sub_ps(x, vmnew));
+  st->l[i] = fmaf(st->l[i], corr, hsum16(e));
+  st->m[i] = mnew;
+  st->corr[i] = corr;
+  _mm512_store_ps(sc[i], e);
+  if (lg) {
+    _mm512_mask_storeu_ps(lg + i * ld + b0, live, e);
+    bm[i * ldb + b0 / 16] = mnew;
+  }
+}
+
+/* The online-softmax step of query vectors [g0, g0 + gn) (gn <= 16) for the
+ * block at b0: their scores sc are transposed so that each lane is a query
+ * and each vector a slot, the block maxima, rescales, exponentials and sums
+ * are vector operations across the queries (no horizontal reductions, no
+ * scalar exponential), and the exponentials are transposed back into sc. A
+ * query's arithmetic is its lane's alone. */
+static inline __attribute__((always_inline)) void
+softmax16(att_state_t *st, int32_t g0, int gn, float sc[][16], __m512i pv, __mmask16 live,
+          float *lg, int64_t ld, float *bm, int64_t ldb, int32_t b0) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const __mmask16 lanes = (__mmask16)((1u << gn) - 1);
+  __m512 x[16];
+  __mmask16 seen = 0;
+  for (int j = 0; j < 16; j++) {
+    if (j >= gn) {
+      x[j] = ninf;
+      continue;
+    }
+    __mmask16 vis = live & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(st->qpos[g0 + j]));
+    x[j] = _mm512_mask_blend_ps(vis, ninf, _mm512_load_ps(sc[g0 + j]));
+    seen |= (__mmask16)((vis != 0) << j);
+  }
+  transpose16(x); /* x[t]: slot t of every query */
+  __m512 bmax = x[0];
+  for (int t = 1; t < 16; t++) bmax = _mm512_max_ps(x[t], bmax);
+  const __m512 m = _mm512_maskz_loadu_ps(lanes, st->m + g0);
+  const __m512 mnew = _mm512_max_ps(bmax, m);
+  /* 1 where the maximum holds (or nothing was seen yet), else exp(m - mnew) */
+  const __m512 corr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mnew, m, _CMP_EQ_OQ),
+                                           exp_nonpos16(_mm512_sub_ps(m, mnew)),
+                                           _mm512_set1_ps(1.0f));
+  for (int t = 0; t < 16; t++)
+    x[t] = _mm512_maskz_mov_ps(seen, exp_nonpos16(_mm512_sub_ps(x[t], mnew)));
+  const __m512 l = _mm512_maskz_loadu_ps(lanes, st->l + g0);
+  _mm512_mask_storeu_ps(st->l + g0, seen, _mm512_fmadd_ps(l, corr, sum16(x)));
+  _mm512_mask_storeu_ps(st->m + g0, seen, mnew);
+  _mm512_mask_storeu_ps(st->corr + g0, lanes, corr);
+  float mb[16] __attribute__((aligned(64)));
+  _mm512_store_ps(mb, mnew);
+  transpose16(x); /* x[j]: query g0 + j's exponentials */
+  for (int j = 0; j < gn; j++) {
+    const int32_t i = g0 + j;
+    st->seen[i] = seen >> j & 1;
+    if (!st->seen[i]) {
+      att_unseen(lg, ld, bm, ldb, i, b0, _mm_popcnt_u32(live), 16);
+      continue;
+    }
+    _mm512_store_ps(sc[i], x[j]);
+    if (lg) {
+      _mm512_mask_storeu_ps(lg + i * ld + b0, live, x[j]);
+      bm[i * ldb + b0 / 16] = mb[j];
+    }
+  }
+}
+
 static inline __attribute__((always_inline)) void
 att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s,
               int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb, const bool f16) {
@@ -733,6 +839,7 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
   const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
   float kt[ATT_MAX_D][16] __attribute__((aligned(64)));
   float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
+  float vf[16 * ATT_MAX_D] __attribute__((aligned(64))); /* an f16 block's V in fp32 */
   int32_t qmax = INT32_MIN;
   for (int32_t i = 0; i < nq; i++) qmax = st->qpos[i] > qmax ? st->qpos[i] : qmax;
   for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
@@ -752,31 +859,30 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       transpose16(r);
       for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
     }
+    /* V in fp32 once per block, not once per query that reads it */
+    const float *vb = kv->v;
+    int64_t vo = ko;
+    if (f16) {
+      for (int64_t e = 0; e < (int64_t)n * D; e += 16)
+        _mm512_store_ps(vf + e, kv_load16(kv->v, ko + e, true));
+      vb = vf;
+      vo = 0;
+    }
     int32_t i0 = 0;
     for (; i0 + ATT_QG <= nq; i0 += ATT_QG) scores16(st, kt, D, i0, ATT_QG, sc);
     if (i0 < nq) scores16(st, kt, D, i0, nq - i0, sc);
+    int32_t g0 = 0;
+    for (; g0 + ATT_SM_MIN <= nq; g0 += 16)
+      softmax16(st, g0, nq - g0 < 16 ? nq - g0 : 16, sc, pv, live, lg, ld, bm, ldb, b0);
+    for (; g0 < nq; g0++) softmax_row(st, g0, sc, pv, live, lg, ld, bm, ldb, b0);
     for (int32_t i = 0; i < nq; i++) {
-      __mmask16 vis = live & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(st->qpos[i]));
-      if (!vis) { /* nothing visible in this block */
-        att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
-        continue;
-      }
-      __m512 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_load_ps(sc[i]));
-      float bmax = _mm512_reduce_max_ps(x);
-      float mnew = bmax > st->m[i] ? bmax : st->m[i];
-      float corr = mnew == st->m[i] ? 1.0f : exp_nonpos(st->m[i] - mnew); /* 0 when m was -inf */
-      __m512 e = exp_nonpos16(_mm512_sub_ps(x, _mm512_set1_ps(mnew)));
-      st->l[i] = st->l[i] * corr + _mm512_reduce_add_ps(e);
-      _mm512_store_ps(sc[i], e);
-      if (lg) {
-        _mm512_mask_storeu_ps(lg + i * ld + b0, live, e);
-        bm[i * ldb + b0 / 16] = mnew;
-      }
+      if (!st->seen[i]) continue; /* nothing visible in this block */
+      __m512 e = _mm512_load_ps(sc[i]);
       __mmask16 nz = live & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-      if (D % 128 == 0) pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 8);
-      else if (D % 64 == 0) pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 4);
-      else pv16(st->acc[i], sc[i], kv->v, ko, f16, nz, corr, D, 1);
-      st->m[i] = mnew;
+      const float corr = st->corr[i];
+      if (D % 128 == 0) pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 8);
+      else if (D % 64 == 0) pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 4);
+      else pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 1);
     }
   }
 }
