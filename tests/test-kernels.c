@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/cpu-internal.h"
 #include "kernels/profile.h"
 #include "model/quant.h"
 #include "tests/penalty-case.h"
@@ -221,6 +222,9 @@ static void matmul_case(k_dtype_t type, int64_t m, int64_t rows, int64_t cols, u
 
 static void test_matmul(void) {
   CHECK(backend_takes(K_F32));
+  fprintf(stderr, "   packed matmuls of 16 rows or more: %s\n",
+          k__cpu_amx() ? "on AMX tiles, checked against one row at a time"
+                       : "no AMX on this CPU (or PRESSD_CPU_AMX=0): its path is not run");
   for (size_t k = 0; k < N_TYPES; k++) {
     k_dtype_t t = k_all_types[k];
     if (!backend_takes(t)) {
@@ -235,6 +239,7 @@ static void test_matmul(void) {
     matmul_case(t, 3, 1536, 576, seed + 5);  /* MLP up */
     matmul_case(t, 9, 576, 1536, seed + 6);  /* MLP down */
     matmul_case(t, 7, 16, 64, seed + 7);     /* one group of 16 rows, ragged tiles */
+    matmul_case(t, 37, 48, 800, seed + 8);   /* AMX: two tiles of 16 rows and 5 more, odd blocks */
   }
   /* The packed copy is for the int8 arithmetic: none in the others. */
   if (g_be->ops->weight_pack) {

@@ -25,6 +25,9 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
  * Q4_1 and Q8_0 with rows a multiple of 16, in builds with AVX-512 VNNI. */
 size_t k__cpu_packed_bytes(const k_weight_t *w);
 void k__cpu_pack(const k_weight_t *w, void *dst);
+/* Whether the packed matmuls run batches of 16 rows or more on AMX-INT8
+ * tiles: the CPU has them, Linux grants them, PRESSD_CPU_AMX is not "0". */
+bool k__cpu_amx(void);
 /* One row of cols elements of type t to fp32. */
 void k__cpu_dequant_row(k_dtype_t t, const void *src, float *dst, int64_t cols);
 

@@ -30,6 +30,12 @@
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#ifdef MM_PACK
+#include <cpuid.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels/cpu/cpu-internal.h"
 
@@ -112,6 +118,7 @@ typedef struct mm_job {
   const float *xd;  /* [m][nb] their scales */
   const float *xs;  /* [m][nb] their scaled sums */
   const int32_t *xsum; /* [m][nb] their integer sums */
+  uint8_t *amx_spread;  /* [threads][nb][512] Q4 weight tiles; NULL: no AMX */
 } mm_job_t;
 
 #define MM_FLY_M 4 /* up to this many activation rows: dequantise on the fly */
@@ -557,21 +564,184 @@ ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *
       _mm512_storeu_ps(j->y + (i0 + i) * j->w->rows + g * PK_ROWS, _mm512_add_ps(acc[i], off[i]));
 }
 
-ALWAYS_INLINE_Q void ptiles(const mm_job_t *j, const k_dtype_t t, int64_t g) {
+ALWAYS_INLINE_Q void ptiles_from(const mm_job_t *j, const k_dtype_t t, int64_t g, int64_t i0) {
   const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * pk_block(t);
-  int64_t i0 = 0;
   for (; i0 + PK_TI <= j->m; i0 += PK_TI) ptile(j, t, base, i0, PK_TI, g);
   if (i0 < j->m) ptile(j, t, base, i0, (int)(j->m - i0), g);
 }
 
-static void packed_task(void *arg, int64_t g, int32_t thread) {
-  const mm_job_t *j = arg;
-  switch (j->w->type) {
-  case K_Q4_1: ptiles(j, K_Q4_1, g); break;
-  case K_Q4_0: ptiles(j, K_Q4_0, g); break;
-  default: ptiles(j, K_Q8_0, g); break;
+/* ---- AMX: sixteen activation rows at a time --------------------------------
+ * On CPUs with AMX-INT8 (Sapphire Rapids and later), batches of 16 rows or
+ * more run the packed layout on the tile unit: per 32-column block, one
+ * tile multiply gives the exact integer block sums of 16 activation rows ×
+ * the group's 16 weight rows (the packed values are already the B tile's
+ * layout: Q8_0 as they are, Q4 with the nibbles spread to bytes once per
+ * task), and the vector unit applies the block's scales as ptile does:
+ * acc = fma(d_w·d_x, Σq·x, acc) block by block, the Q4_1 minimums in a second
+ * pass, y = acc + off. The integer sums are exact either way, so the results
+ * are ptile's bit for bit; the rows past the last 16 go to ptile. */
+#define AMX_ROWS 16
+
+static bool g_amx; /* set once by amx_init */
+static pthread_once_t g_amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_init(void) {
+  const char *env = getenv("PRESSD_CPU_AMX");
+  if (env && !strcmp(env, "0")) return;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return;
+  /* Linux grants the tile data state on request (ARCH_REQ_XCOMP_PERM, XTILEDATA) */
+  g_amx = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+bool k__cpu_amx(void) {
+  pthread_once(&g_amx_once, amx_init);
+  return g_amx;
+}
+
+typedef struct amx_cfg {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} amx_cfg_t;
+
+/* tiles 0, 1: sums [16][16] int32; 2, 3: activations [16][32] int8; 4, 5:
+ * weights [8][64] (four bytes of each of 16 rows per tile row); pairs of
+ * blocks in flight. */
+__attribute__((target("amx-tile"))) static void amx_begin(void) {
+  amx_cfg_t cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int i = 0; i < 2; i++) {
+    cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    cfg.colsb[2 + i] = K_QBLOCK, cfg.rows[2 + i] = 16;
+    cfg.colsb[4 + i] = 64, cfg.rows[4 + i] = K_QBLOCK / 4;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
+
+/* acc[i] += the scaled block sums c[i] of activation rows i0 + i, block b. */
+ALWAYS_INLINE_Q void amx_scale(const mm_job_t *j, const k_dtype_t t, const uint8_t *blk,
+                               const int32_t *c, int64_t i0, int64_t b, __m512 acc[AMX_ROWS]) {
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) {
+    const int64_t xi = (i0 + i) * j->nb + b;
+    __m512i isum = _mm512_load_si512(c + AMX_ROWS * i);
+    if (t == K_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * j->xsum[xi]));
+    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(j->xd[xi])),
+                             _mm512_cvtepi32_ps(isum), acc[i]);
   }
 }
+
+/* Activation rows [i0, i0 + 16) × group g; wt: the group's weight tiles,
+ * 512 bytes per block (Q4: spread; Q8_0: the packed blocks, pk_block apart). */
+__attribute__((target("amx-tile,amx-int8"))) ALWAYS_INLINE_Q void
+amx_tile(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, const uint8_t *wt,
+         size_t wstride, int64_t i0, int64_t g) {
+  const int64_t cols = j->w->cols, nb = j->nb;
+  const size_t pb = pk_block(t);
+  int32_t c[3][AMX_ROWS * 16] __attribute__((aligned(64)));
+  __m512 acc[AMX_ROWS];
+  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) acc[i] = _mm512_setzero_ps();
+  const int8_t *x = j->xq + i0 * cols;
+  /* a pipeline of three blocks: block b multiplies while b - 1's sums are
+   * stored and b - 2's are scaled */
+#define AMX_MUL(C, A, B, b)                                                            \
+  do {                                                                                 \
+    _tile_zero(C);                                                                     \
+    _tile_loadd(A, x + (b) * K_QBLOCK, cols);                                          \
+    _tile_loadd(B, wt + (size_t)(b) * wstride, 64);                                    \
+    if (t == K_Q8_0) _tile_dpbssd(C, A, B);                                            \
+    else _tile_dpbsud(C, A, B);                                                        \
+  } while (0)
+  for (int64_t b = 0; b < nb + 2; b++) {
+    if (b < nb) {
+      if (b & 1) AMX_MUL(1, 3, 5, b);
+      else AMX_MUL(0, 2, 4, b);
+    }
+    if (b >= 1 && b <= nb) {
+      if ((b - 1) & 1) _tile_stored(1, c[(b - 1) % 3], 64);
+      else _tile_stored(0, c[(b - 1) % 3], 64);
+    }
+    if (b >= 2) amx_scale(j, t, base + (b - 2) * pb, c[(b - 2) % 3], i0, b - 2, acc);
+  }
+#undef AMX_MUL
+  float *y = j->y + i0 * j->w->rows + g * PK_ROWS;
+  const int64_t ld = j->w->rows;
+  if (t != K_Q4_1) {
+    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
+        _mm512_storeu_ps(y + i * ld, _mm512_add_ps(acc[i], _mm512_setzero_ps()));
+    return;
+  }
+  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) _mm512_storeu_ps(y + i * ld, acc[i]);
+  __m512 off[AMX_ROWS]; /* the minimums' chains, sixteen rows interleaved */
+  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) off[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(base + b * pb + 32)));
+    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
+        off[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(j->xs[(i0 + i) * nb + b]), off[i]);
+  }
+  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
+      _mm512_storeu_ps(y + i * ld, _mm512_add_ps(_mm512_loadu_ps(y + i * ld), off[i]));
+}
+
+/* Group g on the tile unit, rows past the last multiple of 16 on ptile;
+ * spread: the thread's 512 bytes per block for Q4's weight tiles. */
+__attribute__((target("amx-tile,amx-int8"))) ALWAYS_INLINE_Q void
+amx_tiles(const mm_job_t *j, const k_dtype_t t, int64_t g, uint8_t *spread) {
+  const size_t pb = pk_block(t);
+  const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * pb;
+  const uint8_t *wt = base + 64;
+  size_t wstride = pb;
+  if (t != K_Q8_0) { /* nibbles to bytes: tile row k holds values 4k .. 4k + 3 */
+    const __m512i m15 = _mm512_set1_epi8(15);
+    for (int64_t b = 0; b < j->nb; b++)
+      _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+        __m512i raw = _mm512_loadu_si512(base + b * pb + 64 + 64 * v);
+        _mm512_store_si512(spread + b * 512 + 64 * v, _mm512_and_si512(raw, m15));
+        _mm512_store_si512(spread + b * 512 + 64 * (v + 4),
+                           _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15));
+      }
+    wt = spread;
+    wstride = 512;
+  }
+  amx_begin();
+  int64_t i0 = 0;
+  for (; i0 + AMX_ROWS <= j->m; i0 += AMX_ROWS) amx_tile(j, t, base, wt, wstride, i0, g);
+  amx_end();
+  ptiles_from(j, t, g, i0);
+}
+
+/* One specialisation per type, compiled for AMX whatever the build's flags. */
+#define AMX_OF(name, t)                                                                  \
+  __attribute__((target("amx-tile,amx-int8"), noinline)) static void name(               \
+      const mm_job_t *j, int64_t g, uint8_t *spread) {                                   \
+    amx_tiles(j, t, g, spread);                                                          \
+  }
+AMX_OF(amx_q4_1, K_Q4_1)
+AMX_OF(amx_q4_0, K_Q4_0)
+AMX_OF(amx_q8_0, K_Q8_0)
+
+static void packed_task(void *arg, int64_t g, int32_t thread) {
+  const mm_job_t *j = arg;
+  if (j->amx_spread) {
+    uint8_t *spread = j->amx_spread + (size_t)thread * (size_t)j->nb * 512;
+    switch (j->w->type) {
+    case K_Q4_1: amx_q4_1(j, g, spread); return;
+    case K_Q4_0: amx_q4_0(j, g, spread); return;
+    default: amx_q8_0(j, g, spread); return;
+    }
+  }
+  switch (j->w->type) {
+  case K_Q4_1: ptiles_from(j, K_Q4_1, g, 0); break;
+  case K_Q4_0: ptiles_from(j, K_Q4_0, g, 0); break;
+  default: ptiles_from(j, K_Q8_0, g, 0); break;
+  }
+}
+#else
+bool k__cpu_amx(void) { return false; }
 #endif
 
 static void band_task(void *arg, int64_t band_i, int32_t thread) {
@@ -616,12 +786,18 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
   if (is_quant(w->type) && !f32_act) {
     /* int8 activations [m][cols], scales and sums [m][nb] */
     size_t qbytes = (size_t)m * (size_t)w->cols, fbytes = (size_t)m * (size_t)j.nb * sizeof(float);
-    int rc = k__scratch_reserve(scratch, (qbytes + 63) / 64 * 64 + 3 * fbytes);
+    size_t head = (qbytes + 63) / 64 * 64 + (3 * fbytes + 63) / 64 * 64, spread = 0;
+#ifdef MM_PACK
+    if (use_packed && w->packed && m >= AMX_ROWS && k__cpu_amx())
+      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * 512;
+#endif
+    int rc = k__scratch_reserve(scratch, head + spread);
     if (rc) return rc;
     j.xq = scratch->p;
     j.xd = (float *)((char *)scratch->p + (qbytes + 63) / 64 * 64);
     j.xs = j.xd + m * j.nb;
     j.xsum = (const int32_t *)(j.xs + m * j.nb);
+    if (spread) j.amx_spread = (uint8_t *)scratch->p + head;
     qrow_job_t q = {x, &j};
     if (m == 1) quant_task(&q, 0, 0);
     else k_pool_run(pool, m, quant_task, &q);
