@@ -118,7 +118,7 @@ typedef struct mm_job {
   const float *xd;  /* [m][nb] their scales */
   const float *xs;  /* [m][nb] their scaled sums */
   const int32_t *xsum; /* [m][nb] their integer sums */
-  uint8_t *amx_spread;  /* [threads][nb][512] Q4 weight tiles; NULL: no AMX */
+  uint8_t *amx_spread;  /* [threads][2][nb][512] Q4 weight tiles; NULL: no AMX */
 } mm_job_t;
 
 #define MM_FLY_M 4 /* up to this many activation rows: dequantise on the fly */
@@ -605,120 +605,157 @@ typedef struct amx_cfg {
   uint8_t rows[16];
 } amx_cfg_t;
 
-/* tiles 0, 1: sums [16][16] int32; 2, 3: activations [16][32] int8; 4, 5:
- * weights [8][64] (four bytes of each of 16 rows per tile row); pairs of
- * blocks in flight. */
+/* tiles 0-3: sums [16][16] int32 of (activation tile a, group h) at
+ * 2a + h; 4, 5: activations [16][32] int8; 6, 7: weights [8][64] (four
+ * bytes of each of 16 rows per tile row). */
 __attribute__((target("amx-tile"))) static void amx_begin(void) {
   amx_cfg_t cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int i = 0; i < 2; i++) {
-    cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    cfg.colsb[2 + i] = K_QBLOCK, cfg.rows[2 + i] = 16;
-    cfg.colsb[4 + i] = 64, cfg.rows[4 + i] = K_QBLOCK / 4;
-  }
+  for (int i = 0; i < 4; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  for (int i = 4; i < 6; i++) cfg.colsb[i] = K_QBLOCK, cfg.rows[i] = 16;
+  for (int i = 6; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = K_QBLOCK / 4;
   _tile_loadconfig(&cfg);
 }
 
 __attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
 
-/* acc[i] += the scaled block sums c[i] of activation rows i0 + i, block b. */
-ALWAYS_INLINE_Q void amx_scale(const mm_job_t *j, const k_dtype_t t, const uint8_t *blk,
-                               const int32_t *c, int64_t i0, int64_t b, __m512 acc[AMX_ROWS]) {
-  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) {
-    const int64_t xi = (i0 + i) * j->nb + b;
-    __m512i isum = _mm512_load_si512(c + AMX_ROWS * i);
-    if (t == K_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * j->xsum[xi]));
-    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(j->xd[xi])),
-                             _mm512_cvtepi32_ps(isum), acc[i]);
+/* The accumulators acc[NA·16][NG·16] += block b's scaled sums c[2a + h]
+ * (activation tile a from row i0, group h whose block starts at blk[h]). */
+ALWAYS_INLINE_Q void amx_scale(const mm_job_t *j, const k_dtype_t t, const int NA, const int NG,
+                               const uint8_t *const blk[2], int32_t c[4][256], int64_t i0,
+                               int64_t b, float *acc) {
+  _Pragma("GCC unroll 2") for (int h = 0; h < NG; h++) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk[h]));
+    _Pragma("GCC unroll 2") for (int a = 0; a < NA; a++)
+        _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) {
+      const int64_t xi = (i0 + a * AMX_ROWS + i) * j->nb + b;
+      __m512i isum = _mm512_load_si512(c[2 * a + h] + AMX_ROWS * i);
+      if (t == K_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * j->xsum[xi]));
+      float *ap = acc + (a * AMX_ROWS + i) * (NG * PK_ROWS) + h * PK_ROWS;
+      _mm512_store_ps(ap, _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(j->xd[xi])),
+                                          _mm512_cvtepi32_ps(isum), _mm512_load_ps(ap)));
+    }
   }
 }
 
-/* Activation rows [i0, i0 + 16) × group g; wt: the group's weight tiles,
- * 512 bytes per block (Q4: spread; Q8_0: the packed blocks, pk_block apart). */
+/* y for the rows of acc: acc + off, off the Q4_1 minimums' chains (sixteen
+ * rows interleaved), 0 for the other types. */
+ALWAYS_INLINE_Q void amx_store(const mm_job_t *j, const k_dtype_t t, const int NA, const int NG,
+                               const uint8_t *const base[2], const float *acc, int64_t i0,
+                               int64_t g) {
+  const size_t pb = pk_block(t);
+  _Pragma("GCC unroll 2") for (int h = 0; h < NG; h++)
+      _Pragma("GCC unroll 2") for (int a = 0; a < NA; a++) {
+    __m512 off[AMX_ROWS];
+    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) off[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; t == K_Q4_1 && b < j->nb; b++) {
+      const __m512 mw =
+          _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(base[h] + b * pb + 32)));
+      _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) off[i] = _mm512_fmadd_ps(
+          mw, _mm512_set1_ps(j->xs[(i0 + a * AMX_ROWS + i) * j->nb + b]), off[i]);
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) {
+      const int64_t r = i0 + a * AMX_ROWS + i;
+      const float *ap = acc + (a * AMX_ROWS + i) * (NG * PK_ROWS) + h * PK_ROWS;
+      _mm512_storeu_ps(j->y + r * j->w->rows + (g + h) * PK_ROWS,
+                       _mm512_add_ps(_mm512_load_ps(ap), off[i]));
+    }
+  }
+}
+
+/* Activation rows [i0, i0 + 16·NA) × groups [g, g + NG) (NA, NG: 1 or 2):
+ * each block's activation and weight tiles are loaded once and used twice.
+ * wt[h]: group h's weight tiles, wstride apart (Q4: spread, 512 bytes;
+ * Q8_0: the packed blocks). Block b multiplies while b - 1 is scaled. */
 __attribute__((target("amx-tile,amx-int8"))) ALWAYS_INLINE_Q void
-amx_tile(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, const uint8_t *wt,
-         size_t wstride, int64_t i0, int64_t g) {
+amx_block(const mm_job_t *j, const k_dtype_t t, const int NA, const int NG,
+          const uint8_t *const base[2], const uint8_t *const wt[2], size_t wstride, int64_t i0,
+          int64_t g) {
   const int64_t cols = j->w->cols, nb = j->nb;
   const size_t pb = pk_block(t);
-  int32_t c[3][AMX_ROWS * 16] __attribute__((aligned(64)));
-  __m512 acc[AMX_ROWS];
-  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) acc[i] = _mm512_setzero_ps();
+  int32_t c[2][4][256] __attribute__((aligned(64)));
+  float acc[2 * AMX_ROWS * 2 * PK_ROWS] __attribute__((aligned(64)));
+  memset(acc, 0, sizeof acc);
   const int8_t *x = j->xq + i0 * cols;
-  /* a pipeline of three blocks: block b multiplies while b - 1's sums are
-   * stored and b - 2's are scaled */
-#define AMX_MUL(C, A, B, b)                                                            \
+#define AMX_DP(C, A, B)                                                                \
   do {                                                                                 \
     _tile_zero(C);                                                                     \
-    _tile_loadd(A, x + (b) * K_QBLOCK, cols);                                          \
-    _tile_loadd(B, wt + (size_t)(b) * wstride, 64);                                    \
     if (t == K_Q8_0) _tile_dpbssd(C, A, B);                                            \
     else _tile_dpbsud(C, A, B);                                                        \
   } while (0)
-  for (int64_t b = 0; b < nb + 2; b++) {
+  for (int64_t b = 0; b <= nb; b++) {
     if (b < nb) {
-      if (b & 1) AMX_MUL(1, 3, 5, b);
-      else AMX_MUL(0, 2, 4, b);
+      _tile_loadd(4, x + b * K_QBLOCK, cols);
+      if (NA == 2) _tile_loadd(5, x + AMX_ROWS * cols + b * K_QBLOCK, cols);
+      _tile_loadd(6, wt[0] + (size_t)b * wstride, 64);
+      if (NG == 2) _tile_loadd(7, wt[1] + (size_t)b * wstride, 64);
+      AMX_DP(0, 4, 6);
+      if (NG == 2) AMX_DP(1, 4, 7);
+      if (NA == 2) AMX_DP(2, 5, 6);
+      if (NA == 2 && NG == 2) AMX_DP(3, 5, 7);
     }
-    if (b >= 1 && b <= nb) {
-      if ((b - 1) & 1) _tile_stored(1, c[(b - 1) % 3], 64);
-      else _tile_stored(0, c[(b - 1) % 3], 64);
+    if (b >= 1) {
+      const uint8_t *blk[2] = {base[0] + (b - 1) * pb, base[NG - 1] + (b - 1) * pb};
+      amx_scale(j, t, NA, NG, blk, c[(b - 1) & 1], i0, b - 1, acc);
     }
-    if (b >= 2) amx_scale(j, t, base + (b - 2) * pb, c[(b - 2) % 3], i0, b - 2, acc);
+    if (b < nb) {
+      int32_t(*cb)[256] = c[b & 1];
+      _tile_stored(0, cb[0], 64);
+      if (NG == 2) _tile_stored(1, cb[1], 64);
+      if (NA == 2) _tile_stored(2, cb[2], 64);
+      if (NA == 2 && NG == 2) _tile_stored(3, cb[3], 64);
+    }
   }
-#undef AMX_MUL
-  float *y = j->y + i0 * j->w->rows + g * PK_ROWS;
-  const int64_t ld = j->w->rows;
-  if (t != K_Q4_1) {
-    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
-        _mm512_storeu_ps(y + i * ld, _mm512_add_ps(acc[i], _mm512_setzero_ps()));
-    return;
-  }
-  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) _mm512_storeu_ps(y + i * ld, acc[i]);
-  __m512 off[AMX_ROWS]; /* the minimums' chains, sixteen rows interleaved */
-  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++) off[i] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b++) {
-    const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(base + b * pb + 32)));
-    _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
-        off[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(j->xs[(i0 + i) * nb + b]), off[i]);
-  }
-  _Pragma("GCC unroll 16") for (int i = 0; i < AMX_ROWS; i++)
-      _mm512_storeu_ps(y + i * ld, _mm512_add_ps(_mm512_loadu_ps(y + i * ld), off[i]));
+#undef AMX_DP
+  amx_store(j, t, NA, NG, base, acc, i0, g);
 }
 
-/* Group g on the tile unit, rows past the last multiple of 16 on ptile;
- * spread: the thread's 512 bytes per block for Q4's weight tiles. */
+/* Groups [g, g + NG) on the tile unit, rows past the last multiple of 16 on
+ * ptile; spread: the thread's 2 × 512 bytes per block for Q4's weight tiles. */
 __attribute__((target("amx-tile,amx-int8"))) ALWAYS_INLINE_Q void
-amx_tiles(const mm_job_t *j, const k_dtype_t t, int64_t g, uint8_t *spread) {
+amx_groups(const mm_job_t *j, const k_dtype_t t, const int NG, int64_t g, uint8_t *spread) {
   const size_t pb = pk_block(t);
-  const uint8_t *base = (const uint8_t *)j->w->packed + (size_t)g * (size_t)j->nb * pb;
-  const uint8_t *wt = base + 64;
+  const uint8_t *base[2], *wt[2];
   size_t wstride = pb;
+  for (int h = 0; h < 2; h++) {
+    base[h] = (const uint8_t *)j->w->packed + (size_t)(g + (h < NG ? h : 0)) * (size_t)j->nb * pb;
+    wt[h] = base[h] + 64;
+  }
   if (t != K_Q8_0) { /* nibbles to bytes: tile row k holds values 4k .. 4k + 3 */
     const __m512i m15 = _mm512_set1_epi8(15);
-    for (int64_t b = 0; b < j->nb; b++)
-      _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
-        __m512i raw = _mm512_loadu_si512(base + b * pb + 64 + 64 * v);
-        _mm512_store_si512(spread + b * 512 + 64 * v, _mm512_and_si512(raw, m15));
-        _mm512_store_si512(spread + b * 512 + 64 * (v + 4),
-                           _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15));
-      }
-    wt = spread;
+    for (int h = 0; h < NG; h++) {
+      uint8_t *sp = spread + (size_t)h * (size_t)j->nb * 512;
+      for (int64_t b = 0; b < j->nb; b++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+          __m512i raw = _mm512_loadu_si512(base[h] + b * pb + 64 + 64 * v);
+          _mm512_store_si512(sp + b * 512 + 64 * v, _mm512_and_si512(raw, m15));
+          _mm512_store_si512(sp + b * 512 + 64 * (v + 4),
+                             _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15));
+        }
+      wt[h] = sp;
+    }
     wstride = 512;
   }
   amx_begin();
   int64_t i0 = 0;
-  for (; i0 + AMX_ROWS <= j->m; i0 += AMX_ROWS) amx_tile(j, t, base, wt, wstride, i0, g);
+  for (; i0 + 2 * AMX_ROWS <= j->m; i0 += 2 * AMX_ROWS)
+    amx_block(j, t, 2, NG, base, wt, wstride, i0, g);
+  if (i0 + AMX_ROWS <= j->m) {
+    amx_block(j, t, 1, NG, base, wt, wstride, i0, g);
+    i0 += AMX_ROWS;
+  }
   amx_end();
-  ptiles_from(j, t, g, i0);
+  for (int h = 0; h < NG; h++) ptiles_from(j, t, g + h, i0);
 }
 
-/* One specialisation per type, compiled for AMX whatever the build's flags. */
+/* One specialisation per type and group count, compiled for AMX whatever
+ * the build's flags; a task is a pair of groups (the last may be alone). */
 #define AMX_OF(name, t)                                                                  \
   __attribute__((target("amx-tile,amx-int8"), noinline)) static void name(               \
-      const mm_job_t *j, int64_t g, uint8_t *spread) {                                   \
-    amx_tiles(j, t, g, spread);                                                          \
+      const mm_job_t *j, int64_t pair, uint8_t *spread) {                                \
+    if (2 * pair + 1 < j->w->rows / PK_ROWS) amx_groups(j, t, 2, 2 * pair, spread);      \
+    else amx_groups(j, t, 1, 2 * pair, spread);                                          \
   }
 AMX_OF(amx_q4_1, K_Q4_1)
 AMX_OF(amx_q4_0, K_Q4_0)
@@ -727,7 +764,7 @@ AMX_OF(amx_q8_0, K_Q8_0)
 static void packed_task(void *arg, int64_t g, int32_t thread) {
   const mm_job_t *j = arg;
   if (j->amx_spread) {
-    uint8_t *spread = j->amx_spread + (size_t)thread * (size_t)j->nb * 512;
+    uint8_t *spread = j->amx_spread + (size_t)thread * (size_t)j->nb * 1024;
     switch (j->w->type) {
     case K_Q4_1: amx_q4_1(j, g, spread); return;
     case K_Q4_0: amx_q4_0(j, g, spread); return;
@@ -789,7 +826,7 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
     size_t head = (qbytes + 63) / 64 * 64 + (3 * fbytes + 63) / 64 * 64, spread = 0;
 #ifdef MM_PACK
     if (use_packed && w->packed && m >= AMX_ROWS && k__cpu_amx())
-      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * 512;
+      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * 1024;
 #endif
     int rc = k__scratch_reserve(scratch, head + spread);
     if (rc) return rc;
@@ -809,7 +846,8 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
   }
 #ifdef MM_PACK
   if (j.xq && use_packed && w->packed) {
-    k_pool_run(pool, w->rows / PK_ROWS, packed_task, &j);
+    const int64_t groups = w->rows / PK_ROWS;
+    k_pool_run(pool, j.amx_spread ? (groups + 1) / 2 : groups, packed_task, &j);
     return 0;
   }
 #endif
