@@ -449,7 +449,7 @@ static int cpu_kv_move(k_backend_t *be, const k_kv_arena_t *kv, const int32_t *s
  * plain vector multiply-adds (no horizontal sums), and the exponentials of a
  * block are one vectorisable loop. A query's result depends only on its own
  * row and the cached K/V, never on the rest of the batch. */
-#define ATT_QT 8
+#define ATT_QT 16
 #define ATT_MAX_G 16
 #define ATT_MAX_D 256
 #define ATT_MAX_B 64
