@@ -618,8 +618,9 @@ static void att_tile_any(att_state_t *st, const k_kv_arena_t *kv, const k_attn_a
  * The same online softmax as att_tile_any, a block of 16 slots per step with
  * the slots in the 16 lanes: K's block is transposed in registers, each
  * query's 16 scores are one fused multiply-add chain over the head
- * dimension (eight queries' chains interleaved), the exponentials one
- * vector, and P·V two accumulators per 16 dimensions (even and odd slots).
+ * dimension (eight queries' chains interleaved), the softmax's maxima,
+ * rescales and sums run across 16 queries at a time (softmax16), and P·V
+ * is two accumulators per 16 dimensions (even and odd slots).
  * A query's arithmetic depends only on its own row and the cache, never on
  * how many queries share its tile: batch invariance and chunked prefill
  * equal to whole prefill hold as before. */
@@ -696,11 +697,11 @@ static inline __attribute__((always_inline)) __m512 kv_load16(const float *arr, 
 }
 
 /* ac[0, 16·nd) = ac·corr + Σ p[t]·V[t] over the slots of nz, ascending, the
- * even slots in one accumulator and the odd ones in another; V's block at
- * element offset vo of the arena's V, halves where h. */
+ * even slots in one accumulator and the odd ones in another; V's block in
+ * fp32 at vb ([16][D]). */
 static inline __attribute__((always_inline)) void pv16(float *ac, const float *p, const float *vb,
-                                                       int64_t vo, bool h, __mmask16 nz,
-                                                       float corr, int32_t D, int nd) {
+                                                       __mmask16 nz, float corr, int32_t D,
+                                                       int nd) {
   for (int32_t c = 0; c < D; c += 16 * nd) {
     __m512 x0[8], x1[8];
     _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) x0[u] = x1[u] = _mm512_setzero_ps();
@@ -712,15 +713,15 @@ static inline __attribute__((always_inline)) void pv16(float *ac, const float *p
     for (int t = 0; t < 16; t += 2) {
       if (nz >> t & 1) {
         __m512 pt = _mm512_set1_ps(p[t]);
-        const int64_t o = vo + (int64_t)t * D + c;
+        const float *v = vb + (int64_t)t * D + c;
         _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
-            x0[u] = _mm512_fmadd_ps(pt, kv_load16(vb, o + 16 * u, h), x0[u]);
+            x0[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + 16 * u), x0[u]);
       }
       if (nz >> (t + 1) & 1) {
         __m512 pt = _mm512_set1_ps(p[t + 1]);
-        const int64_t o = vo + (int64_t)(t + 1) * D + c;
+        const float *v = vb + (int64_t)(t + 1) * D + c;
         _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
-            x1[u] = _mm512_fmadd_ps(pt, kv_load16(vb, o + 16 * u, h), x1[u]);
+            x1[u] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + 16 * u), x1[u]);
       }
     }
     _Pragma("GCC unroll 8") for (int u = 0; u < nd; u++)
@@ -860,14 +861,9 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
     }
     /* V in fp32 once per block, not once per query that reads it */
-    const float *vb = kv->v;
-    int64_t vo = ko;
-    if (f16) {
-      for (int64_t e = 0; e < (int64_t)n * D; e += 16)
-        _mm512_store_ps(vf + e, kv_load16(kv->v, ko + e, true));
-      vb = vf;
-      vo = 0;
-    }
+    for (int64_t e = 0; f16 && e < (int64_t)n * D; e += 16)
+      _mm512_store_ps(vf + e, kv_load16(kv->v, ko + e, true));
+    const float *vb = f16 ? vf : kv->v + ko;
     int32_t i0 = 0;
     for (; i0 + ATT_QG <= nq; i0 += ATT_QG) scores16(st, kt, D, i0, ATT_QG, sc);
     if (i0 < nq) scores16(st, kt, D, i0, nq - i0, sc);
@@ -880,9 +876,9 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       __m512 e = _mm512_load_ps(sc[i]);
       __mmask16 nz = live & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ);
       const float corr = st->corr[i];
-      if (D % 128 == 0) pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 8);
-      else if (D % 64 == 0) pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 4);
-      else pv16(st->acc[i], sc[i], vb, vo, false, nz, corr, D, 1);
+      if (D % 128 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 8);
+      else if (D % 64 == 0) pv16(st->acc[i], sc[i], vb, nz, corr, D, 4);
+      else pv16(st->acc[i], sc[i], vb, nz, corr, D, 1);
     }
   }
 }
