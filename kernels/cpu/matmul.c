@@ -119,6 +119,7 @@ typedef struct mm_job {
   const float *xs;  /* [m][nb] their scaled sums */
   const int32_t *xsum; /* [m][nb] their integer sums */
   uint8_t *amx_spread;  /* [threads][2][nb][512] Q4 weight tiles; NULL: no AMX */
+  int64_t task_groups;  /* groups of 16 rows per task of the packed path */
 } mm_job_t;
 
 #define MM_FLY_M 4 /* up to this many activation rows: dequantise on the fly */
@@ -471,6 +472,7 @@ static void quant_task(void *arg, int64_t i, int32_t thread) {
  * packed copy is used only in the int8 arithmetic (K_NUMERICS_INT8). */
 #define PK_ROWS 16
 #define PK_TI 4 /* activation rows per tile */
+#define PK_AHEAD 8 /* blocks ahead that a decode row's tile prefetches */
 
 /* Bytes of one group's block. */
 static size_t pk_block(k_dtype_t t) { return t == K_Q8_0 ? 64 + 16 * K_QBLOCK : 64 + 8 * K_QBLOCK; }
@@ -521,6 +523,9 @@ ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *
   _Pragma("GCC unroll 4") for (int i = 0; i < PK_TI; i++) acc[i] = off[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t *p = base + b * pb;
+    if (j->m <= 2 * PK_TI) /* a few rows: the weights are the work, so fetch them early */
+      for (size_t l = 0; l < pb; l += 64)
+        _mm_prefetch((const char *)p + PK_AHEAD * pb + l, _MM_HINT_T0);
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     __m256i second = _mm256_loadu_si256((const __m256i *)(p + 32));
     __m512i w[8]; /* w[k]: values 4k .. 4k + 3 of every row */
@@ -771,10 +776,14 @@ static void packed_task(void *arg, int64_t g, int32_t thread) {
     default: amx_q8_0(j, g, spread); return;
     }
   }
-  switch (j->w->type) {
-  case K_Q4_1: ptiles_from(j, K_Q4_1, g, 0); break;
-  case K_Q4_0: ptiles_from(j, K_Q4_0, g, 0); break;
-  default: ptiles_from(j, K_Q8_0, g, 0); break;
+  const int64_t groups = j->w->rows / PK_ROWS, g0 = g * j->task_groups;
+  const int64_t g1 = g0 + j->task_groups < groups ? g0 + j->task_groups : groups;
+  for (g = g0; g < g1; g++) {
+    switch (j->w->type) {
+    case K_Q4_1: ptiles_from(j, K_Q4_1, g, 0); break;
+    case K_Q4_0: ptiles_from(j, K_Q4_0, g, 0); break;
+    default: ptiles_from(j, K_Q8_0, g, 0); break;
+    }
   }
 }
 #else
@@ -847,7 +856,15 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
 #ifdef MM_PACK
   if (j.xq && use_packed && w->packed) {
     const int64_t groups = w->rows / PK_ROWS;
-    k_pool_run(pool, j.amx_spread ? (groups + 1) / 2 : groups, packed_task, &j);
+    if (j.amx_spread) {
+      k_pool_run(pool, (groups + 1) / 2, packed_task, &j);
+      return 0;
+    }
+    /* some tasks per thread, not one per group: a decode row's group is a
+     * fraction of a microsecond of work, less than taking a task costs */
+    j.task_groups = groups / (4 * k_pool_threads(pool));
+    if (j.task_groups < 1) j.task_groups = 1;
+    k_pool_run(pool, (groups + j.task_groups - 1) / j.task_groups, packed_task, &j);
     return 0;
   }
 #endif
