@@ -835,8 +835,8 @@ softmax16(att_state_t *st, int32_t g0, int gn, float sc[][16], __m512i pv, __mma
 
 /* Into the cache: block blk's K and V (16 slots of D, halves where h) and
  * its positions. */
-static inline __attribute__((always_inline)) void kv_prefetch(const k_kv_arena_t *kv, int64_t blk,
-                                                              int32_t D, bool h) {
+static inline __attribute__((always_inline)) void
+kv_prefetch(const k_kv_arena_t *kv, int64_t blk, int32_t D, bool h) {
   const size_t bytes = (size_t)16 * (size_t)D * (h ? 2 : 4);
   const char *k = (const char *)kv->k + (size_t)blk * bytes;
   const char *v = (const char *)kv->v + (size_t)blk * bytes;
@@ -863,7 +863,7 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
     int32_t n = ctx - b0 < 16 ? ctx - b0 : 16;
     const int64_t ko = blk * 16 * D; /* the block's first element in K and V */
     const __mmask16 live = (__mmask16)((1u << n) - 1);
-    if (b0 + ATT_AHEAD * 16 < ctx) /* blocks are scattered: fetch a later one's K, V, positions */
+    if (b0 + ATT_AHEAD * 16 < ctx) /* the blocks are scattered: fetch a later one early */
       kv_prefetch(kv, arena_block(kv, table[b0 / 16 + ATT_AHEAD]), D, f16);
     const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
     if (_mm512_mask_reduce_min_epi32(live, pv) > qmax) { /* the causal future of every row */
