@@ -833,11 +833,10 @@ softmax16(att_state_t *st, int32_t g0, int gn, float sc[][16], __m512i pv, __mma
   }
 }
 
-/* Into the cache: block blk's K and V (16 slots of D, halves where h) and
- * its positions. */
-static inline __attribute__((always_inline)) void
-kv_prefetch(const k_kv_arena_t *kv, int64_t blk, int32_t D, bool h) {
-  const size_t bytes = (size_t)16 * (size_t)D * (h ? 2 : 4);
+/* Into the cache: block blk's K and V (16 slots) and its positions. */
+static inline __attribute__((always_inline)) void kv_prefetch(const k_kv_arena_t *kv,
+                                                              int64_t blk) {
+  const size_t bytes = 16 * kv_row_bytes(kv);
   const char *k = (const char *)kv->k + (size_t)blk * bytes;
   const char *v = (const char *)kv->v + (size_t)blk * bytes;
   for (size_t l = 0; l < bytes; l += 64) {
@@ -864,7 +863,7 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
     const int64_t ko = blk * 16 * D; /* the block's first element in K and V */
     const __mmask16 live = (__mmask16)((1u << n) - 1);
     if (b0 + ATT_AHEAD * 16 < ctx) /* the blocks are scattered: fetch a later one early */
-      kv_prefetch(kv, arena_block(kv, table[b0 / 16 + ATT_AHEAD]), D, f16);
+      kv_prefetch(kv, arena_block(kv, table[b0 / 16 + ATT_AHEAD]));
     const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
     if (_mm512_mask_reduce_min_epi32(live, pv) > qmax) { /* the causal future of every row */
       for (int32_t i = 0; i < nq; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);

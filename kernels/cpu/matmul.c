@@ -118,7 +118,7 @@ typedef struct mm_job {
   const float *xd;  /* [m][nb] their scales */
   const float *xs;  /* [m][nb] their scaled sums */
   const int32_t *xsum; /* [m][nb] their integer sums */
-  uint8_t *amx_spread;  /* [threads][2][nb][512] Q4 weight tiles; NULL: no AMX */
+  uint8_t *amx_spread;  /* [threads][2][nb][AMX_TILE_BYTES] Q4 weight tiles; NULL: no AMX */
   int64_t task_groups;  /* groups of 16 rows per task of the packed path */
 } mm_job_t;
 
@@ -513,12 +513,22 @@ static inline int32_t load_i32(const int8_t *p) {
   return v;
 }
 
+/* A Q4 group block's values as bytes, w[k] holding values 4k .. 4k + 3 of
+ * every row (the low nibbles are values 0-15, the high ones 16-31). */
+ALWAYS_INLINE_Q void pk_q4_values(const uint8_t *blk, __m512i w[8]) {
+  const __m512i m15 = _mm512_set1_epi8(15);
+  _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+    __m512i raw = _mm512_loadu_si512(blk + 64 + 64 * v);
+    w[v] = _mm512_and_si512(raw, m15);
+    w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
+  }
+}
+
 /* Activation rows [i0, i0 + ni) × the 16 rows of group g. */
 ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *base, int64_t i0,
                            int ni, int64_t g) {
   const int64_t cols = j->w->cols, nb = j->nb;
   const size_t pb = pk_block(t);
-  const __m512i m15 = _mm512_set1_epi8(15);
   __m512 acc[PK_TI], off[PK_TI];
   _Pragma("GCC unroll 4") for (int i = 0; i < PK_TI; i++) acc[i] = off[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
@@ -532,11 +542,7 @@ ALWAYS_INLINE_Q void ptile(const mm_job_t *j, const k_dtype_t t, const uint8_t *
     if (t == K_Q8_0) {
       _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512(p + 64 + 64 * v);
     } else {
-      _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
-        __m512i raw = _mm512_loadu_si512(p + 64 + 64 * v);
-        w[v] = _mm512_and_si512(raw, m15);
-        w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15);
-      }
+      pk_q4_values(p, w);
     }
     _Pragma("GCC unroll 4") for (int i = 0; i < ni; i++) {
       const int8_t *xb = j->xq + (i0 + i) * cols + b * K_QBLOCK;
@@ -586,6 +592,8 @@ ALWAYS_INLINE_Q void ptiles_from(const mm_job_t *j, const k_dtype_t t, int64_t g
  * pass, y = acc + off. The integer sums are exact either way, so the results
  * are ptile's bit for bit; the rows past the last 16 go to ptile. */
 #define AMX_ROWS 16
+#define AMX_TILE_BYTES 512 /* a block's weight tile: 8 rows of 64 bytes */
+#define AMX_SPREAD (2 * AMX_TILE_BYTES) /* a task's spread bytes per block: two groups */
 
 static bool g_amx; /* set once by amx_init */
 static pthread_once_t g_amx_once = PTHREAD_ONCE_INIT;
@@ -717,7 +725,7 @@ amx_block(const mm_job_t *j, const k_dtype_t t, const int NA, const int NG,
 }
 
 /* Groups [g, g + NG) on the tile unit, rows past the last multiple of 16 on
- * ptile; spread: the thread's 2 × 512 bytes per block for Q4's weight tiles. */
+ * ptile; spread: the thread's AMX_SPREAD bytes per block for Q4's weight tiles. */
 __attribute__((target("amx-tile,amx-int8"))) ALWAYS_INLINE_Q void
 amx_groups(const mm_job_t *j, const k_dtype_t t, const int NG, int64_t g, uint8_t *spread) {
   const size_t pb = pk_block(t);
@@ -728,19 +736,17 @@ amx_groups(const mm_job_t *j, const k_dtype_t t, const int NG, int64_t g, uint8_
     wt[h] = base[h] + 64;
   }
   if (t != K_Q8_0) { /* nibbles to bytes: tile row k holds values 4k .. 4k + 3 */
-    const __m512i m15 = _mm512_set1_epi8(15);
     for (int h = 0; h < NG; h++) {
-      uint8_t *sp = spread + (size_t)h * (size_t)j->nb * 512;
-      for (int64_t b = 0; b < j->nb; b++)
-        _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
-          __m512i raw = _mm512_loadu_si512(base[h] + b * pb + 64 + 64 * v);
-          _mm512_store_si512(sp + b * 512 + 64 * v, _mm512_and_si512(raw, m15));
-          _mm512_store_si512(sp + b * 512 + 64 * (v + 4),
-                             _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15));
-        }
+      uint8_t *sp = spread + (size_t)h * (size_t)j->nb * AMX_TILE_BYTES;
+      for (int64_t b = 0; b < j->nb; b++) {
+        __m512i w[8];
+        pk_q4_values(base[h] + b * pb, w);
+        _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++)
+            _mm512_store_si512(sp + b * AMX_TILE_BYTES + 64 * v, w[v]);
+      }
       wt[h] = sp;
     }
-    wstride = 512;
+    wstride = AMX_TILE_BYTES;
   }
   amx_begin();
   int64_t i0 = 0;
@@ -769,7 +775,7 @@ AMX_OF(amx_q8_0, K_Q8_0)
 static void packed_task(void *arg, int64_t g, int32_t thread) {
   const mm_job_t *j = arg;
   if (j->amx_spread) {
-    uint8_t *spread = j->amx_spread + (size_t)thread * (size_t)j->nb * 1024;
+    uint8_t *spread = j->amx_spread + (size_t)thread * (size_t)j->nb * AMX_SPREAD;
     switch (j->w->type) {
     case K_Q4_1: amx_q4_1(j, g, spread); return;
     case K_Q4_0: amx_q4_0(j, g, spread); return;
@@ -835,7 +841,7 @@ int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_
     size_t head = (qbytes + 63) / 64 * 64 + (3 * fbytes + 63) / 64 * 64, spread = 0;
 #ifdef MM_PACK
     if (use_packed && w->packed && m >= AMX_ROWS && k__cpu_amx())
-      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * 1024;
+      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * AMX_SPREAD;
 #endif
     int rc = k__scratch_reserve(scratch, head + spread);
     if (rc) return rc;
