@@ -113,6 +113,32 @@ static int cpu_weight_pack(k_backend_t *be, k_weight_t *w, bool data_read) {
   return 0;
 }
 
+#ifdef __AVX512F__
+/* exp(x) for x <= 0, lane by lane: exp_nonpos's polynomial, rounding n to
+ * nearest even; exactly 0 at -inf, NaN stays NaN. */
+static inline __m512 exp_nonpos16(__m512 x) {
+  __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f)); /* NaN lanes fixed below */
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), y,
+                           _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+
+#endif
+
 typedef struct rms_job {
   float *y;
   const float *x, *g;
@@ -127,16 +153,35 @@ static void rms_row(void *arg, int64_t r, int32_t thread) {
   float *y = j->y + r * j->n;
   double ss = 0;
   float scale;
+  int64_t i = 0;
   if (j->ggml) {
     /* GGML: float squares summed in double, the rest in float */
-    for (int64_t i = 0; i < j->n; i++) ss += (double)(x[i] * x[i]);
+    for (; i < j->n; i++) ss += (double)(x[i] * x[i]);
     float mean = (float)(ss / (double)j->n);
     scale = 1.0f / sqrtf(mean + j->eps);
   } else {
-    for (int64_t i = 0; i < j->n; i++) ss += (double)x[i] * x[i];
+#ifdef __AVX512F__
+    /* squares in double, summed in eight lanes, then across them */
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (; i + 16 <= j->n; i += 16) {
+      __m512 v = _mm512_loadu_ps(x + i);
+      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      a0 = _mm512_fmadd_pd(lo, lo, a0);
+      a1 = _mm512_fmadd_pd(hi, hi, a1);
+    }
+    ss = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+#endif
+    for (; i < j->n; i++) ss += (double)x[i] * x[i];
     scale = (float)(1.0 / sqrt(ss / (double)j->n + j->eps));
   }
-  for (int64_t i = 0; i < j->n; i++) y[i] = x[i] * scale * j->g[i];
+  i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= j->n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(scale)),
+                                          _mm512_loadu_ps(j->g + i)));
+#endif
+  for (; i < j->n; i++) y[i] = x[i] * scale * j->g[i];
 }
 
 static int cpu_rmsnorm(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
@@ -242,6 +287,18 @@ static void silu_chunk(void *arg, int64_t c, int32_t thread) {
       _mm512_storeu_ps(j->y + lo, _mm512_mul_ps(gg_v_silu(_mm512_loadu_ps(j->a + lo)),
                                                 _mm512_loadu_ps(j->b + lo)));
 #endif
+#ifdef __AVX512F__
+  /* g·σ(g)·u with e = exp(-|g|) <= 1: σ(g) = 1/(1+e) for g >= 0, e/(1+e) below */
+  if (!j->ggml)
+    for (; lo + 16 <= hi; lo += 16) {
+      __m512 g = _mm512_loadu_ps(j->a + lo);
+      __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+      __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                        _mm512_set1_ps(1.0f), e);
+      __m512 sg = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      _mm512_storeu_ps(j->y + lo, _mm512_mul_ps(_mm512_mul_ps(g, sg), _mm512_loadu_ps(j->b + lo)));
+    }
+#endif
   for (int64_t i = lo; i < hi; i++) {
     float g = j->a[i];
     j->y[i] = g / (1.0f + expf(-g)) * j->b[i];
@@ -254,8 +311,15 @@ static int cpu_silu_mul(k_backend_t *be, float *y, const float *gate, const floa
   return 0;
 }
 
+static void add_chunk(void *arg, int64_t c, int32_t thread) {
+  const elem_job_t *j = arg;
+  int64_t lo = c * ELEM_CHUNK, hi = lo + ELEM_CHUNK < j->n ? lo + ELEM_CHUNK : j->n;
+  for (int64_t i = lo; i < hi; i++) j->y[i] += j->a[i];
+}
+
 static int cpu_add(k_backend_t *be, float *y, const float *x, int64_t n) {
-  for (int64_t i = 0; i < n; i++) y[i] += x[i];
+  elem_job_t j = {y, x, NULL, n, false};
+  k_pool_run(pool_of(be), (n + ELEM_CHUNK - 1) / ELEM_CHUNK, add_chunk, &j);
   return 0;
 }
 
@@ -650,29 +714,6 @@ static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
-}
-
-/* exp(x) for x <= 0, lane by lane: exp_nonpos's polynomial, rounding n to
- * nearest even; exactly 0 at -inf, NaN stays NaN. */
-static inline __m512 exp_nonpos16(__m512 x) {
-  __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f)); /* NaN lanes fixed below */
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), y,
-                           _mm512_setzero_ps());
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 
 /* Scores of query vectors [i0, i0 + ni) against the transposed block. */
