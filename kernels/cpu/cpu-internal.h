@@ -28,6 +28,17 @@ void k__cpu_pack(const k_weight_t *w, void *dst);
 /* Whether the packed matmuls run batches of 16 rows or more on AMX-INT8
  * tiles: the CPU has them, Linux grants them, PRESSD_CPU_AMX is not "0". */
 bool k__cpu_amx(void);
+/* Whether attention in the int8 arithmetic runs on AMX-BF16 tiles (scaled
+ * queries, K, the exponentials and V rounded to bf16, sums in fp32): the
+ * CPU has AMX-BF16 and AVX512_BF16, k__cpu_amx() holds, and
+ * PRESSD_CPU_BF16 is not "0". */
+bool k__cpu_bf16(void);
+/* The tile configuration (LDTILECFG's 64 bytes, palette 1). */
+typedef struct k__amx_cfg {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} k__amx_cfg_t;
 /* One row of cols elements of type t to fp32. */
 void k__cpu_dequant_row(k_dtype_t t, const void *src, float *dst, int64_t cols);
 

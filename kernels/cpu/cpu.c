@@ -2,8 +2,10 @@
  * matmul.c's (int8 activations on quantised weights, from a packed copy on
  * CPUs with AVX-512 VNNI); attention and the element-wise ops run here, on
  * a small thread pool. */
+#include <cpuid.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -47,6 +49,26 @@ void k__scratch_destroy(k__scratch_t *s) {
   free(s->p);
   s->p = NULL;
   s->cap = 0;
+}
+
+static bool g_bf16; /* set once by bf16_init */
+static pthread_once_t g_bf16_once = PTHREAD_ONCE_INIT;
+
+static void bf16_init(void) {
+#ifdef __AVX512F__
+  const char *env = getenv("PRESSD_CPU_BF16");
+  if (env && !strcmp(env, "0")) return;
+  unsigned a, b, c, d, a1, b1, c1, d1;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))
+    return;
+  /* AMX-BF16 and AVX512_BF16, and the tile state granted (k__cpu_amx) */
+  g_bf16 = (d >> 22 & 1) && (a1 >> 5 & 1) && k__cpu_amx();
+#endif
+}
+
+bool k__cpu_bf16(void) {
+  pthread_once(&g_bf16_once, bf16_init);
+  return g_bf16;
 }
 
 static k_pool_t *pool_of(k_backend_t *be) { return ((cpu_t *)be->impl)->pool; }
@@ -533,6 +555,7 @@ typedef struct att_job {
   float *acc;
   const int32_t *split_seq;
   int rc;                  /* first failure of a scored task (scratch) */
+  bool bf16;               /* dot products on bf16 pairs (att_tile16_of) */
 } att_job_t;
 
 static inline float exp_nonpos(float x) {
@@ -563,6 +586,7 @@ typedef struct att_state {
   uint8_t seen[ATT_QT * ATT_MAX_G]; /* whether the block has a slot visible to it */
   float acc[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64)));
   float qs[ATT_QT * ATT_MAX_G][ATT_MAX_D] __attribute__((aligned(64))); /* scaled queries */
+  uint32_t qb[ATT_QT * ATT_MAX_G][ATT_MAX_D / 2]; /* qs as bf16 pairs, where bf16 */
 } att_state_t;
 
 static void att_begin(att_state_t *st, const k_attn_args_t *a, int32_t h, int32_t r0,
@@ -771,6 +795,122 @@ static inline __attribute__((always_inline)) void pv16(float *ac, const float *p
   }
 }
 
+/* The bf16 arithmetic (K_NUMERICS_INT8 on CPUs with AMX-BF16): the scaled
+ * queries, K, the exponentials and V are rounded to bf16 (nearest even),
+ * and the tile unit multiplies them with fp32 sums: per block of 16 slots,
+ * S = Q·Kᵀ for 16 query vectors at a time, then O = P·V, which the vector
+ * unit adds into the accumulators (acc·corr + O). A query vector's sums
+ * are its tile row's alone, so a row alone and in a batch still give the
+ * same bits. */
+#define BF_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl,avx512f")))
+
+/* 32 elements at element offset i of an arena array as bf16, in order. */
+static inline __attribute__((always_inline)) BF_TARGET __m512i kv_load32_bf(const float *arr,
+                                                                             int64_t i, bool h) {
+  return (__m512i)_mm512_cvtne2ps_pbh(kv_load16(arr, i + 16, h), kv_load16(arr, i, h));
+}
+
+/* The block's K and V as the tiles take them, the slots past n zero:
+ * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][d] slots 2u, 2u + 1 of dim d. */
+static inline __attribute__((always_inline)) BF_TARGET void
+kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
+            uint32_t kt2[][16], uint32_t vv[][ATT_MAX_D]) {
+  for (int32_t c = 0; c < D; c += 32) {
+    __m512 r[16];
+    for (int t = 0; t < 16; t++)
+      r[t] = t < n ? _mm512_castsi512_ps(kv_load32_bf(kv->k, ko + (int64_t)t * D + c, h))
+                   : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < 16; j++) _mm512_store_ps((float *)kt2[c / 2 + j], r[j]);
+  }
+  /* word 2j of a pair vector from slot 2u's dim j, word 2j + 1 from slot 2u + 1's */
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int u = 0; u < 8; u++)
+    for (int32_t c = 0; c < D; c += 32) {
+      __m512i a = 2 * u < n ? kv_load32_bf(kv->v, ko + (int64_t)(2 * u) * D + c, h)
+                            : _mm512_setzero_si512();
+      __m512i b = 2 * u + 1 < n ? kv_load32_bf(kv->v, ko + (int64_t)(2 * u + 1) * D + c, h)
+                                : _mm512_setzero_si512();
+      _mm512_store_si512(vv[u] + c, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_store_si512(vv[u] + c + 16, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+/* The scaled queries as bf16 pairs; the rows up to the next 16 zero. */
+static BF_TARGET void att_queries_bf(att_state_t *st, int32_t D) {
+  for (int32_t i = 0; i < (st->nq + 15) / 16 * 16; i++)
+    for (int32_t c = 0; c < D; c += 32)
+      _mm512_store_si512(st->qb[i] + c / 2,
+                         i < st->nq ? (__m512i)_mm512_cvtne2ps_pbh(
+                                          _mm512_load_ps(st->qs[i] + c + 16),
+                                          _mm512_load_ps(st->qs[i] + c))
+                                    : _mm512_setzero_si512());
+}
+
+/* Tiles: 0 K (16 pairs of dims × 16 slots), 2 Q (16 query vectors × 32
+ * dims), 4 S (16 × 16 fp32), 5 P (16 query vectors × 16 slots), 6 V (8
+ * pairs of slots × 16 dims), 7 O (16 × 16 fp32). */
+static BF_TARGET void att_amx_begin(void) {
+  k__amx_cfg_t cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  cfg.colsb[0] = cfg.colsb[2] = cfg.colsb[4] = cfg.colsb[6] = cfg.colsb[7] = 64;
+  cfg.rows[0] = cfg.rows[2] = cfg.rows[4] = cfg.rows[5] = cfg.rows[7] = 16;
+  cfg.colsb[5] = 32;
+  cfg.rows[6] = 8;
+  _tile_loadconfig(&cfg);
+}
+
+static BF_TARGET void att_amx_end(void) { _tile_release(); }
+
+/* A block's K and V in tile layout, then every query vector's scores. */
+static BF_TARGET void att_block_bf(att_state_t *st, const k_kv_arena_t *kv, int64_t ko,
+                                   int32_t n, int32_t D, bool h, uint32_t kt2[][16],
+                                   uint32_t vv[][ATT_MAX_D], float sc[][16]) {
+  if (h) kv_block_bf(kv, ko, n, D, true, kt2, vv);
+  else kv_block_bf(kv, ko, n, D, false, kt2, vv);
+  for (int32_t i0 = 0; i0 < st->nq; i0 += 16) {
+    _tile_zero(4);
+    for (int32_t c = 0; c < D / 32; c++) {
+      _tile_loadd(0, kt2[16 * c], 64);
+      _tile_loadd(2, st->qb[i0] + 16 * c, sizeof st->qb[0]);
+      _tile_dpbf16ps(4, 2, 0);
+    }
+    _tile_stored(4, sc[i0], 64);
+  }
+}
+
+/* Every query vector that sees the block: acc = acc·corr + P·V, P its
+ * exponentials in sc. */
+static BF_TARGET void att_pv_bf(att_state_t *st, float sc[][16], uint32_t vv[][ATT_MAX_D],
+                                int32_t D) {
+  uint32_t pb[16][8] __attribute__((aligned(64)));
+  float o[16][16] __attribute__((aligned(64)));
+  for (int32_t i0 = 0; i0 < st->nq; i0 += 16) {
+    const int32_t rows = st->nq - i0 < 16 ? st->nq - i0 : 16;
+    for (int32_t r = 0; r < 16; r++)
+      _mm256_store_si256((__m256i *)pb[r],
+                         r < rows && st->seen[i0 + r]
+                             ? (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sc[i0 + r]))
+                             : _mm256_setzero_si256());
+    _tile_loadd(5, pb, 32);
+    for (int32_t g = 0; g < D; g += 16) {
+      _tile_zero(7);
+      _tile_loadd(6, vv[0] + g, sizeof vv[0]);
+      _tile_dpbf16ps(7, 5, 6);
+      _tile_stored(7, o, 64);
+      for (int32_t r = 0; r < rows; r++) {
+        float *ac = st->acc[i0 + r] + g;
+        if (st->seen[i0 + r])
+          _mm512_store_ps(ac, _mm512_fmadd_ps(_mm512_load_ps(ac), _mm512_set1_ps(st->corr[i0 + r]),
+                                              _mm512_load_ps(o[r])));
+      }
+    }
+  }
+}
+
 /* Sum of the 16 vectors x[t], lane by lane, in the order of
  * _mm512_reduce_add_ps over one vector's lanes. */
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 x[16]) {
@@ -889,13 +1029,17 @@ static inline __attribute__((always_inline)) void kv_prefetch(const k_kv_arena_t
 
 static inline __attribute__((always_inline)) void
 att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s,
-              int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb, const bool f16) {
+              int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb, const bool f16,
+              const bool bf) {
   const int32_t D = a->head_dim, nq = st->nq;
   const int32_t *table = k_attn_table(a, &a->seqs[s], h);
   const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
   float kt[ATT_MAX_D][16] __attribute__((aligned(64)));
   float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
   float vf[16 * ATT_MAX_D] __attribute__((aligned(64))); /* an f16 block's V in fp32 */
+  uint32_t kt2[ATT_MAX_D / 2][16] __attribute__((aligned(64))); /* bf: K^T in pairs of dims */
+  uint32_t vv[8][ATT_MAX_D] __attribute__((aligned(64)));       /* bf: V in pairs of slots */
+  if (bf) att_queries_bf(st, D);
   int32_t qmax = INT32_MIN;
   for (int32_t i = 0; i < nq; i++) qmax = st->qpos[i] > qmax ? st->qpos[i] : qmax;
   for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
@@ -910,24 +1054,32 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       for (int32_t i = 0; i < nq; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
       continue;
     }
-    for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
-      __m512 r[16];
-      for (int t = 0; t < 16; t++)
-        r[t] = t < n ? kv_load16(kv->k, ko + (int64_t)t * D + c, f16) : _mm512_setzero_ps();
-      transpose16(r);
-      for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
+    if (bf) {
+      att_block_bf(st, kv, ko, n, D, f16, kt2, vv, sc);
+    } else {
+      for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
+        __m512 r[16];
+        for (int t = 0; t < 16; t++)
+          r[t] = t < n ? kv_load16(kv->k, ko + (int64_t)t * D + c, f16) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int j = 0; j < 16; j++) _mm512_store_ps(kt[c + j], r[j]);
+      }
+      /* V in fp32 once per block, not once per query that reads it */
+      for (int64_t e = 0; f16 && e < (int64_t)n * D; e += 16)
+        _mm512_store_ps(vf + e, kv_load16(kv->v, ko + e, true));
+      int32_t i0 = 0;
+      for (; i0 + ATT_QG <= nq; i0 += ATT_QG) scores16(st, kt, D, i0, ATT_QG, sc);
+      if (i0 < nq) scores16(st, kt, D, i0, nq - i0, sc);
     }
-    /* V in fp32 once per block, not once per query that reads it */
-    for (int64_t e = 0; f16 && e < (int64_t)n * D; e += 16)
-      _mm512_store_ps(vf + e, kv_load16(kv->v, ko + e, true));
-    const float *vb = f16 ? vf : kv->v + ko;
-    int32_t i0 = 0;
-    for (; i0 + ATT_QG <= nq; i0 += ATT_QG) scores16(st, kt, D, i0, ATT_QG, sc);
-    if (i0 < nq) scores16(st, kt, D, i0, nq - i0, sc);
     int32_t g0 = 0;
     for (; g0 + ATT_SM_MIN <= nq; g0 += 16)
       softmax16(st, g0, nq - g0 < 16 ? nq - g0 : 16, sc, pv, live, lg, ld, bm, ldb, b0);
     for (; g0 < nq; g0++) softmax_row(st, g0, sc, pv, live, lg, ld, bm, ldb, b0);
+    if (bf) {
+      att_pv_bf(st, sc, vv, D);
+      continue;
+    }
+    const float *vb = f16 ? vf : kv->v + ko;
     for (int32_t i = 0; i < nq; i++) {
       if (!st->seen[i]) continue; /* nothing visible in this block */
       __m512 e = _mm512_load_ps(sc[i]);
@@ -942,20 +1094,32 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
 
 static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a,
                        int32_t s, int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb) {
-  if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true);
-  else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false);
+  if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true, false);
+  else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, false);
+}
+
+static BF_TARGET void att_tile16_bf(att_state_t *st, const k_kv_arena_t *kv,
+                                    const k_attn_args_t *a, int32_t s, int32_t h, float *lg,
+                                    int64_t ld, float *bm, int64_t ldb) {
+  att_amx_begin();
+  if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true, true);
+  else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, true);
+  att_amx_end();
 }
 #endif
 
 /* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h; lg, bm,
  * m_out and l_out as att_tile_any describes. */
-static void att_tile(const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s, int32_t h,
-                     int32_t r0, int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb,
-                     float *m_out, float *l_out) {
+static void att_tile(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int32_t r1, float *lg,
+                     int64_t ld, float *bm, int64_t ldb, float *m_out, float *l_out) {
+  const k_kv_arena_t *kv = j->kv;
+  const k_attn_args_t *a = j->a;
   att_state_t st;
   att_begin(&st, a, h, r0, r1);
 #ifdef __AVX512F__
-  if (kv->block_size == 16 && a->head_dim % 16 == 0)
+  if (kv->block_size == 16 && j->bf16 && a->head_dim % 32 == 0)
+    att_tile16_bf(&st, kv, a, s, h, lg, ld, bm, ldb);
+  else if (kv->block_size == 16 && a->head_dim % 16 == 0)
     att_tile16(&st, kv, a, s, h, lg, ld, bm, ldb);
   else
 #endif
@@ -998,7 +1162,7 @@ static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, 
   float mm[ATT_QT * ATT_MAX_G], ll[ATT_QT * ATT_MAX_G];
   for (int32_t t0 = r0; t0 < r1; t0 += ATT_QT) {
     int32_t t1 = t0 + ATT_QT < r1 ? t0 + ATT_QT : r1;
-    att_tile(kv, a, s, h, t0, t1, lg, ld, bm, ldb, mm, ll);
+    att_tile(j, s, h, t0, t1, lg, ld, bm, ldb, mm, ll);
     for (int32_t i = 0; i < (t1 - t0) * G; i++) {
       int32_t g = i % G;
       float inv = ll[i] > 0 ? 1.0f / ll[i] : 0.0f;
@@ -1071,7 +1235,7 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
   int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H], part = j->task_part[ti / H];
   if (part < 0) {
-    att_tile(j->kv, j->a, s, h, r0, r1, NULL, 0, NULL, 0, NULL, NULL);
+    att_tile(j, s, h, r0, r1, NULL, 0, NULL, 0, NULL, NULL);
     return;
   }
   int rc;
@@ -1298,7 +1462,7 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
     }
   }
   att_job_t j = {kv, a, c->att_scratch, ts, tr, te, tp, n_parts, acc_ld, acc_off,
-                 c->att_acc.p, split_seq, 0};
+                 c->att_acc.p, split_seq, 0, be->numerics == K_NUMERICS_INT8 && k__cpu_bf16()};
 #ifdef GG_EMU
   if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0 && acc_n == 0 && !scored_any(a))
     k_pool_run(c->pool, n_tasks * H, att_task_gg, &j);

@@ -612,17 +612,11 @@ bool k__cpu_amx(void) {
   return g_amx;
 }
 
-typedef struct amx_cfg {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-} amx_cfg_t;
-
 /* tiles 0-3: sums [16][16] int32 of (activation tile a, group h) at
  * 2a + h; 4, 5: activations [16][32] int8; 6, 7: weights [8][64] (four
  * bytes of each of 16 rows per tile row). */
 __attribute__((target("amx-tile"))) static void amx_begin(void) {
-  amx_cfg_t cfg;
+  k__amx_cfg_t cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   for (int i = 0; i < 4; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
