@@ -811,7 +811,10 @@ static inline __attribute__((always_inline)) BF_TARGET __m512i kv_load32_bf(cons
 }
 
 /* The block's K and V as the tiles take them, the slots past n zero:
- * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][d] slots 2u, 2u + 1 of dim d. */
+ * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][j] slots 2u, 2u + 1 of dim
+ * bf_dim(j): in each 32 dims, the word interleave of two slots' 128-bit
+ * lanes (one shuffle per 16 dims), so the accumulators hold the dims in that
+ * order until att_unpermute_bf. */
 static inline __attribute__((always_inline)) BF_TARGET void
 kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
             uint32_t kt2[][16], uint32_t vv[][ATT_MAX_D]) {
@@ -823,18 +826,28 @@ kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
     transpose16(r);
     for (int j = 0; j < 16; j++) _mm512_store_ps((float *)kt2[c / 2 + j], r[j]);
   }
-  /* word 2j of a pair vector from slot 2u's dim j, word 2j + 1 from slot 2u + 1's */
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int u = 0; u < 8; u++)
     for (int32_t c = 0; c < D; c += 32) {
       __m512i a = 2 * u < n ? kv_load32_bf(kv->v, ko + (int64_t)(2 * u) * D + c, h)
                             : _mm512_setzero_si512();
       __m512i b = 2 * u + 1 < n ? kv_load32_bf(kv->v, ko + (int64_t)(2 * u + 1) * D + c, h)
                                 : _mm512_setzero_si512();
-      _mm512_store_si512(vv[u] + c, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_store_si512(vv[u] + c + 16, _mm512_permutex2var_epi16(a, hi, b));
+      _mm512_store_si512(vv[u] + c, _mm512_unpacklo_epi16(a, b));
+      _mm512_store_si512(vv[u] + c + 16, _mm512_unpackhi_epi16(a, b));
+    }
+}
+
+/* The accumulators back in dims order from kv_block_bf's: in each 32 dims,
+ * the first 16 hold the dims 0-3, 8-11, 16-19, 24-27, the next 16 the
+ * rest. */
+static BF_TARGET void att_unpermute_bf(att_state_t *st, int32_t D) {
+  const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int32_t i = 0; i < st->nq; i++)
+    for (int32_t c = 0; c < D; c += 32) {
+      __m512 a = _mm512_load_ps(st->acc[i] + c), b = _mm512_load_ps(st->acc[i] + c + 16);
+      _mm512_store_ps(st->acc[i] + c, _mm512_permutex2var_ps(a, lo, b));
+      _mm512_store_ps(st->acc[i] + c + 16, _mm512_permutex2var_ps(a, hi, b));
     }
 }
 
@@ -849,17 +862,18 @@ static BF_TARGET void att_queries_bf(att_state_t *st, int32_t D) {
                                     : _mm512_setzero_si512());
 }
 
-/* Tiles: 0 K (16 pairs of dims × 16 slots), 2 Q (16 query vectors × 32
- * dims), 4 S (16 × 16 fp32), 5 P (16 query vectors × 16 slots), 6 V (8
- * pairs of slots × 16 dims), 7 O (16 × 16 fp32). */
+/* Tiles: for S = Q·Kᵀ, 0 and 1 K (16 pairs of dims × 16 slots), 2 and 3 Q
+ * (16 query vectors × 32 dims), 4 S (16 × 16 fp32); for O = P·V, 5 P (16
+ * query vectors × 16 slots), 6 and 7 V (8 pairs of slots × 16 dims), 0-3
+ * O (16 × 16 fp32 each): four dims groups at once, not one after another
+ * through one tile. */
 static BF_TARGET void att_amx_begin(void) {
   k__amx_cfg_t cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  cfg.colsb[0] = cfg.colsb[2] = cfg.colsb[4] = cfg.colsb[6] = cfg.colsb[7] = 64;
-  cfg.rows[0] = cfg.rows[2] = cfg.rows[4] = cfg.rows[5] = cfg.rows[7] = 16;
+  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
   cfg.colsb[5] = 32;
-  cfg.rows[6] = 8;
+  cfg.rows[6] = cfg.rows[7] = 8;
   _tile_loadconfig(&cfg);
 }
 
@@ -873,7 +887,16 @@ static BF_TARGET void att_block_bf(att_state_t *st, const k_kv_arena_t *kv, int6
   else kv_block_bf(kv, ko, n, D, false, kt2, vv);
   for (int32_t i0 = 0; i0 < st->nq; i0 += 16) {
     _tile_zero(4);
-    for (int32_t c = 0; c < D / 32; c++) {
+    int32_t c = 0;
+    for (; c + 2 <= D / 32; c += 2) {
+      _tile_loadd(0, kt2[16 * c], 64);
+      _tile_loadd(1, kt2[16 * c + 16], 64);
+      _tile_loadd(2, st->qb[i0] + 16 * c, sizeof st->qb[0]);
+      _tile_loadd(3, st->qb[i0] + 16 * c + 16, sizeof st->qb[0]);
+      _tile_dpbf16ps(4, 2, 0);
+      _tile_dpbf16ps(4, 3, 1);
+    }
+    if (c < D / 32) {
       _tile_loadd(0, kt2[16 * c], 64);
       _tile_loadd(2, st->qb[i0] + 16 * c, sizeof st->qb[0]);
       _tile_dpbf16ps(4, 2, 0);
@@ -887,7 +910,7 @@ static BF_TARGET void att_block_bf(att_state_t *st, const k_kv_arena_t *kv, int6
 static BF_TARGET void att_pv_bf(att_state_t *st, float sc[][16], uint32_t vv[][ATT_MAX_D],
                                 int32_t D) {
   uint32_t pb[16][8] __attribute__((aligned(64)));
-  float o[16][16] __attribute__((aligned(64)));
+  float o[4][16][16] __attribute__((aligned(64)));
   for (int32_t i0 = 0; i0 < st->nq; i0 += 16) {
     const int32_t rows = st->nq - i0 < 16 ? st->nq - i0 : 16;
     for (int32_t r = 0; r < 16; r++)
@@ -896,16 +919,35 @@ static BF_TARGET void att_pv_bf(att_state_t *st, float sc[][16], uint32_t vv[][A
                              ? (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sc[i0 + r]))
                              : _mm256_setzero_si256());
     _tile_loadd(5, pb, 32);
-    for (int32_t g = 0; g < D; g += 16) {
-      _tile_zero(7);
-      _tile_loadd(6, vv[0] + g, sizeof vv[0]);
-      _tile_dpbf16ps(7, 5, 6);
-      _tile_stored(7, o, 64);
+    for (int32_t g0 = 0; g0 < D; g0 += 64) {
+      const int ng = D - g0 < 64 ? 2 : 4; /* dims groups of 16: D is a multiple of 32 */
+      _tile_loadd(6, vv[0] + g0, sizeof vv[0]);
+      _tile_loadd(7, vv[0] + g0 + 16, sizeof vv[0]);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_dpbf16ps(0, 5, 6);
+      _tile_dpbf16ps(1, 5, 7);
+      if (ng == 4) {
+        _tile_loadd(6, vv[0] + g0 + 32, sizeof vv[0]);
+        _tile_loadd(7, vv[0] + g0 + 48, sizeof vv[0]);
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, o[0], 64);
+      _tile_stored(1, o[1], 64);
+      if (ng == 4) {
+        _tile_stored(2, o[2], 64);
+        _tile_stored(3, o[3], 64);
+      }
       for (int32_t r = 0; r < rows; r++) {
-        float *ac = st->acc[i0 + r] + g;
-        if (st->seen[i0 + r])
-          _mm512_store_ps(ac, _mm512_fmadd_ps(_mm512_load_ps(ac), _mm512_set1_ps(st->corr[i0 + r]),
-                                              _mm512_load_ps(o[r])));
+        if (!st->seen[i0 + r]) continue;
+        const __m512 corr = _mm512_set1_ps(st->corr[i0 + r]);
+        for (int k = 0; k < ng; k++) {
+          float *ac = st->acc[i0 + r] + g0 + 16 * k;
+          _mm512_store_ps(ac, _mm512_fmadd_ps(_mm512_load_ps(ac), corr, _mm512_load_ps(o[k][r])));
+        }
       }
     }
   }
@@ -1037,8 +1079,11 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
   float kt[ATT_MAX_D][16] __attribute__((aligned(64)));
   float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
   float vf[16 * ATT_MAX_D] __attribute__((aligned(64))); /* an f16 block's V in fp32 */
-  uint32_t kt2[ATT_MAX_D / 2][16] __attribute__((aligned(64))); /* bf: K^T in pairs of dims */
-  uint32_t vv[8][ATT_MAX_D] __attribute__((aligned(64)));       /* bf: V in pairs of slots */
+  /* bf: K^T in pairs of dims, V in pairs of slots; two of each, block by
+   * block in turn, so that a block's conversions need not wait for the
+   * previous block's tile loads */
+  uint32_t kt2[2][ATT_MAX_D / 2][16] __attribute__((aligned(64)));
+  uint32_t vv[2][8][ATT_MAX_D] __attribute__((aligned(64)));
   if (bf) att_queries_bf(st, D);
   int32_t qmax = INT32_MIN;
   for (int32_t i = 0; i < nq; i++) qmax = st->qpos[i] > qmax ? st->qpos[i] : qmax;
@@ -1055,7 +1100,7 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       continue;
     }
     if (bf) {
-      att_block_bf(st, kv, ko, n, D, f16, kt2, vv, sc);
+      att_block_bf(st, kv, ko, n, D, f16, kt2[b0 / 16 & 1], vv[b0 / 16 & 1], sc);
     } else {
       for (int32_t c = 0; c < D; c += 16) { /* kt = K^T, the slots past n zero */
         __m512 r[16];
@@ -1076,7 +1121,7 @@ att_tile16_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, i
       softmax16(st, g0, nq - g0 < 16 ? nq - g0 : 16, sc, pv, live, lg, ld, bm, ldb, b0);
     for (; g0 < nq; g0++) softmax_row(st, g0, sc, pv, live, lg, ld, bm, ldb, b0);
     if (bf) {
-      att_pv_bf(st, sc, vv, D);
+      att_pv_bf(st, sc, vv[b0 / 16 & 1], D);
       continue;
     }
     const float *vb = f16 ? vf : kv->v + ko;
@@ -1105,6 +1150,7 @@ static BF_TARGET void att_tile16_bf(att_state_t *st, const k_kv_arena_t *kv,
   if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true, true);
   else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, true);
   att_amx_end();
+  att_unpermute_bf(st, a->head_dim);
 }
 #endif
 
