@@ -273,7 +273,7 @@ static inline float fp16_round(float f) {
 #ifdef __F16C__
   return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 #else
-  return f; /* portable builds keep full precision */
+  return k_f16_to_f32(k_f32_to_f16(f));
 #endif
 }
 
