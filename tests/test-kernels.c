@@ -824,13 +824,7 @@ static void check_rows_alone(const char *name, k_kv_arena_t *a, const k_attn_arg
 }
 
 /* f rounded to bf16, to nearest even. */
-static float bf16_round(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  u = (u + 0x7fffu + (u >> 16 & 1u)) & 0xffff0000u;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
+static float bf16_round(float f) { return model_bf16_to_f32(model_f32_to_bf16(f)); }
 
 static void run_attention(const attn_case_t *c, attn_stats_t *st) {
   const int32_t S = c->n_seqs, H = c->n_kv_heads, QH = c->n_q_heads, D = c->head_dim,

@@ -555,7 +555,7 @@ typedef struct att_job {
   float *acc;
   const int32_t *split_seq;
   int rc;                  /* first failure of a scored task (scratch) */
-  bool bf16;               /* dot products on bf16 pairs (att_tile16_of) */
+  bool bf16;               /* on AMX-BF16 tiles (att_tile16_bf) */
 } att_job_t;
 
 static inline float exp_nonpos(float x) {
@@ -811,10 +811,10 @@ static inline __attribute__((always_inline)) BF_TARGET __m512i kv_load32_bf(cons
 }
 
 /* The block's K and V as the tiles take them, the slots past n zero:
- * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][j] slots 2u, 2u + 1 of dim
- * bf_dim(j): in each 32 dims, the word interleave of two slots' 128-bit
- * lanes (one shuffle per 16 dims), so the accumulators hold the dims in that
- * order until att_unpermute_bf. */
+ * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][j] slots 2u, 2u + 1 of one
+ * dim, the dims of each 32 in the order of a word unpack of two slots
+ * (one shuffle per 16 dims; att_unpermute_bf gives that order), so the
+ * accumulators hold the dims in that order until att_unpermute_bf. */
 static inline __attribute__((always_inline)) BF_TARGET void
 kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
             uint32_t kt2[][16], uint32_t vv[][ATT_MAX_D]) {
