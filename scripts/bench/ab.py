@@ -11,11 +11,16 @@ tokens; the figure kept is prefill or decode tok/s from --stats.
       --case prefill:PROMPT.txt:8 --case decode:PROMPT.txt:400 --out results.json
 """
 import argparse
+import datetime
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model, git_info  # noqa: E402
 
 
 def run(cmd, env):
@@ -46,7 +51,10 @@ def main():
             k, v = parts.pop(0).split("=", 1)
             env[k] = v
         builds.append((label, parts, env))
-    result = {"threads": args.threads, "repeats": args.repeats, "model": args.model,
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git": git_info(),
+              "machine": {"name": os.environ.get("PRESSD_MACHINE", socket.gethostname()),
+                          "cpu": cpu_model(), "cores": os.cpu_count()},
+              "threads": args.threads, "repeats": args.repeats, "model": args.model,
               "builds": {label: " ".join(p) for label, p, _ in builds}, "cases": {}}
     for c in args.case:
         kind, prompt, ntok = c.split(":")
