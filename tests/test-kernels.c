@@ -1230,6 +1230,10 @@ static void test_attention_shapes(void) {
   attn_case_t c10 = {"mha-f16", 4, 4, 32, 8, 3, mha, 2.0f, 910, false, 3, K_F16};
   memset(&st, 0, sizeof st);
   run_attention(&c10, &st);
+  /* head_dim 32: two dims groups of 16 in tiles where attention runs on them */
+  attn_case_t c11 = {"b16-d32-f16", 6, 2, 32, 16, 3, b16, 2.0f, 920, false, 7, K_F16};
+  memset(&st, 0, sizeof st);
+  run_attention(&c11, &st);
 
   /* block size 1: every slot its own block */
   static const seq_spec_t tiny[] = {{10, 3, {4, 10}, 3}, {2, 2, {1, 0}, -1}};

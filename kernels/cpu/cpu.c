@@ -25,10 +25,18 @@
  * in every BLAS's header). */
 void openblas_set_num_threads(int n);
 
+/* A thread's K and V blocks in the tile unit's layout (att_tile16_bf),
+ * converted once for all the query groups of a tile. */
+typedef struct att_conv {
+  k__scratch_t s;
+  int32_t d; /* the head dim the zeros in s are laid out for */
+} att_conv_t;
+
 typedef struct cpu {
   k_pool_t *pool;         /* owns */
   k__scratch_t mm_scratch; /* matmul's dequantised weight bands */
   k__scratch_t *att_scratch; /* owns: [threads] attention's probabilities for scores */
+  att_conv_t *att_conv;     /* owns: [threads] K and V converted for the tile unit */
   k__scratch_t att_acc;      /* score sums of windows split into parts */
   k__scratch_t att_seq;      /* attention's per-sequence task plan */
   k__scratch_t draw;         /* sample's per-thread weights and ids */
@@ -81,6 +89,9 @@ static void cpu_destroy(k_backend_t *be) {
     for (int32_t i = 0; c->att_scratch && i < c->threads; i++)
       k__scratch_destroy(&c->att_scratch[i]);
     free(c->att_scratch);
+    for (int32_t i = 0; c->att_conv && i < c->threads; i++)
+      k__scratch_destroy(&c->att_conv[i].s);
+    free(c->att_conv);
     k__scratch_destroy(&c->att_acc);
     k__scratch_destroy(&c->att_seq);
     k__scratch_destroy(&c->draw);
@@ -556,6 +567,7 @@ typedef struct att_job {
   const int32_t *split_seq;
   int rc;                  /* first failure of a scored task (scratch) */
   bool bf16;               /* on AMX-BF16 tiles (att_tile16_bf) */
+  att_conv_t *conv;        /* [threads] */
 } att_job_t;
 
 static inline float exp_nonpos(float x) {
@@ -811,13 +823,13 @@ static inline __attribute__((always_inline)) BF_TARGET __m512i kv_load32_bf(cons
 }
 
 /* The block's K and V as the tiles take them, the slots past n zero:
- * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u][j] slots 2u, 2u + 1 of one
- * dim, the dims of each 32 in the order of a word unpack of two slots
+ * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u * ldv + j] (u < 8) slots 2u,
+ * 2u + 1 of one dim, the dims of each 32 in the order of a word unpack of two slots
  * (one shuffle per 16 dims; att_unpermute_bf gives that order), so the
  * accumulators hold the dims in that order until att_unpermute_bf. */
 static inline __attribute__((always_inline)) BF_TARGET void
 kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
-            uint32_t kt2[][16], uint32_t vv[][ATT_MAX_D]) {
+            uint32_t kt2[][16], uint32_t *vv, int64_t ldv) {
   for (int32_t c = 0; c < D; c += 32) {
     __m512 r[16];
     for (int t = 0; t < 16; t++)
@@ -832,8 +844,8 @@ kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
                             : _mm512_setzero_si512();
       __m512i b = 2 * u + 1 < n ? kv_load32_bf(kv->v, ko + (int64_t)(2 * u + 1) * D + c, h)
                                 : _mm512_setzero_si512();
-      _mm512_store_si512(vv[u] + c, _mm512_unpacklo_epi16(a, b));
-      _mm512_store_si512(vv[u] + c + 16, _mm512_unpackhi_epi16(a, b));
+      _mm512_store_si512(vv + u * ldv + c, _mm512_unpacklo_epi16(a, b));
+      _mm512_store_si512(vv + u * ldv + c + 16, _mm512_unpackhi_epi16(a, b));
     }
 }
 
@@ -883,8 +895,8 @@ static BF_TARGET void att_amx_end(void) { _tile_release(); }
 static BF_TARGET void att_block_bf(att_state_t *st, const k_kv_arena_t *kv, int64_t ko,
                                    int32_t n, int32_t D, bool h, uint32_t kt2[][16],
                                    uint32_t vv[][ATT_MAX_D], float sc[][16]) {
-  if (h) kv_block_bf(kv, ko, n, D, true, kt2, vv);
-  else kv_block_bf(kv, ko, n, D, false, kt2, vv);
+  if (h) kv_block_bf(kv, ko, n, D, true, kt2, vv[0], ATT_MAX_D);
+  else kv_block_bf(kv, ko, n, D, false, kt2, vv[0], ATT_MAX_D);
   for (int32_t i0 = 0; i0 < st->nq; i0 += 16) {
     _tile_zero(4);
     int32_t c = 0;
@@ -1143,9 +1155,177 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
   else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, false);
 }
 
+/* Head dims up to 64: O stays in tiles. The query vectors go 16 at a time
+ * (a group) over the blocks, and the group's O = P·V sums stay in tiles 4-7
+ * (16 dims each) from block to block; only where a row's maximum moved are
+ * they stored, its row rescaled by corr and loaded again (about one block
+ * in eight in a prefill, one in twenty-five in a decode). P is padded to
+ * 32 slots with zeros so that every tile is 16 rows of 64 bytes: 0 holds
+ * Q, then P; 1 K, then V; 2 S, then V (V's dims groups alternate between 1
+ * and 2, so that a load need not wait for the multiply before it). Where
+ * a tile has several groups, the first converts each block's K and V into
+ * the thread's att_conv_t and the others read them there. A row's sums are
+ * still its own: the other rows of its group change neither its tile row
+ * nor its rescales. */
+static BF_TARGET void att_amx_begin_o(void) {
+  k__amx_cfg_t cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+/* OP(tile, k) for the O tiles of no = D / 16 groups of dims (no <= 4). */
+#define ATT_O_TILES(no, OP)                                                                    \
+  do {                                                                                         \
+    OP(4, 0);                                                                                  \
+    if ((no) > 1) OP(5, 1);                                                                    \
+    if ((no) > 2) OP(6, 2);                                                                    \
+    if ((no) > 3) OP(7, 3);                                                                    \
+  } while (0)
+
+/* Words of one block in att_conv_t: K^T in pairs of dims ([D / 2][16]),
+ * then V's 8 slot pairs ([8][D]) and 8 rows of zeros under P's padding. */
+#define ATT_CONV_WORDS(D) ((int64_t)(D) / 2 * 16 + 16 * (int64_t)(D))
+
+/* c's room for nb blocks, the zero rows in place; NULL where it cannot
+ * grow (the caller then converts every block once per group). */
+static uint32_t *att_conv_blocks(att_conv_t *c, int32_t D, int32_t nb) {
+  if (!c) return NULL;
+  void *p0 = c->s.p;
+  if (k__scratch_reserve(&c->s, (size_t)nb * (size_t)ATT_CONV_WORDS(D) * sizeof(uint32_t)))
+    return NULL;
+  if (c->s.p != p0 || c->d != D) { /* new memory or another layout: zero once */
+    memset(c->s.p, 0, c->s.cap);
+    c->d = D;
+  }
+  return c->s.p;
+}
+
+static inline __attribute__((always_inline)) BF_TARGET void
+att_tile16_bf_o_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t *a, int32_t s,
+                   int32_t h, float *lg, int64_t ld, float *bm, int64_t ldb, att_conv_t *conv,
+                   const bool f16) {
+  const int32_t D = a->head_dim, nq = st->nq, no = D / 16;
+  const int32_t *table = k_attn_table(a, &a->seqs[s], h);
+  const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
+  float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
+  /* one group: K and V converted block by block into two buffers in turn */
+  uint32_t kt2[2][ATT_MAX_D / 2][16] __attribute__((aligned(64)));
+  uint32_t vv[2][16][ATT_MAX_D] __attribute__((aligned(64))); /* rows 8-15 zero */
+  uint32_t pb[16][16] __attribute__((aligned(64))); /* P: 8 slot pairs, 8 zeros */
+  /* several groups: every block converted once, by the first group */
+  uint32_t *blocks = nq > 16 ? att_conv_blocks(conv, D, (ctx + 15) / 16) : NULL;
+  if (!blocks) {
+    memset(vv[0][8], 0, sizeof vv[0][8] * 8);
+    memset(vv[1][8], 0, sizeof vv[1][8] * 8);
+  }
+  memset(pb, 0, sizeof pb);
+  int32_t qtile = INT32_MIN; /* the tile's last position */
+  for (int32_t i = 0; i < nq; i++) qtile = st->qpos[i] > qtile ? st->qpos[i] : qtile;
+  const int64_t lda = sizeof st->acc[0];
+  uint32_t *kp, *vp; /* the block's K^T pairs and V pairs */
+  int64_t ldv;       /* V's row, in bytes */
+#define O_ZERO(t, k) _tile_zero(t)
+#define O_STORE(t, k) _tile_stored(t, st->acc[i0] + 16 * (k), lda)
+#define O_LOAD(t, k) _tile_loadd(t, st->acc[i0] + 16 * (k), lda)
+#define O_PV(t, k)                                                                             \
+  do {                                                                                         \
+    if ((k) % 2 == 0) {                                                                        \
+      _tile_loadd(1, vp + 16 * (k), ldv);                                                      \
+      _tile_dpbf16ps(t, 0, 1);                                                                 \
+    } else {                                                                                   \
+      _tile_loadd(2, vp + 16 * (k), ldv);                                                      \
+      _tile_dpbf16ps(t, 0, 2);                                                                 \
+    }                                                                                          \
+  } while (0)
+  att_queries_bf(st, D);
+  for (int32_t i0 = 0; i0 < nq; i0 += 16) {
+    const int32_t rows = nq - i0 < 16 ? nq - i0 : 16;
+    int32_t qmax = INT32_MIN;
+    for (int32_t i = i0; i < i0 + rows; i++) qmax = st->qpos[i] > qmax ? st->qpos[i] : qmax;
+    ATT_O_TILES(no, O_ZERO);
+    memset(pb[rows], 0, sizeof pb[0] * (size_t)(16 - rows)); /* rows past the group's */
+    for (int32_t b0 = 0; b0 < ctx; b0 += 16) {
+      const int64_t blk = arena_block(kv, table[b0 / 16]);
+      const int32_t n = ctx - b0 < 16 ? ctx - b0 : 16;
+      const __mmask16 live = (__mmask16)((1u << n) - 1);
+      const __m512i pv = _mm512_maskz_loadu_epi32(live, kv->pos + blk * 16);
+      const int32_t pmin = _mm512_mask_reduce_min_epi32(live, pv);
+      if (pmin > qtile) { /* the causal future of every row */
+        for (int32_t i = i0; i < i0 + rows; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
+        continue;
+      }
+      const bool convert = !blocks || i0 == 0;
+      if (convert && b0 + ATT_AHEAD * 16 < ctx) /* scattered blocks: fetch a later one early */
+        kv_prefetch(kv, arena_block(kv, table[b0 / 16 + ATT_AHEAD]));
+      if (blocks) {
+        kp = blocks + b0 / 16 * ATT_CONV_WORDS(D);
+        vp = kp + D / 2 * 16;
+        ldv = (int64_t)D * sizeof(uint32_t);
+      } else {
+        kp = kt2[b0 / 16 & 1][0];
+        vp = vv[b0 / 16 & 1][0];
+        ldv = sizeof vv[0][0];
+      }
+      if (convert) kv_block_bf(kv, blk * 16 * D, n, D, f16, (uint32_t(*)[16])kp, vp,
+                               ldv / (int64_t)sizeof(uint32_t));
+      if (pmin > qmax) { /* the causal future of the group's rows */
+        for (int32_t i = i0; i < i0 + rows; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
+        continue;
+      }
+      _tile_zero(2);
+      for (int32_t c = 0; c < D / 32; c++) {
+        _tile_loadd(0, st->qb[i0] + 16 * c, sizeof st->qb[0]);
+        _tile_loadd(1, kp + 16 * 16 * c, 64);
+        _tile_dpbf16ps(2, 0, 1);
+      }
+      _tile_stored(2, sc[i0], 64);
+      if (rows >= ATT_SM_MIN) softmax16(st, i0, rows, sc, pv, live, lg, ld, bm, ldb, b0);
+      else
+        for (int32_t i = i0; i < i0 + rows; i++)
+          softmax_row(st, i, sc, pv, live, lg, ld, bm, ldb, b0);
+      bool moved = false;
+      for (int32_t r = 0; r < rows; r++) {
+        const bool seen = st->seen[i0 + r];
+        moved |= seen && st->corr[i0 + r] != 1.0f;
+        _mm256_store_si256((__m256i *)pb[r],
+                           seen ? (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sc[i0 + r]))
+                                : _mm256_setzero_si256());
+      }
+      if (moved) { /* rescale the rows whose maximum moved */
+        ATT_O_TILES(no, O_STORE);
+        for (int32_t r = 0; r < rows; r++) {
+          if (!st->seen[i0 + r] || st->corr[i0 + r] == 1.0f) continue;
+          const __m512 corr = _mm512_set1_ps(st->corr[i0 + r]);
+          for (int32_t d = 0; d < D; d += 16)
+            _mm512_store_ps(st->acc[i0 + r] + d,
+                            _mm512_mul_ps(_mm512_load_ps(st->acc[i0 + r] + d), corr));
+        }
+        ATT_O_TILES(no, O_LOAD);
+      }
+      _tile_loadd(0, pb, 64);
+      ATT_O_TILES(no, O_PV);
+    }
+    ATT_O_TILES(no, O_STORE);
+  }
+#undef O_ZERO
+#undef O_STORE
+#undef O_LOAD
+#undef O_PV
+}
+
 static BF_TARGET void att_tile16_bf(att_state_t *st, const k_kv_arena_t *kv,
                                     const k_attn_args_t *a, int32_t s, int32_t h, float *lg,
-                                    int64_t ld, float *bm, int64_t ldb) {
+                                    int64_t ld, float *bm, int64_t ldb, att_conv_t *conv) {
+  if (a->head_dim <= 64) {
+    att_amx_begin_o();
+    if (kv->type == K_F16) att_tile16_bf_o_of(st, kv, a, s, h, lg, ld, bm, ldb, conv, true);
+    else att_tile16_bf_o_of(st, kv, a, s, h, lg, ld, bm, ldb, conv, false);
+    att_amx_end();
+    att_unpermute_bf(st, a->head_dim);
+    return;
+  }
   att_amx_begin();
   if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true, true);
   else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, true);
@@ -1156,15 +1336,16 @@ static BF_TARGET void att_tile16_bf(att_state_t *st, const k_kv_arena_t *kv,
 
 /* Rows [r0, r1) (at most ATT_QT) of sequence s against KV head h; lg, bm,
  * m_out and l_out as att_tile_any describes. */
-static void att_tile(const att_job_t *j, int32_t s, int32_t h, int32_t r0, int32_t r1, float *lg,
-                     int64_t ld, float *bm, int64_t ldb, float *m_out, float *l_out) {
+static void att_tile(const att_job_t *j, int32_t thread, int32_t s, int32_t h, int32_t r0,
+                     int32_t r1, float *lg, int64_t ld, float *bm, int64_t ldb, float *m_out,
+                     float *l_out) {
   const k_kv_arena_t *kv = j->kv;
   const k_attn_args_t *a = j->a;
   att_state_t st;
   att_begin(&st, a, h, r0, r1);
 #ifdef __AVX512F__
   if (kv->block_size == 16 && j->bf16 && a->head_dim % 32 == 0)
-    att_tile16_bf(&st, kv, a, s, h, lg, ld, bm, ldb);
+    att_tile16_bf(&st, kv, a, s, h, lg, ld, bm, ldb, j->conv ? &j->conv[thread] : NULL);
   else if (kv->block_size == 16 && a->head_dim % 16 == 0)
     att_tile16(&st, kv, a, s, h, lg, ld, bm, ldb);
   else
@@ -1208,7 +1389,7 @@ static int att_accumulate(const att_job_t *j, int32_t s, int32_t h, int32_t r0, 
   float mm[ATT_QT * ATT_MAX_G], ll[ATT_QT * ATT_MAX_G];
   for (int32_t t0 = r0; t0 < r1; t0 += ATT_QT) {
     int32_t t1 = t0 + ATT_QT < r1 ? t0 + ATT_QT : r1;
-    att_tile(j, s, h, t0, t1, lg, ld, bm, ldb, mm, ll);
+    att_tile(j, thread, s, h, t0, t1, lg, ld, bm, ldb, mm, ll);
     for (int32_t i = 0; i < (t1 - t0) * G; i++) {
       int32_t g = i % G;
       float inv = ll[i] > 0 ? 1.0f / ll[i] : 0.0f;
@@ -1281,7 +1462,7 @@ static void att_task(void *arg, int64_t ti, int32_t thread) {
   int32_t s = j->task_seq[ti / H], h = (int32_t)(ti % H);
   int32_t r0 = j->task_row[ti / H], r1 = j->task_end[ti / H], part = j->task_part[ti / H];
   if (part < 0) {
-    att_tile(j, s, h, r0, r1, NULL, 0, NULL, 0, NULL, NULL);
+    att_tile(j, thread, s, h, r0, r1, NULL, 0, NULL, 0, NULL, NULL);
     return;
   }
   int rc;
@@ -1508,7 +1689,8 @@ static int cpu_attention(k_backend_t *be, const k_kv_arena_t *kv, const k_attn_a
     }
   }
   att_job_t j = {kv, a, c->att_scratch, ts, tr, te, tp, n_parts, acc_ld, acc_off,
-                 c->att_acc.p, split_seq, 0, be->numerics == K_NUMERICS_INT8 && k__cpu_bf16()};
+                 c->att_acc.p, split_seq, 0, be->numerics == K_NUMERICS_INT8 && k__cpu_bf16(),
+                 c->att_conv};
 #ifdef GG_EMU
   if (be->numerics == K_NUMERICS_LLAMA && a->head_dim % 64 == 0 && acc_n == 0 && !scored_any(a))
     k_pool_run(c->pool, n_tasks * H, att_task_gg, &j);
@@ -1558,8 +1740,10 @@ int k_cpu_backend_new(k_backend_t **out, int32_t threads) {
   }
   c->threads = threads;
   c->att_scratch = calloc((size_t)threads, sizeof *c->att_scratch);
-  int rc = c->att_scratch ? k_pool_new(&c->pool, threads) : -ENOMEM;
+  c->att_conv = calloc((size_t)threads, sizeof *c->att_conv);
+  int rc = c->att_scratch && c->att_conv ? k_pool_new(&c->pool, threads) : -ENOMEM;
   if (rc) {
+    free(c->att_conv);
     free(c->att_scratch);
     free(be);
     free(c);
