@@ -824,9 +824,9 @@ static inline __attribute__((always_inline)) BF_TARGET __m512i kv_load32_bf(cons
 
 /* The block's K and V as the tiles take them, the slots past n zero:
  * kt2[p][t] dims 2p, 2p + 1 of slot t; vv[u * ldv + j] (u < 8) slots 2u,
- * 2u + 1 of one dim, the dims of each 32 in the order of a word unpack of two slots
- * (one shuffle per 16 dims; att_unpermute_bf gives that order), so the
- * accumulators hold the dims in that order until att_unpermute_bf. */
+ * 2u + 1 of one dim, the dims of each 32 in the order of a word unpack of
+ * two slots (one shuffle per 16 dims; att_unpermute_bf gives that order),
+ * so the accumulators hold the dims in that order until att_unpermute_bf. */
 static inline __attribute__((always_inline)) BF_TARGET void
 kv_block_bf(const k_kv_arena_t *kv, int64_t ko, int32_t n, int32_t D, bool h,
             uint32_t kt2[][16], uint32_t *vv, int64_t ldv) {
@@ -878,14 +878,17 @@ static BF_TARGET void att_queries_bf(att_state_t *st, int32_t D) {
  * (16 query vectors × 32 dims), 4 S (16 × 16 fp32); for O = P·V, 5 P (16
  * query vectors × 16 slots), 6 and 7 V (8 pairs of slots × 16 dims), 0-3
  * O (16 × 16 fp32 each): four dims groups at once, not one after another
- * through one tile. */
-static BF_TARGET void att_amx_begin(void) {
+ * through one tile. With uniform (att_tile16_bf_o_of), every tile is 16
+ * rows of 64 bytes. */
+static BF_TARGET void att_amx_begin(bool uniform) {
   k__amx_cfg_t cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  cfg.colsb[5] = 32;
-  cfg.rows[6] = cfg.rows[7] = 8;
+  if (!uniform) {
+    cfg.colsb[5] = 32;
+    cfg.rows[6] = cfg.rows[7] = 8;
+  }
   _tile_loadconfig(&cfg);
 }
 
@@ -1167,14 +1170,6 @@ static void att_tile16(att_state_t *st, const k_kv_arena_t *kv, const k_attn_arg
  * the thread's att_conv_t and the others read them there. A row's sums are
  * still its own: the other rows of its group change neither its tile row
  * nor its rescales. */
-static BF_TARGET void att_amx_begin_o(void) {
-  k__amx_cfg_t cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);
-}
-
 /* OP(tile, k) for the O tiles of no = D / 16 groups of dims (no <= 4). */
 #define ATT_O_TILES(no, OP)                                                                    \
   do {                                                                                         \
@@ -1209,23 +1204,21 @@ att_tile16_bf_o_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t 
   const int32_t D = a->head_dim, nq = st->nq, no = D / 16;
   const int32_t *table = k_attn_table(a, &a->seqs[s], h);
   const int32_t ctx = k_attn_ctx(a, &a->seqs[s], h);
+  const int64_t words = ATT_CONV_WORDS(D);
   float sc[ATT_QT * ATT_MAX_G][16] __attribute__((aligned(64)));
-  /* one group: K and V converted block by block into two buffers in turn */
-  uint32_t kt2[2][ATT_MAX_D / 2][16] __attribute__((aligned(64)));
-  uint32_t vv[2][16][ATT_MAX_D] __attribute__((aligned(64))); /* rows 8-15 zero */
+  /* one group: K and V converted block by block into two blocks in turn,
+   * laid out as in att_conv_t */
+  uint32_t two[2][ATT_CONV_WORDS(64)] __attribute__((aligned(64)));
   uint32_t pb[16][16] __attribute__((aligned(64))); /* P: 8 slot pairs, 8 zeros */
   /* several groups: every block converted once, by the first group */
   uint32_t *blocks = nq > 16 ? att_conv_blocks(conv, D, (ctx + 15) / 16) : NULL;
-  if (!blocks) {
-    memset(vv[0][8], 0, sizeof vv[0][8] * 8);
-    memset(vv[1][8], 0, sizeof vv[1][8] * 8);
-  }
+  if (!blocks)
+    for (int t = 0; t < 2; t++) memset(two[t] + words - 8 * D, 0, 8 * (size_t)D * sizeof(uint32_t));
   memset(pb, 0, sizeof pb);
   int32_t qtile = INT32_MIN; /* the tile's last position */
   for (int32_t i = 0; i < nq; i++) qtile = st->qpos[i] > qtile ? st->qpos[i] : qtile;
   const int64_t lda = sizeof st->acc[0];
-  uint32_t *kp, *vp; /* the block's K^T pairs and V pairs */
-  int64_t ldv;       /* V's row, in bytes */
+  const int64_t ldv = (int64_t)D * sizeof(uint32_t); /* V's row, in bytes */
 #define O_ZERO(t, k) _tile_zero(t)
 #define O_STORE(t, k) _tile_stored(t, st->acc[i0] + 16 * (k), lda)
 #define O_LOAD(t, k) _tile_loadd(t, st->acc[i0] + 16 * (k), lda)
@@ -1259,17 +1252,9 @@ att_tile16_bf_o_of(att_state_t *st, const k_kv_arena_t *kv, const k_attn_args_t 
       const bool convert = !blocks || i0 == 0;
       if (convert && b0 + ATT_AHEAD * 16 < ctx) /* scattered blocks: fetch a later one early */
         kv_prefetch(kv, arena_block(kv, table[b0 / 16 + ATT_AHEAD]));
-      if (blocks) {
-        kp = blocks + b0 / 16 * ATT_CONV_WORDS(D);
-        vp = kp + D / 2 * 16;
-        ldv = (int64_t)D * sizeof(uint32_t);
-      } else {
-        kp = kt2[b0 / 16 & 1][0];
-        vp = vv[b0 / 16 & 1][0];
-        ldv = sizeof vv[0][0];
-      }
-      if (convert) kv_block_bf(kv, blk * 16 * D, n, D, f16, (uint32_t(*)[16])kp, vp,
-                               ldv / (int64_t)sizeof(uint32_t));
+      /* the block's K^T pairs, then its V pairs */
+      uint32_t *kp = blocks ? blocks + b0 / 16 * words : two[b0 / 16 & 1], *vp = kp + D / 2 * 16;
+      if (convert) kv_block_bf(kv, blk * 16 * D, n, D, f16, (uint32_t(*)[16])kp, vp, D);
       if (pmin > qmax) { /* the causal future of the group's rows */
         for (int32_t i = i0; i < i0 + rows; i++) att_unseen(lg, ld, bm, ldb, i, b0, n, 16);
         continue;
@@ -1319,14 +1304,14 @@ static BF_TARGET void att_tile16_bf(att_state_t *st, const k_kv_arena_t *kv,
                                     const k_attn_args_t *a, int32_t s, int32_t h, float *lg,
                                     int64_t ld, float *bm, int64_t ldb, att_conv_t *conv) {
   if (a->head_dim <= 64) {
-    att_amx_begin_o();
+    att_amx_begin(true);
     if (kv->type == K_F16) att_tile16_bf_o_of(st, kv, a, s, h, lg, ld, bm, ldb, conv, true);
     else att_tile16_bf_o_of(st, kv, a, s, h, lg, ld, bm, ldb, conv, false);
     att_amx_end();
     att_unpermute_bf(st, a->head_dim);
     return;
   }
-  att_amx_begin();
+  att_amx_begin(false);
   if (kv->type == K_F16) att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, true, true);
   else att_tile16_of(st, kv, a, s, h, lg, ld, bm, ldb, false, true);
   att_amx_end();
