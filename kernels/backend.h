@@ -167,6 +167,11 @@ typedef struct k_ops {
 
   /* y[m][w.rows] = x[m][w.cols] · wᵀ */
   int (*matmul)(k_backend_t *be, float *y, const float *x, const k_weight_t *w, int64_t m);
+  /* Optional (NULL: n matmul calls): y[i][m][w[i].rows] = x · w[i]ᵀ for n
+   * weights of the same cols, bit for bit what n matmul calls give; a
+   * backend may share the work on x (the CPU quantises it once). */
+  int (*matmul_n)(k_backend_t *be, float *const *y, const float *x, const k_weight_t *const *w,
+                  int n, int64_t m);
   /* y[m][n] = x / rms(x) * g, per row */
   int (*rmsnorm)(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
                  int64_t n, float eps);

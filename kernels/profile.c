@@ -94,6 +94,19 @@ static int p_matmul(k_backend_t *be, float *y, const float *x, const k_weight_t 
   return end(p, be, kind, t, p->real->matmul(be, y, x, w, m));
 }
 
+/* n matmuls on one input, timed together: their rows summed. */
+static int p_matmul_n(k_backend_t *be, float *const *y, const float *x,
+                      const k_weight_t *const *w, int n, int64_t m) {
+  prof_t *p = prof_of(be);
+  char kind[72];
+  int64_t rows = 0;
+  for (int i = 0; i < n; i++) rows += w[i]->rows;
+  snprintf(kind, sizeof kind, "matmul x%d %s %lldx%lld rows %s", n, type_name(w[0]->type),
+           (long long)rows, (long long)w[0]->cols, rows_bucket(m));
+  double t = begin(p, be);
+  return end(p, be, kind, t, p->real->matmul_n(be, y, x, w, n, m));
+}
+
 static int p_rmsnorm(k_backend_t *be, float *y, const float *x, const float *g, int64_t m,
                      int64_t n, float eps) {
   prof_t *p = prof_of(be);
@@ -246,6 +259,7 @@ int k_profile_wrap(k_backend_t *be) {
   k_ops_t *o = &p->ops;
   o->destroy = prof_destroy;
   o->matmul = p_matmul;
+  if (o->matmul_n) o->matmul_n = p_matmul_n;
   o->rmsnorm = p_rmsnorm;
   o->rope = p_rope;
   o->silu_mul = p_silu_mul;

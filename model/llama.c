@@ -176,6 +176,15 @@ bool model_can_penalize(const model_t *m) { return model_can_sample(m) && m->be-
 
 bool model_can_logprobs(const model_t *m) { return model_can_sample(m) && m->be->ops->logprobs; }
 
+/* y[i] = x · w[i]ᵀ: one call where the backend shares the work on x. */
+static int matmul_n(model_t *m, float *const *y, const float *x, const k_weight_t *const *w,
+                    int n, int64_t T) {
+  const k_ops_t *op = m->be->ops;
+  if (op->matmul_n) return op->matmul_n(m->be, y, x, w, n, T);
+  for (int i = 0; i < n; i++) TRY(op->matmul(m->be, y[i], x, w[i], T));
+  return 0;
+}
+
 /* Before layer l's attention: xn = norm(x); q[T][Hq*D], k,v[T][Hkv*D],
  * rotated. */
 static int layer_in(model_t *m, int32_t l, int64_t T) {
@@ -184,9 +193,8 @@ static int layer_in(model_t *m, int32_t l, int64_t T) {
   const k_ops_t *op = m->be->ops;
   k_backend_t *be = m->be;
   TRY(op->rmsnorm(be, m->xn, m->x, ly->attn_norm, T, c->n_embd, c->rms_eps));
-  TRY(op->matmul(be, m->q, m->xn, &ly->wq, T));
-  TRY(op->matmul(be, m->k, m->xn, &ly->wk, T));
-  TRY(op->matmul(be, m->v, m->xn, &ly->wv, T));
+  TRY(matmul_n(m, (float *const[]){m->q, m->k, m->v}, m->xn,
+                (const k_weight_t *const[]){&ly->wq, &ly->wk, &ly->wv}, 3, T));
   TRY(op->rope(be, m->q, m->d_pos, T, c->n_heads, c->head_dim, m->inv_freq));
   return op->rope(be, m->k, m->d_pos, T, c->n_kv_heads, c->head_dim, m->inv_freq);
 }
@@ -203,8 +211,8 @@ static int layer_out(model_t *m, int32_t l, int64_t T) {
   TRY(reduce(m, m->xn, T * E));
   TRY(op->add(be, m->x, m->xn, T * E));
   TRY(op->rmsnorm(be, m->xn, m->x, ly->ffn_norm, T, E, c->rms_eps));
-  TRY(op->matmul(be, m->gate, m->xn, &ly->w_gate, T));
-  TRY(op->matmul(be, m->up, m->xn, &ly->w_up, T));
+  TRY(matmul_n(m, (float *const[]){m->gate, m->up}, m->xn,
+                (const k_weight_t *const[]){&ly->w_gate, &ly->w_up}, 2, T));
   TRY(op->silu_mul(be, m->gate, m->gate, m->up, T * c->n_ff));
   TRY(op->matmul(be, m->xn, m->gate, &ly->w_down, T));
   TRY(reduce(m, m->xn, T * E));

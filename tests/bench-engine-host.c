@@ -109,6 +109,7 @@ int main(void) {
   CHECK_INT_EQ(k_cpu_backend_new(&be, env_int("BENCH_THREADS", 0)), 0);
   null_ops = *be->ops;
   null_ops.matmul = n_matmul;
+  null_ops.matmul_n = NULL;
   null_ops.rmsnorm = n_rmsnorm;
   null_ops.rope = n_rope;
   null_ops.silu_mul = n_silu_mul;

@@ -204,6 +204,7 @@ static inline void graph_check_wrap(k_backend_t *be) {
   gc_state.ops = *be->ops;
   k_ops_t *o = &gc_state.ops;
   o->matmul = gc_matmul;
+  o->matmul_n = NULL;
   o->rmsnorm = gc_rmsnorm;
   o->rope = gc_rope;
   o->silu_mul = gc_silu_mul;

@@ -262,6 +262,84 @@ static void test_matmul(void) {
   CHECK_NEAR(y[1], 6, 0);
 }
 
+/* matmul_n over weights ws[0..n) of one cols: every product bit-equal to
+ * its own matmul call, nothing written past a product's end. */
+static void matmul_n_case(const k_dtype_t *types, const int64_t *rows, const bool *pack, int n,
+                          int64_t m, int64_t cols, uint64_t seed) {
+  uint64_t rng = seed;
+  float *x = test_rand_floats(&rng, (size_t)(m * cols), 1.0f);
+  k_weight_t ws[8];
+  const k_weight_t *wp[8];
+  float *y[8], *want[8];
+  void *data[8];
+  CHECK(n <= 8);
+  for (int i = 0; i < n; i++) {
+    double *ref = test_xmalloc((size_t)(rows[i] * cols) * sizeof *ref);
+    data[i] = rand_weights(&rng, types[i], rows[i], cols, ref);
+    free(ref);
+    ws[i] = (k_weight_t){.type = types[i], .rows = rows[i], .cols = cols, .data = data[i]};
+    if (pack[i] && g_be->ops->weight_pack) CHECK_INT_EQ(g_be->ops->weight_pack(g_be, &ws[i], false), 0);
+    wp[i] = &ws[i];
+    y[i] = test_xmalloc((size_t)(m * rows[i] + 1) * sizeof *y[i]);
+    want[i] = test_xmalloc((size_t)(m * rows[i]) * sizeof *want[i]);
+    fill_nan(y[i], (size_t)(m * rows[i]));
+    y[i][m * rows[i]] = 777.0f;
+    CHECK_INT_EQ(g_be->ops->matmul(g_be, want[i], x, &ws[i], m), 0);
+  }
+  CHECK_INT_EQ(g_be->ops->matmul_n(g_be, y, x, wp, n, m), 0);
+  for (int i = 0; i < n; i++) {
+    CHECK_INT_EQ(y[i][m * rows[i]], 777.0f);
+    if (memcmp(y[i], want[i], (size_t)(m * rows[i]) * sizeof *y[i]))
+      FAIL_AT("matmul_n: product %d of %d (%s %lldx%lld, m %lld%s) differs from its matmul", i, n,
+              dtype_name(types[i]), (long long)rows[i], (long long)cols, (long long)m,
+              ws[i].packed ? ", packed" : "");
+    if (ws[i].packed) g_be->ops->free(g_be, ws[i].packed);
+    free(data[i]);
+    free(y[i]);
+    free(want[i]);
+  }
+  free(x);
+}
+
+static void test_matmul_n(void) {
+  CHECK(g_be->ops->matmul_n != NULL);
+  const k_numerics_t nums[] = {K_NUMERICS_INT8, K_NUMERICS_EXACT, K_NUMERICS_LLAMA};
+  for (size_t k = 0; k < sizeof nums / sizeof *nums; k++) {
+    g_be->numerics = nums[k];
+    uint64_t seed = 100 * (uint64_t)(k + 1);
+    const int64_t ms[] = {1, 3, 17, 40};
+    for (size_t a = 0; a < sizeof ms / sizeof *ms; a++) {
+      /* q/k/v: one type, packed (AMX from 16 rows where the CPU has it) */
+      k_dtype_t t3[] = {K_Q4_1, K_Q4_1, K_Q4_1};
+      int64_t r3[] = {192, 48, 64};
+      bool all[] = {true, true, true, true, true}, some[] = {true, false, true};
+      matmul_n_case(t3, r3, all, 3, ms[a], 576, seed + a);
+      matmul_n_case(t3, r3, some, 3, ms[a], 576, seed + 10 + a);
+      /* quantised types mixed: activations still shared */
+      k_dtype_t tq[] = {K_Q4_0, K_Q8_0, K_Q4_1};
+      matmul_n_case(tq, r3, some, 3, ms[a], 96, seed + 20 + a);
+      /* a float type among them: one by one */
+      k_dtype_t tf[] = {K_Q4_1, K_F32, K_F16};
+      int64_t rf[] = {32, 5, 37};
+      matmul_n_case(tf, rf, all, 3, ms[a], 64, seed + 30 + a);
+      /* more products than one pool run serves */
+      k_dtype_t t5[] = {K_Q8_0, K_Q4_1, K_Q4_0, K_Q4_1, K_Q8_0};
+      int64_t r5[] = {16, 33, 48, 1, 64};
+      matmul_n_case(t5, r5, all, 5, ms[a], 128, seed + 40 + a);
+    }
+  }
+  g_be->numerics = K_NUMERICS_INT8;
+  /* m = 0 and n = 0 do nothing */
+  float x[32] = {0}, w[64] = {0}, y0[2] = {5, 6};
+  k_weight_t wt = {.type = K_F32, .rows = 2, .cols = 32, .data = w};
+  const k_weight_t *wp[] = {&wt};
+  float *ys[] = {y0};
+  CHECK_INT_EQ(g_be->ops->matmul_n(g_be, ys, x, wp, 1, 0), 0);
+  CHECK_INT_EQ(g_be->ops->matmul_n(g_be, ys, x, wp, 0, 1), 0);
+  CHECK_NEAR(y0[0], 5, 0);
+  CHECK_NEAR(y0[1], 6, 0);
+}
+
 static void test_rmsnorm(void) {
   static const int64_t shapes[][2] = {{1, 1}, {1, 576}, {3, 576}, {17, 64}, {2, 1000}};
   uint64_t rng = 10;
@@ -1418,6 +1496,7 @@ int main(void) {
   RUN(test_backend_new);
   RUN(test_profile);
   RUN(test_matmul);
+  RUN(test_matmul_n);
   RUN(test_rmsnorm);
   RUN(test_rope);
   RUN(test_silu_mul_add);

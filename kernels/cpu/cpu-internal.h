@@ -21,6 +21,12 @@ void k__scratch_destroy(k__scratch_t *s);
  * w->packed where use_packed and there is one. */
 int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed, float *y,
                   const float *x, const k_weight_t *w, int64_t m);
+/* y[i] = x · w[i]ᵀ for n weights of the same cols, as n calls of
+ * k__cpu_matmul would give them bit for bit; int8 activations are
+ * quantised once for all n. */
+int k__cpu_matmul_n(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed,
+                    float *const *y, const float *x, const k_weight_t *const *w, int n,
+                    int64_t m);
 /* Bytes of w's packed copy (k__cpu_pack), 0 where it has none: Q4_0,
  * Q4_1 and Q8_0 with rows a multiple of 16, in builds with AVX-512 VNNI. */
 size_t k__cpu_packed_bytes(const k_weight_t *w);

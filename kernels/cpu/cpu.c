@@ -120,6 +120,13 @@ static int cpu_matmul(k_backend_t *be, float *y, const float *x, const k_weight_
                        be->numerics == K_NUMERICS_INT8, y, x, w, m);
 }
 
+static int cpu_matmul_n(k_backend_t *be, float *const *y, const float *x,
+                        const k_weight_t *const *w, int n, int64_t m) {
+  cpu_t *c = be->impl;
+  return k__cpu_matmul_n(c->pool, &c->mm_scratch, be->numerics == K_NUMERICS_EXACT,
+                         be->numerics == K_NUMERICS_INT8, y, x, w, n, m);
+}
+
 /* The packed copy serves the int8 arithmetic only (its float order is not
  * llama.cpp's). Once it exists, a borrowed matrix's pages are paged out
  * unless other ops read them: the matmuls no longer do, so the copy costs
@@ -1696,6 +1703,7 @@ static const k_ops_t cpu_ops = {
     .download = cpu_copy,
     .sync = cpu_sync,
     .matmul = cpu_matmul,
+    .matmul_n = cpu_matmul_n,
     .weight_pack = cpu_weight_pack,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,

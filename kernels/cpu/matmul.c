@@ -823,51 +823,139 @@ static void band_task(void *arg, int64_t band_i, int32_t thread) {
   }
 }
 
+/* Whether w's matmul over m rows runs on AMX tiles (and needs the spread
+ * buffer). */
+static bool amx_spread_for(bool use_packed, const k_weight_t *w, int64_t m) {
+#ifdef MM_PACK
+  return use_packed && w->packed && m >= AMX_ROWS && k__cpu_amx();
+#else
+  (void)use_packed, (void)w, (void)m;
+  return false;
+#endif
+}
+
+/* int8 activations [m][cols], scales and sums [m][nb] in the scratch, then
+ * (where spread) the AMX spread buffer: j's xq, xd, xs, xsum, amx_spread. */
+static int quantise_x(k_pool_t *pool, k__scratch_t *scratch, mm_job_t *j, bool spread) {
+  const int64_t m = j->m, cols = j->w->cols;
+  size_t qbytes = (size_t)m * (size_t)cols, fbytes = (size_t)m * (size_t)j->nb * sizeof(float);
+  size_t head = (qbytes + 63) / 64 * 64 + (3 * fbytes + 63) / 64 * 64, spread_bytes = 0;
+#ifdef MM_PACK
+  if (spread) spread_bytes = (size_t)k_pool_threads(pool) * (size_t)j->nb * AMX_SPREAD;
+#endif
+  int rc = k__scratch_reserve(scratch, head + spread_bytes);
+  if (rc) return rc;
+  j->xq = scratch->p;
+  j->xd = (float *)((char *)scratch->p + (qbytes + 63) / 64 * 64);
+  j->xs = j->xd + m * j->nb;
+  j->xsum = (const int32_t *)(j->xs + m * j->nb);
+  if (spread_bytes) j->amx_spread = (uint8_t *)scratch->p + head;
+  qrow_job_t q = {j->x, j};
+  if (m == 1) quant_task(&q, 0, 0);
+  else k_pool_run(pool, m, quant_task, &q);
+  return 0;
+}
+
+typedef void (*mm_task_fn)(void *arg, int64_t i, int32_t thread);
+
+/* The tasks of a prepared job (activations quantised where j->xq): their
+ * count, and in *fn what runs one. */
+static int64_t mm_tasks(k_pool_t *pool, bool use_packed, mm_job_t *j, mm_task_fn *fn) {
+#ifdef MM_PACK
+  if (j->xq && use_packed && j->w->packed) {
+    const int64_t groups = j->w->rows / PK_ROWS;
+    *fn = packed_task;
+    if (j->amx_spread) return (groups + 1) / 2;
+    /* some tasks per thread, not one per group: a decode row's group is a
+     * fraction of a microsecond of work, less than taking a task costs */
+    j->task_groups = groups / (4 * k_pool_threads(pool));
+    if (j->task_groups < 1) j->task_groups = 1;
+    return (groups + j->task_groups - 1) / j->task_groups;
+  }
+#else
+  (void)pool, (void)use_packed;
+#endif
+  *fn = band_task;
+  return (j->w->rows + MM_BAND - 1) / MM_BAND;
+}
+
+#define MM_N 4 /* matmuls one pool run serves */
+
+/* Several prepared jobs' tasks, numbered one after the other. */
+typedef struct mm_multi {
+  mm_job_t j[MM_N];
+  mm_task_fn fn[MM_N];
+  int64_t first[MM_N + 1];
+} mm_multi_t;
+
+static void multi_task(void *arg, int64_t t, int32_t thread) {
+  mm_multi_t *mm = arg;
+  int i = 0;
+  while (t >= mm->first[i + 1]) i++;
+  mm->fn[i](&mm->j[i], t - mm->first[i], thread);
+}
+
+static mm_job_t job_of(float *y, const float *x, const k_weight_t *w, int64_t m) {
+  return (mm_job_t){.y = y, .x = x, .w = w, .m = m, .nb = w->cols / K_QBLOCK,
+                    .row_bytes = k_row_bytes(w->type, w->cols)};
+}
+
 int k__cpu_matmul(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed, float *y,
                   const float *x, const k_weight_t *w, int64_t m) {
   if (m <= 0) return 0;
   if (w->cols % K_QBLOCK) return -EINVAL;
-  mm_job_t j = {.y = y, .x = x, .w = w, .m = m, .nb = w->cols / K_QBLOCK,
-                .row_bytes = k_row_bytes(w->type, w->cols)};
+  mm_job_t j = job_of(y, x, w, m);
   if (is_quant(w->type) && !f32_act) {
-    /* int8 activations [m][cols], scales and sums [m][nb] */
-    size_t qbytes = (size_t)m * (size_t)w->cols, fbytes = (size_t)m * (size_t)j.nb * sizeof(float);
-    size_t head = (qbytes + 63) / 64 * 64 + (3 * fbytes + 63) / 64 * 64, spread = 0;
-#ifdef MM_PACK
-    if (use_packed && w->packed && m >= AMX_ROWS && k__cpu_amx())
-      spread = (size_t)k_pool_threads(pool) * (size_t)j.nb * AMX_SPREAD;
-#endif
-    int rc = k__scratch_reserve(scratch, head + spread);
+    int rc = quantise_x(pool, scratch, &j, amx_spread_for(use_packed, w, m));
     if (rc) return rc;
-    j.xq = scratch->p;
-    j.xd = (float *)((char *)scratch->p + (qbytes + 63) / 64 * 64);
-    j.xs = j.xd + m * j.nb;
-    j.xsum = (const int32_t *)(j.xs + m * j.nb);
-    if (spread) j.amx_spread = (uint8_t *)scratch->p + head;
-    qrow_job_t q = {x, &j};
-    if (m == 1) quant_task(&q, 0, 0);
-    else k_pool_run(pool, m, quant_task, &q);
   } else if (m > MM_FLY_M && w->type != K_F32) {
     size_t need = (size_t)k_pool_threads(pool) * MM_BAND * (size_t)w->cols * sizeof(float);
     int rc = k__scratch_reserve(scratch, need);
     if (rc) return rc;
     j.scratch = scratch->p;
   }
-#ifdef MM_PACK
-  if (j.xq && use_packed && w->packed) {
-    const int64_t groups = w->rows / PK_ROWS;
-    if (j.amx_spread) {
-      k_pool_run(pool, (groups + 1) / 2, packed_task, &j);
-      return 0;
+  mm_task_fn fn;
+  int64_t tasks = mm_tasks(pool, use_packed, &j, &fn);
+  k_pool_run(pool, tasks, fn, &j);
+  return 0;
+}
+
+int k__cpu_matmul_n(k_pool_t *pool, k__scratch_t *scratch, bool f32_act, bool use_packed,
+                    float *const *y, const float *x, const k_weight_t *const *w, int n,
+                    int64_t m) {
+  if (m <= 0 || n <= 0) return 0;
+  bool shared = !f32_act, spread = false;
+  for (int i = 0; i < n; i++) {
+    if (w[i]->cols % K_QBLOCK) return -EINVAL;
+    shared = shared && is_quant(w[i]->type) && w[i]->cols == w[0]->cols;
+    spread = spread || amx_spread_for(use_packed, w[i], m);
+  }
+  if (!shared) { /* no int8 activations to share: one by one */
+    for (int i = 0; i < n; i++) {
+      int rc = k__cpu_matmul(pool, scratch, f32_act, use_packed, y[i], x, w[i], m);
+      if (rc) return rc;
     }
-    /* some tasks per thread, not one per group: a decode row's group is a
-     * fraction of a microsecond of work, less than taking a task costs */
-    j.task_groups = groups / (4 * k_pool_threads(pool));
-    if (j.task_groups < 1) j.task_groups = 1;
-    k_pool_run(pool, (groups + j.task_groups - 1) / j.task_groups, packed_task, &j);
     return 0;
   }
-#endif
-  k_pool_run(pool, (w->rows + MM_BAND - 1) / MM_BAND, band_task, &j);
+  mm_job_t q = job_of(y[0], x, w[0], m);
+  int rc = quantise_x(pool, scratch, &q, spread);
+  if (rc) return rc;
+  /* one pool run for up to MM_N products: a pass over the threads less
+   * each, and the threads share out their tasks together */
+  for (int i0 = 0; i0 < n; i0 += MM_N) {
+    mm_multi_t mm;
+    int k = n - i0 < MM_N ? n - i0 : MM_N;
+    mm.first[0] = 0;
+    for (int i = 0; i < k; i++) {
+      const k_weight_t *wi = w[i0 + i];
+      mm.j[i] = q;
+      mm.j[i].y = y[i0 + i];
+      mm.j[i].w = wi;
+      mm.j[i].row_bytes = k_row_bytes(wi->type, wi->cols);
+      if (!amx_spread_for(use_packed, wi, m)) mm.j[i].amx_spread = NULL;
+      mm.first[i + 1] = mm.first[i] + mm_tasks(pool, use_packed, &mm.j[i], &mm.fn[i]);
+    }
+    k_pool_run(pool, mm.first[k], multi_task, &mm);
+  }
   return 0;
 }
